@@ -1,0 +1,226 @@
+"""``tatok encode | decode | eval | show``: images ↔ token files, rate-distortion curves, one image up close.
+
+The tokenizer is the ``--model`` option (a shipped name or a directory written by ``save_pretrained``,
+default ``tatok-tiny``), not a leading positional argument: in ``tatok encode [MODEL] INPUTS…`` a
+model directory and an image folder could not be told apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from rich.table import Table
+
+from tatok_cli.main import console, err_console
+from tatok_core.data import ImageSource, fixed_crops
+from tatok_core.errors import ImageReadError, TatokError
+from tatok_core.imageio import read_image
+from tatok_core.rate import (
+    cannot_tokenize,
+    check_rate,
+    check_tau,
+    decode_tokens,
+    encode_files,
+    evaluate_rate_distortion,
+    save_rate_distortion,
+    source_names,
+    token_meta,
+)
+from tatok_core.panels import show_panel
+from tatok_core.spec import OptionValue, parse_option_assignment
+from tatok_core.tokenfile import TokenWriter
+from tatok_core.tokenizer import Tokenizer
+from tatok_core.train import World
+
+DEFAULT_MODEL = "tatok-tiny"
+
+model_option = click.option(
+    "--model", "model_name", default=DEFAULT_MODEL, show_default=True, metavar="NAME|DIR",
+    help="shipped tokenizer name or a directory written by save_pretrained / `tatok train`",
+)
+batch_size_option = click.option("--batch-size", default=16, show_default=True, help="images per forward pass")
+
+
+def _load(name: str, device: torch.device | None = None) -> Tokenizer:
+    default = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Tokenizer.from_pretrained(name).to(device or default)
+
+
+def _print_skipped(failed: list[tuple[Path, str]]) -> None:
+    for _, reason in failed:
+        err_console.print(f"[yellow]skipped[/] {reason}", highlight=False, soft_wrap=True)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size < 1:
+        raise TatokError(f"--batch-size must be >= 1, got {batch_size}")
+
+
+def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
+    """``--set filter.k=20`` → ``{"k": 20}``."""
+    options = {}
+    for key, value in map(parse_option_assignment, assignments):
+        if not key.startswith("filter.") or key == "filter.":
+            raise TatokError(f"--set takes filter.OPTION=VALUE here, got {key!r}")
+        options[key.removeprefix("filter.")] = value
+    return options
+
+
+@click.command()
+@model_option
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="new token directory (shards), or a single FILE.safetensors")
+@click.option("--tau", type=float, help="DTF threshold in [0, 1] (default: the model's)")
+@click.option("--budget", type=float, help="mean patch tokens per image; τ is calibrated on the inputs")
+@click.option("--filter", "filter_name", metavar="NAME", help="token filter for this run (see `tatok plugins`)")
+@click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE", help="filter option, e.g. filter.k=32")
+@batch_size_option
+@click.pass_context
+def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output: Path, tau: float | None,
+           budget: float | None, filter_name: str | None, assignments: tuple[str, ...], batch_size: int) -> None:
+    """Tokenize image files, folders or globs into a token file.
+
+    Unreadable files are reported and skipped, the rest written, and the exit status is 1. Under
+    `torchrun --nproc_per_node=N` each rank encodes every N-th file into its own shard; a --budget
+    is then calibrated over all ranks' images together.
+    """
+    check_rate(tau, budget)
+    _check_batch_size(batch_size)
+    options = _filter_options(assignments)
+    world = World.from_environment()
+    model = _load(model_name, world.device)
+    model.token_filter(filter_name, **options)  # unknown filter or option: fail before reading any image
+    sources = source_names(inputs)[world.rank :: world.size]
+    meta = token_meta(model, tau=tau, budget=budget, filter=filter_name, filter_options=options)
+    with TokenWriter(output, spec_digest=model.spec.digest(), tokenizer=model.name or model_name, meta=meta,
+                     rank=world.rank if world.size > 1 else None) as writer:
+        if world.size > 1:
+            dist.barrier()  # every rank has checked the target before any rank's shard lands there
+        report = encode_files(
+            model, [path for path, _ in sources], writer, tau=tau, budget=budget, batch_size=batch_size,
+            filter=filter_name, filter_options=options, names=[name for _, name in sources],
+            distributed=world.size > 1, progress=world.is_main,
+        )
+        if report.failed and not report.encoded:
+            if len(report.failed) == 1:
+                raise TatokError(report.failed[0][1])
+            _print_skipped(report.failed)
+            raise TatokError(f"none of the {len(report.failed)} images could be encoded; nothing written")
+    if report.calibration is not None and world.is_main:
+        c = report.calibration
+        console.print(f"calibrated tau {c.tau!r}: {c.mean_tokens:.2f} patch tokens per image on average "
+                      f"(budget {c.budget:g}, {c.iterations} bisection steps)", highlight=False, soft_wrap=True)
+    rate = f"tau {report.tau!r}" if report.tau is not None else f"filter {meta['filter']['name']}"
+    where = f"rank {world.rank}: " if world.size > 1 else ""
+    console.print(f"{where}encoded {report.encoded} images into {output} ({report.mean_tokens:.1f} patch + "
+                  f"{model.num_global} global tokens per image, {rate})", highlight=False, soft_wrap=True)
+    _print_skipped(report.failed)
+    if report.failed:
+        err_console.print(f"[bold red]{len(report.failed)} file(s) could not be encoded[/]", highlight=False)
+        ctx.exit(1)
+
+
+@click.command()
+@model_option
+@click.argument("tokens", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="folder for the PNGs (existing files are never overwritten)")
+@batch_size_option
+def decode(model_name: str, tokens: Path, output: Path, batch_size: int) -> None:
+    """Decode a token file back into PNGs at the original sizes, named after the source files."""
+    _check_batch_size(batch_size)
+    model = _load(model_name)
+    written = decode_tokens(model, tokens, output, batch_size=batch_size, progress=True)
+    console.print(f"decoded {len(written)} images into {output}", highlight=False)
+
+
+def _floats(option: str, text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TatokError(f"{option} takes comma-separated numbers, got {text!r}") from None
+
+
+@click.command("eval")
+@model_option
+@click.option("--data", default="builtin:photos:heldout", show_default=True,
+              help="builtin:photos[:heldout|:all], or a folder/glob of images")
+@click.option("--taus", default="0.5,0.7,0.9,1.0", show_default=True, help="DTF thresholds, comma-separated")
+@click.option("--filters", default="dtf,topk,random,raster,all", show_default=True,
+              help="filters to compare; baselines keep DTF's mean count at each τ")
+@click.option("--crop", type=int, help="evaluate fixed crops of this side  [default: 64]")
+@click.option("--count", type=int, help="number of fixed crops  [default: 32]")
+@click.option("--whole", is_flag=True, help="evaluate whole images instead of crops")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
+              help="folder for rate_distortion.json and rate_distortion.png")
+@click.option("--batch-size", default=32, show_default=True, help="images per forward pass")
+def eval_(model_name: str, data: str, taus: str, filters: str, crop: int | None, count: int | None, whole: bool,
+          output: Path | None, batch_size: int) -> None:
+    """Rate-distortion: PSNR and SSIM against tokens kept, DTF versus fixed-count baselines."""
+    tau_values = [check_tau(t) for t in _floats("--taus", taus)]
+    names = [name.strip() for name in filters.split(",") if name.strip()]
+    if not tau_values or not names:
+        raise TatokError("--taus and --filters must each name at least one value")
+    if whole and (crop is not None or count is not None):
+        raise TatokError("--whole evaluates whole images: drop --crop/--count")
+    crop, count = 64 if crop is None else crop, 32 if count is None else count
+    _check_batch_size(batch_size)
+    model = _load(model_name)
+    skipped: list[tuple[Path, str]] = []
+    try:
+        source = ImageSource(data, on_skip=skipped.extend)
+    except ImageReadError as exc:
+        raise ImageReadError(f"{exc}: {skipped[0][1]}" if skipped else str(exc)) from exc
+    _print_skipped(skipped)
+    if whole:
+        for name, image in zip(source.names, source.images):
+            reason = cannot_tokenize(model, image)
+            if reason:
+                raise TatokError(f"cannot evaluate {name}: {reason}")
+        images: Tensor | list[Tensor] = source.images
+        setting: dict[str, Any] = {"whole": True}
+    else:
+        if crop < model.patch_size or count < 1:
+            raise TatokError(f"--crop must be >= the patch size {model.patch_size} and --count >= 1 "
+                             f"(got {crop}, {count})")
+        images = fixed_crops(source.images, crop, count)
+        setting = {"crop": crop, "count": count}
+    points = evaluate_rate_distortion(model, images, tau_values, names, batch_size=batch_size, progress=True)
+    table = Table(title=f"rate-distortion on {data} ({len(images)} images)")
+    for column in ("filter", "setting", "tokens", "PSNR (dB)", "SSIM"):
+        table.add_column(column, justify="left" if column in ("filter", "setting") else "right")
+    for p in points:
+        table.add_row(p.filter, p.setting, f"{p.mean_tokens:.1f}", f"{p.psnr:.2f}", f"{p.ssim:.4f}")
+    console.print(table)
+    if output is not None:
+        info = {"model": model.name, "spec_digest": model.spec.digest(), "data": data, "images": len(images),
+                **setting, "taus": tau_values, "filters": names}
+        for path in save_rate_distortion(points, output, info):
+            console.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@click.command()
+@model_option
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write")
+@click.option("--tau", type=float, help="DTF threshold in [0, 1] (default: the model's)")
+def show(model_name: str, image: Path, output: Path, tau: float | None) -> None:
+    """Draw one image, the tokens DTF keeps (bits per patch), the reconstruction and its error."""
+    check_rate(tau, None)
+    picture = read_image(image)
+    model = _load(model_name)
+    reason = cannot_tokenize(model, picture)
+    if reason:
+        raise TatokError(f"cannot tokenize {image}: {reason}")
+    shown = show_panel(model, picture, tau, output)
+    console.print(f"{image}: kept {shown.kept}/{shown.num_patches} patch tokens ({shown.rate}), reconstruction "
+                  f"{shown.psnr:.2f} dB; wrote {output}", highlight=False, soft_wrap=True)
+
+
+COMMANDS = [encode, decode, eval_, show]

@@ -1,0 +1,119 @@
+"""Token filters: DTF (the paper's) and the fixed-count baselines it is compared against."""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import Tensor
+
+from tatok_core.dtf import descending_order, dtf_select, keep_first, validate_bits, validate_bounds
+from tatok_core.interfaces import Facts, TokenFilter
+from tatok_core.selection import Selection
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _upper(max_keep: int) -> int | None:
+    """Options cannot hold None: ``max_keep = -1`` means "no cap"."""
+    return None if max_keep == -1 else max_keep
+
+
+class DynamicTokenFilter(TokenFilter):
+    """Keep the fewest highest-entropy tokens whose cumulative conditional entropy reaches τ·total.
+
+    ``backend``: "torch" runs the vectorised reference (:func:`tatok_core.dtf.dtf_select`); "triton"
+    the Triton kernel (compiled on CUDA tensors, interpreted on CPU tensors); "auto" uses Triton for
+    CUDA tensors when it is importable and the reference otherwise. Both agree bit for bit.
+    """
+
+    def __init__(self, facts: Facts, *, tau: float = 0.9, min_keep: int = 1, max_keep: int = -1, backend: str = "auto") -> None:
+        super().__init__(facts)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"tau must lie in [0, 1], got {tau}")
+        validate_bounds(0, min_keep, _upper(max_keep))
+        self.tau, self.min_keep, self.max_keep, self.backend = tau, min_keep, _upper(max_keep), backend
+
+    def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
+        tau = self.tau if tau is None else tau
+        if self._use_triton(bits):
+            from tatok_plugins.dtf_triton import dtf_select_triton
+
+            return dtf_select_triton(bits, tau, self.min_keep, self.max_keep)
+        return dtf_select(bits, tau, self.min_keep, self.max_keep)
+
+    def _use_triton(self, bits: Tensor) -> bool:
+        if self.backend != "auto":
+            return self.backend == "triton"
+        if not (isinstance(bits, Tensor) and bits.is_cuda):
+            return False
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+
+class KeepAll(TokenFilter):
+    """Keep every patch token (the fixed-rate tokenizer)."""
+
+    def __init__(self, facts: Facts) -> None:
+        super().__init__(facts)
+
+    def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
+        h = validate_bits(bits)
+        return Selection.from_mask(torch.ones_like(h, dtype=torch.bool))
+
+
+class FixedCountFilter(TokenFilter):
+    """Keep k tokens per image (clamped to [min_keep, min(max_keep, N)]) ranked by :meth:`scores`.
+
+    The baselines DTF is measured against at a matched mean token count; τ is ignored.
+    """
+
+    def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1) -> None:
+        super().__init__(facts)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an integer ≥ 0, got {k!r}")
+        validate_bounds(0, min_keep, _upper(max_keep))
+        self.k, self.min_keep, self.max_keep = k, min_keep, _upper(max_keep)
+
+    @abc.abstractmethod
+    def scores(self, bits: Tensor) -> Tensor:
+        """(B, N) ranking scores; higher is kept first, ties go to the smaller position."""
+
+    def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
+        h = validate_bits(bits)
+        upper = validate_bounds(h.shape[1], self.min_keep, self.max_keep)
+        k = min(max(self.k, min(self.min_keep, upper)), upper)
+        counts = torch.full((h.shape[0],), k, dtype=torch.int64, device=h.device)
+        return Selection.from_mask(keep_first(descending_order(self.scores(h)), counts))
+
+
+class TopKFilter(FixedCountFilter):
+    """Keep the k tokens with the most bits (fixed count, entropy-ranked)."""
+
+    def scores(self, bits: Tensor) -> Tensor:
+        return bits
+
+
+class RandomKFilter(FixedCountFilter):
+    """Keep k tokens chosen uniformly at random; ``seed`` makes every call reproducible."""
+
+    def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1, seed: int = 0) -> None:
+        super().__init__(facts, k=k, min_keep=min_keep, max_keep=max_keep)
+        self.seed = seed
+
+    def scores(self, bits: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.rand(bits.shape, generator=generator).to(bits.device)
+
+
+class RasterKFilter(FixedCountFilter):
+    """Keep the first k tokens in raster order (what a truncated fixed-rate sequence keeps)."""
+
+    def scores(self, bits: Tensor) -> Tensor:
+        return -torch.arange(bits.shape[1], device=bits.device, dtype=torch.float32).expand_as(bits)
+

@@ -1,0 +1,118 @@
+"""Finite scalar quantization (FSQ; Mentzer et al. 2023, "Finite Scalar Quantization: VQ-VAE Made Simple").
+
+Conventions follow the google-research reference (and ``vector_quantize_pytorch.FSQ``) exactly, because
+codes are only portable between FSQ implementations when every one of them agrees:
+
+- **Bound**: ``tanh(z + shift) * half_l - offset`` with ``half_l = (L-1)(1+eps)/2``, ``offset = 0.5`` for
+  even L, ``shift = atanh(offset / half_l)``. So z = 0 maps to level 0, and an even L gets the
+  *asymmetric* integer grid {-L/2 … L/2-1}: for L = 8 the normalised levels are {-1, -0.75, …, 0.75}.
+- **Normalise** by ``half_width = L // 2`` so every level lies in [-1, 1].
+- **Index**: mixed radix, the FIRST dimension LEAST significant (``basis = cumprod([1] + levels[:-1])``),
+  the same order as :meth:`Quantizer.codes_to_digits` (LFQ uses the opposite order: never mix them).
+- **Round before casting** to int, and quantize in float32 even under bf16 autocast: bf16 has 8 bits of
+  mantissa, so tanh-bounded values near a rounding boundary would otherwise land on the wrong level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from tatok_core.errors import SpecError
+from tatok_core.interfaces import Facts, Quantized, Quantizer
+
+EPS = 1e-3  # the reference's margin: keeps the extreme levels reachable without saturating tanh
+
+
+@contextlib.contextmanager
+def float32_region(device: torch.device) -> Iterator[None]:
+    """Autocast off (where the device has one), so quantization math really runs in float32."""
+    try:
+        ctx = torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # e.g. the meta device: no autocast to turn off
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+def code_metrics(codes: Tensor, codebook_size: int) -> dict[str, float]:
+    """``codebook_usage`` (fraction of the codebook used in this batch) and ``perplexity`` (exp entropy)."""
+    if codes.is_meta or codes.numel() == 0:
+        return {}
+    with torch.no_grad():
+        _, counts = torch.unique(codes.flatten(), return_counts=True)
+        p = counts.double() / counts.sum()
+        return {
+            "codebook_usage": counts.numel() / codebook_size,
+            "perplexity": math.exp(float(-(p * p.log()).sum())),
+        }
+
+
+class FSQ(Quantizer):
+    """Finite scalar quantization: each of ``len(levels)`` channels rounded to one of L_i levels.
+
+    Options: ``levels`` (per-channel level counts, default (8, 8, 8, 5, 5, 5) ≈ 2^16 codes). A linear
+    projection maps the model width to ``len(levels)`` channels and back only when they differ.
+    """
+
+    def __init__(self, facts: Facts, *, levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)) -> None:
+        super().__init__(facts)
+        dim = facts.need("dim", self.label)
+        levels = tuple(int(level) for level in levels)
+        if not levels or min(levels) < 2:
+            raise SpecError(f"{self.label}: levels must be a non-empty tuple of integers >= 2, got {levels}")
+        self.levels = levels
+        self.code_factors = levels
+        self.dim = dim
+        # identity when widths agree: no parameters, so codes are the encoder's own channels
+        project = dim != len(levels)
+        self.project_in: nn.Module = nn.Linear(dim, len(levels)) if project else nn.Identity()
+        self.project_out: nn.Module = nn.Linear(len(levels), dim) if project else nn.Identity()
+
+    # constants are rebuilt per call (not buffers) so a meta-built module materialises without state to load
+    def _constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        levels = torch.tensor(self.levels, dtype=torch.float32, device=device)  # (L,)
+        half_l = (levels - 1) * (1 + EPS) / 2
+        offset = torch.where(torch.remainder(levels, 2) == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half_l)
+        half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=device)
+        return half_l, offset, shift, half_width
+
+    def quantize(self, z: Tensor) -> Tensor:
+        """Projected z (..., L) float32 → normalised levels (..., L) in [-1, 1], straight-through."""
+        half_l, offset, shift, half_width = self._constants(z.device)
+        bounded = torch.tanh(z + shift) * half_l - offset  # (..., L)
+        rounded = bounded + (torch.round(bounded) - bounded).detach()  # exact: Sterbenz, |r - b| <= 1/2
+        return rounded / half_width
+
+    def forward(self, x: Tensor) -> Quantized:
+        dtype = x.dtype
+        z = self.project_in(x)  # (..., L)
+        with float32_region(x.device):
+            levels = self.quantize(z.float())  # (..., L) float32
+            codes = self.levels_to_codes(levels)  # (...)
+        return Quantized(
+            vectors=self.project_out(levels).to(dtype),  # (..., D), cast back after float32 quantization
+            codes=codes,
+            aux_loss=x.new_zeros((), dtype=torch.float32),
+            metrics=code_metrics(codes, self.codebook_size),
+        )
+
+    def codes_to_levels(self, codes: Tensor) -> Tensor:
+        """Codes (...) → normalised levels (..., L) in [-1, 1]."""
+        half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=codes.device)
+        return (self.codes_to_digits(codes).float() - half_width) / half_width
+
+    def levels_to_codes(self, levels: Tensor) -> Tensor:
+        """Normalised levels (..., L) → codes (...) int64; rounds first (never truncate a float)."""
+        half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=levels.device)
+        digits = torch.round(levels.float() * half_width + half_width).long()  # (..., L) in [0, L_i)
+        return self.digits_to_codes(digits)
+
+    def codes_to_vectors(self, codes: Tensor) -> Tensor:
+        """Codes (...) → vectors (..., D), bit-identical to ``forward`` in eval mode."""
+        return self.project_out(self.codes_to_levels(codes))

@@ -1,0 +1,50 @@
+"""Global tokenizers: learned global tokens (the paper's) and the patch-only ablation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tatok_core.interfaces import Facts, GlobalTokenizer, Grid
+from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout
+
+
+class LearnedGlobalTokens(GlobalTokenizer):
+    """M learnable tokens encoded jointly with the patches (full attention both ways).
+
+    Globals attend to every patch, so they can gather what is shared across the image; patches attend
+    to the globals, so each patch token can stop spending capacity on what the globals already say —
+    the "mutual enhancement" of the paper.
+    """
+
+    def __init__(self, facts: Facts, *, num_global: int = 8, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0,
+                 window: int = 0) -> None:
+        super().__init__(facts)
+        self.window = check_window(window, self.label)
+        if num_global < 1:
+            raise ValueError(f"num_global must be ≥ 1 (use global_tokenizer 'none' for none), got {num_global}")
+        self.dim = facts.need("dim", self.label)
+        check_heads(self.dim, heads, f"{self.label} ({facts.describe('dim')})")
+        self.num_global = num_global
+        self.tokens = init_tokens(num_global, self.dim)
+        self.transformer = Transformer(self.dim, depth, heads, mlp_ratio)
+
+    def forward(self, patches: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
+        batch = patches.shape[0]
+        globals_ = self.tokens.to(patches.dtype).expand(batch, -1, -1)  # (B, M, D)
+        positions, mask = patch_layout(grid, self.dim, window=self.window, prefix=self.num_global,
+                                       shift=self.training, device=patches.device)
+        x = self.transformer(torch.cat([globals_, patches + positions.to(patches.dtype)], dim=1), mask)  # (B, M + N, D)
+        return x[:, : self.num_global], x[:, self.num_global :]
+
+
+class NoGlobalTokens(GlobalTokenizer):
+    """Patch tokens only (M = 0): the ablation the paper argues is information-insufficient."""
+
+    num_global = 0
+
+    def __init__(self, facts: Facts) -> None:
+        super().__init__(facts)
+
+    def forward(self, patches: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
+        return patches.new_zeros(patches.shape[0], 0, patches.shape[2]), patches

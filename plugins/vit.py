@@ -1,0 +1,104 @@
+"""ViT encoder and decoder: patches in raster order, 2-D sin-cos positions for any grid."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from tatok_core.interfaces import Decoder, Encoder, Facts, Grid
+from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout
+
+
+class ViTEncoder(Encoder):
+    """Patch embedding + transformer over the patch grid (any H×W divisible by the patch size)."""
+
+    def __init__(
+        self,
+        facts: Facts,
+        *,
+        patch_size: int = 4,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        channels: int = 3,
+        window: int = 0,
+    ) -> None:
+        super().__init__(facts)
+        check_heads(dim, heads, self.label)
+        self.window = check_window(window, self.label)
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be ≥ 1, got {patch_size}")
+        self.patch_size, self.dim, self.channels = patch_size, dim, channels
+        self.embed = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.transformer = Transformer(dim, depth, heads, mlp_ratio)
+
+    def forward(self, images: Tensor) -> Tensor:
+        patches = self.embed(images * 2 - 1)  # (B, D, H/p, W/p), pixels centred on 0
+        grid = (patches.shape[2], patches.shape[3])
+        x = rearrange(patches, "b d gh gw -> b (gh gw) d")  # (B, N, D) raster order
+        positions, mask = patch_layout(grid, self.dim, window=self.window, prefix=0, shift=self.training, device=x.device)
+        return self.transformer(x + positions.to(x.dtype), mask)
+
+
+class ViTDecoder(Decoder):
+    """Globals + kept patch vectors (a learned mask token at dropped positions) → pixels.
+
+    The transformer sees the M global tokens and the full grid; dropped positions carry only the mask
+    token and their position, so all they know comes from the globals and the kept neighbours.
+    ``refine`` > 0 adds a small residual 3×3 conv head that smooths patch seams.
+    """
+
+    def __init__(
+        self,
+        facts: Facts,
+        *,
+        width: int = 0,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        refine: int = 32,
+        window: int = 0,
+    ) -> None:
+        super().__init__(facts)
+        self.window = check_window(window, self.label)
+        dim = facts.need("dim", self.label)
+        self.patch_size = facts.need("patch_size", self.label)
+        self.channels = facts.need("channels", self.label)
+        self.num_global = facts.need("num_global", self.label)
+        self.width = width or dim
+        check_heads(self.width, heads, self.label if width else f"{self.label} ({facts.describe('dim')})")
+        self.project = nn.Linear(dim, self.width)
+        self.mask_token = init_tokens(self.width)
+        self.global_position = init_tokens(max(self.num_global, 1), self.width)
+        self.transformer = Transformer(self.width, depth, heads, mlp_ratio)
+        self.to_pixels = nn.Linear(self.width, self.channels * self.patch_size**2)
+        self.refine = (
+            nn.Sequential(
+                nn.Conv2d(self.channels, refine, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(refine, self.channels, 3, padding=1),
+            )
+            if refine
+            else None
+        )
+        if self.refine is not None:
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
+
+    def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor:
+        m = global_vectors.shape[1]
+        patches = torch.where(keep[..., None], self.project(patch_vectors), self.mask_token)  # (B, N, W)
+        positions, mask = patch_layout(grid, self.width, window=self.window, prefix=m, shift=self.training,
+                                       device=patches.device)
+        patches = patches + positions.to(patches.dtype)
+        globals_ = self.project(global_vectors) + self.global_position[:m]  # (B, M, W)
+        x = self.transformer(torch.cat([globals_, patches], dim=1), mask)[:, m:]  # (B, N, W)
+        pixels = rearrange(
+            self.to_pixels(x), "b (gh gw) (c p q) -> b c (gh p) (gw q)",
+            gh=grid[0], gw=grid[1], p=self.patch_size, q=self.patch_size,
+        )
+        if self.refine is not None:
+            pixels = pixels + self.refine(pixels)
+        return pixels * 0.5 + 0.5

@@ -1,0 +1,270 @@
+"""The six component contracts of a TaTok pipeline (see DESIGN.md, "Data flow").
+
+Every component is a ``torch.nn.Module`` built as ``cls(facts, **options)``. ``facts`` holds what the
+components upstream of it provide (patch size, width, number of global tokens, code factors); a
+component reads what it needs with :meth:`Facts.need`, checks what it insists on with
+:meth:`Facts.agree`, and adds what it provides in :meth:`Component.provides`. So a composition is
+checked when it is built (on the meta device, before any tensor flows), and a mismatch names both
+components involved.
+
+Build order: encoder → global_tokenizer → quantizer → entropy → filter → decoder.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from tatok_core.errors import CompositionError
+
+if TYPE_CHECKING:
+    from tatok_core.selection import Selection
+    from tatok_core.tokens import Tokens
+
+Grid = tuple[int, int]
+
+
+@attrs.frozen
+class Facts:
+    """What the already-built components provide, and which component provided each fact."""
+
+    values: Mapping[str, Any] = attrs.field(factory=dict)
+    providers: Mapping[str, str] = attrs.field(factory=dict)
+    building: str = ""  # label of the component being built with these facts, e.g. "decoder 'vit'"
+
+    def need(self, fact: str, who: str) -> Any:
+        """The value of ``fact``; a clear error when nothing upstream provides it."""
+        if self.values.get(fact) is None:
+            if fact in self.providers:
+                raise CompositionError(f"{who} needs {fact!r}, which {self.providers[fact]} does not provide")
+            have = ", ".join(f"{k} (from {self.providers[k]})" for k in self.values) or "nothing"
+            raise CompositionError(f"{who} needs {fact!r}, which no upstream component provides (have: {have})")
+        return self.values[fact]
+
+    def describe(self, fact: str) -> str:
+        """``"dim 128 from encoder 'vit'"``: for messages about a value that came from upstream."""
+        return f"{fact} {self.values.get(fact)!r} from {self.providers.get(fact, 'nowhere')}"
+
+    def agree(self, fact: str, value: Any, who: str) -> None:
+        """Fail, naming both components, when ``who`` insists on a different value of ``fact``."""
+        have = self.need(fact, who)
+        if have != value:
+            raise CompositionError(
+                f"{who} requires {fact}={value!r} but {self.providers[fact]} provides {fact}={have!r}"
+            )
+
+    def extended(self, new: Mapping[str, Any], who: str) -> Facts:
+        values, providers = dict(self.values), dict(self.providers)
+        for fact, value in new.items():
+            values[fact] = value
+            providers[fact] = who
+        return Facts(values, providers, self.building)
+
+
+class Component(nn.Module, abc.ABC):
+    """Base of every component; ``kind`` names the registry namespace it lives in."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, facts: Facts, **options: Any) -> None:
+        super().__init__()
+        if options:
+            raise TypeError(f"unexpected options: {', '.join(sorted(options))}")
+        self.facts_in = facts
+        self.label = facts.building or f"{self.kind} {type(self).__name__!r}"  # e.g. "decoder 'vit'", for errors
+
+    def provides(self) -> dict[str, Any]:
+        """Facts this component adds for the components built after it."""
+        return {}
+
+
+class Encoder(Component):
+    """Images (B, C, H, W) in [0, 1] → patch features (B, N, D), N = (H/p)(W/p) in raster order.
+
+    Provides ``channels`` (C), ``patch_size`` (p) and ``dim`` (D). H and W are multiples of p (the
+    :class:`~tatok_core.tokenizer.Tokenizer` pads), any such size must work.
+    """
+
+    kind = "encoder"
+    channels: int
+    patch_size: int
+    dim: int
+
+    def provides(self) -> dict[str, Any]:
+        return {"channels": self.channels, "patch_size": self.patch_size, "dim": self.dim}
+
+    @abc.abstractmethod
+    def forward(self, images: Tensor) -> Tensor: ...
+
+
+class GlobalTokenizer(Component):
+    """Patch features (B, N, D) → (global features (B, M, D), refined patch features (B, N, D)).
+
+    The globals carry what is shared across patches; patches are refined knowing the globals.
+    Provides ``num_global`` (M, may be 0 for a patch-only ablation).
+    """
+
+    kind = "global_tokenizer"
+    num_global: int
+
+    def provides(self) -> dict[str, Any]:
+        return {"num_global": self.num_global}
+
+    @abc.abstractmethod
+    def forward(self, patches: Tensor, grid: Grid) -> tuple[Tensor, Tensor]: ...
+
+
+@attrs.frozen
+class Quantized:
+    """A quantizer's output for vectors of shape (..., D)."""
+
+    vectors: Tensor  # (..., D) quantized, straight-through gradient
+    codes: Tensor  # (...) int64 in [0, codebook_size)
+    aux_loss: Tensor  # () scalar, zero when the quantizer has none
+    metrics: Mapping[str, float] = attrs.field(factory=dict)
+
+
+def mixed_radix_digits(codes: Tensor, factors: tuple[int, ...]) -> Tensor:
+    """Codes (...) → digits (..., len(factors)) with the first factor least significant (FSQ order)."""
+    digits = []
+    rest = codes.long()
+    for factor in factors:
+        digits.append(rest % factor)
+        rest = torch.div(rest, factor, rounding_mode="floor")
+    return torch.stack(digits, dim=-1)
+
+
+class Quantizer(Component):
+    """Vectors (..., D) → :class:`Quantized`; codes ↔ vectors.
+
+    ``code_factors`` is the mixed-radix shape of the code space (FSQ: its levels; VQ: ``(K,)``) with
+    the **first factor least significant**, so entropy models can factorise over it. Provides
+    ``code_factors``.
+    """
+
+    kind = "quantizer"
+    code_factors: tuple[int, ...]
+
+    @property
+    def codebook_size(self) -> int:
+        size = 1
+        for factor in self.code_factors:
+            size *= factor
+        return size
+
+    def provides(self) -> dict[str, Any]:
+        return {"code_factors": tuple(self.code_factors)}
+
+    @abc.abstractmethod
+    def forward(self, x: Tensor) -> Quantized: ...
+
+    @abc.abstractmethod
+    def codes_to_vectors(self, codes: Tensor) -> Tensor:
+        """Codes (...) → the same quantized vectors (..., D) ``forward`` gives for them."""
+
+    def codes_to_digits(self, codes: Tensor) -> Tensor:
+        """Codes (...) → mixed-radix digits (..., len(code_factors)), first digit least significant."""
+        return mixed_radix_digits(codes, self.code_factors)
+
+    def digits_to_codes(self, digits: Tensor) -> Tensor:
+        codes = torch.zeros(digits.shape[:-1], dtype=torch.long, device=digits.device)
+        for i in reversed(range(len(self.code_factors))):
+            codes = codes * self.code_factors[i] + digits[..., i].long()
+        return codes
+
+
+@attrs.frozen
+class EntropyContext:
+    """Everything an entropy estimator may condition on (all tensors of one batch)."""
+
+    images: Tensor  # (B, C, H, W), padded to the grid
+    grid: Grid
+    global_vectors: Tensor  # (B, M, D) quantized
+    global_codes: Tensor  # (B, M)
+    patch_vectors: Tensor  # (B, N, D) quantized
+    patch_codes: Tensor  # (B, N)
+
+
+@attrs.frozen
+class EntropyEstimate:
+    bits: Tensor  # (B, N) ≥ 0: information of each patch token not explained by the globals
+    loss: Tensor  # () the estimator's own training loss (zero when training-free)
+    metrics: Mapping[str, float] = attrs.field(factory=dict)
+
+
+class EntropyEstimator(Component):
+    """Bits per patch token, conditional on the global tokens, plus the estimator's training loss.
+
+    The estimator must not change what the encoder learns: implementations train only on detached
+    inputs (see the built-in ``prior``).
+    """
+
+    kind = "entropy"
+
+    @abc.abstractmethod
+    def forward(self, context: EntropyContext) -> EntropyEstimate: ...
+
+
+class TokenFilter(Component):
+    """Bits (B, N) → :class:`~tatok_core.selection.Selection` of the patch tokens to keep.
+
+    ``tau`` overrides the filter's default threshold for one call (a float, or a (B,) tensor with one
+    τ per image); filters that keep a fixed count ignore it.
+    """
+
+    kind = "filter"
+
+    @abc.abstractmethod
+    def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection: ...
+
+    def forward(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
+        return self.select(bits, tau)
+
+
+class Decoder(Component):
+    """Globals (B, M, D) + patch vectors (B, N, D) with a keep mask (B, N) → images (B, C, H, W).
+
+    Dropped positions (``keep`` False) carry no information: the decoder must not read their vectors.
+    """
+
+    kind = "decoder"
+
+    @abc.abstractmethod
+    def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor: ...
+
+
+PIPELINE_KINDS: tuple[str, ...] = ("encoder", "global_tokenizer", "quantizer", "entropy", "filter", "decoder")
+"""The kinds a Tokenizer is built from, in data-flow (= build) order."""
+
+
+class Generator(Component):
+    """An autoregressive prior over :class:`~tatok_core.tokens.Tokens`: exact likelihood and sampling.
+
+    Not part of a tokenizer pipeline: it models the tokens a tokenizer writes, for downstream
+    generation. Built as ``cls(facts, **options)`` with facts from
+    :func:`tatok_core.generation.generator_facts`: ``code_factors``, ``num_global``, ``grid`` (the
+    grid it is trained on), ``max_positions`` (N of that grid), ``patch_size`` and ``image_size``.
+    """
+
+    kind = "generator"
+
+    @abc.abstractmethod
+    def log_likelihood(self, tokens: Tokens, labels: Tensor | None = None) -> Tensor:
+        """(B,) exact log-likelihood in nats of each image's tokens: globals, kept positions and codes."""
+
+    @abc.abstractmethod
+    def sample(
+        self, n: int, *, grid: Grid, temperature: float, top_k: int, labels: Tensor | None, rng: torch.Generator
+    ) -> Tokens:
+        """``n`` images' tokens on ``grid``: always valid (positions increasing inside it, codes in range)."""
+
+
+INTERFACES: dict[str, type[Component]] = {
+    cls.kind: cls for cls in (Encoder, GlobalTokenizer, Quantizer, EntropyEstimator, TokenFilter, Decoder, Generator)
+}
+"""Every registrable kind and the interface its classes must subclass."""

@@ -1,0 +1,215 @@
+"""The Tokenizer: a PipelineSpec's components wired together along DESIGN.md's data flow."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tatok_core.errors import SpecError, TatokError, UnknownComponentError
+from tatok_core.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
+from tatok_core.interfaces import PIPELINE_KINDS
+from tatok_core.registry import Registry, get_registry
+from tatok_core.selection import Selection
+from tatok_core.spec import ComponentSpec, PipelineSpec, _construct, build_components
+from tatok_core.tokens import Tokens
+
+SPEC_FILE = "spec.toml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@attrs.frozen(eq=False)
+class Analysis:
+    """Everything the encoder side computes for a batch, before filtering."""
+
+    images: Tensor  # (B, C, H', W') padded to the grid
+    image_size: tuple[int, int]  # (H, W) before padding
+    grid: Grid
+    globals_: Quantized  # vectors (B, M, D), codes (B, M)
+    patches: Quantized  # vectors (B, N, D), codes (B, N)
+    entropy: EntropyEstimate  # bits (B, N)
+    aux_loss: Tensor
+
+
+@attrs.frozen(eq=False)
+class TokenizerOutput:
+    """What :meth:`Tokenizer.forward` returns for training."""
+
+    reconstruction: Tensor  # (B, C, H, W)
+    losses: Mapping[str, Tensor]  # unweighted: "mse", "l1", "quantizer", "entropy"
+    selection: Selection
+    tau: float | Tensor | None  # the τ images were filtered with (None: the filter's default)
+    metrics: Mapping[str, float]
+
+
+class Tokenizer(nn.Module):
+    """Images ↔ variable-length :class:`~tatok_core.tokens.Tokens`, built from a :class:`PipelineSpec`."""
+
+    def __init__(self, spec: PipelineSpec | None = None, registry: Registry | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.spec = spec or PipelineSpec()
+        self.name = name
+        self._registry = registry
+        built = build_components(self.spec, registry)
+        self.encoder = built["encoder"]
+        self.global_tokenizer = built["global_tokenizer"]
+        self.quantizer = built["quantizer"]
+        self.entropy = built["entropy"]
+        self.filter: TokenFilter = built["filter"]  # type: ignore[assignment]
+        self.decoder = built["decoder"]
+        self.facts: Facts = self.filter.facts_in
+        self.train_tau_min = float(self.spec.pipeline["train_tau_min"])
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def num_global(self) -> int:
+        return self.global_tokenizer.num_global
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component kind (the registry's kinds, in data-flow order)."""
+        return {kind: sum(p.numel() for p in getattr(self, kind).parameters()) for kind in PIPELINE_KINDS}
+
+    def grid_for(self, height: int, width: int) -> Grid:
+        p = self.patch_size
+        return (-(-height // p), -(-width // p))
+
+    def max_tokens(self, height: int, width: int) -> int:
+        """Patch tokens of an H×W image when every token is kept."""
+        rows, cols = self.grid_for(height, width)
+        return rows * cols
+
+    # -- pipeline --------------------------------------------------------------------------
+    def _pad(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise TatokError(f"images must be a float tensor (B, C, H, W) in [0, 1], got {getattr(images, 'shape', images)}")
+        _, channels, height, width = images.shape
+        if channels != self.encoder.channels:
+            raise TatokError(f"images have {channels} channels but the encoder expects {self.encoder.channels}")
+        p = self.patch_size
+        if height < p or width < p:
+            raise TatokError(f"images of {height}×{width} are smaller than one {p}×{p} patch")
+        rows, cols = self.grid_for(height, width)
+        pad_h, pad_w = rows * p - height, cols * p - width
+        if pad_h or pad_w:  # reflect where possible (no artificial edges), replicate for tiny images
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
+        return images, (height, width)
+
+    def analyse(self, images: Tensor) -> Analysis:
+        """Encode, add global tokens, quantize and estimate bits per patch token."""
+        padded, size = self._pad(images)
+        grid = self.grid_for(*size)
+        features = self.encoder(padded)  # (B, N, D)
+        global_features, patch_features = self.global_tokenizer(features, grid)  # (B, M, D), (B, N, D)
+        m = global_features.shape[1]
+        quantized = self.quantizer(torch.cat([global_features, patch_features], dim=1))  # one codebook for both
+        globals_ = Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics)
+        patches = Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics)
+        context = EntropyContext(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes)
+        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss)
+
+    def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
+        """The spec's filter, or another one built with the same facts (for baselines on one model)."""
+        if name is None and not options:
+            return self.filter
+        current = self.spec.filter
+        name = name or current.name
+        merged = {**(current.options if name == current.name else {}), **options}
+        registry = self._registry or get_registry()
+        return _construct(registry.get("filter", name), self.facts, "filter", ComponentSpec(name, merged))  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:
+        """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call."""
+        analysis = self.analyse(images)
+        selection = self.token_filter(filter, **filter_options).select(analysis.entropy.bits, tau)
+        return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
+                                     analysis.image_size)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tokens) -> Tensor:
+        """Tokens → images (B, C, H, W) in [0, 1] at their original size."""
+        grid_codes, keep = tokens.to_grid(fill=0)
+        reconstruction = self.decoder(
+            self.quantizer.codes_to_vectors(tokens.global_codes),
+            self.quantizer.codes_to_vectors(grid_codes),
+            keep,
+            tokens.grid,
+        )
+        height, width = tokens.image_size
+        return reconstruction[..., :height, :width].clamp(0, 1)
+
+    def sample_tau(self, batch: int, device: torch.device) -> Tensor:
+        """τ per image ~ U(train_tau_min, 1), so the decoder learns every budget."""
+        return self.train_tau_min + (1 - self.train_tau_min) * torch.rand(batch, device=device)
+
+    def forward(self, images: Tensor, tau: float | Tensor | None = None) -> TokenizerOutput:
+        """Training step: reconstruction, unweighted losses by name, the selection and the τ used."""
+        analysis = self.analyse(images)
+        batch = images.shape[0]
+        if tau is None and self.training:
+            tau = self.sample_tau(batch, images.device)
+        selection = self.filter.select(analysis.entropy.bits.detach(), tau)
+        reconstruction = self.decoder(analysis.globals_.vectors, analysis.patches.vectors, selection.keep, analysis.grid)
+        height, width = analysis.image_size
+        reconstruction = reconstruction[..., :height, :width]
+        target = images.to(reconstruction.dtype)
+        losses = {
+            "mse": F.mse_loss(reconstruction.float(), target.float()),
+            "l1": F.l1_loss(reconstruction.float(), target.float()),
+            "quantizer": analysis.aux_loss,
+            "entropy": analysis.entropy.loss,
+        }
+        metrics = {
+            "tokens": float(selection.lengths.float().mean()),
+            "max_tokens": float(selection.num_patches),
+            **analysis.patches.metrics,
+            **analysis.entropy.metrics,
+        }
+        return TokenizerOutput(reconstruction, losses, selection, tau, metrics)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``spec.toml`` and ``model.safetensors`` (weights + buffers) into ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / SPEC_FILE).write_text(self.spec.to_toml())
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        metadata = {"format": "tatok", "spec_digest": self.spec.digest(), "name": json.dumps(self.name)}
+        safetensors.torch.save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | Path, registry: Registry | None = None, map_location: str = "cpu") -> Tokenizer:
+        """Load a directory written by :meth:`save_pretrained` or a shipped name such as ``tatok-tiny``."""
+        directory = Path(name_or_dir)
+        name: str | None = None
+        if not (directory / SPEC_FILE).is_file():
+            shipped = (registry or get_registry()).pretrained()
+            if str(name_or_dir) not in shipped:
+                if directory.exists():
+                    raise SpecError(f"{directory} holds no {SPEC_FILE}: not a saved tokenizer")
+                raise UnknownComponentError("pretrained tokenizer", str(name_or_dir), shipped)
+            name = str(name_or_dir)
+            directory = Path(shipped[name][0])
+        spec = PipelineSpec.load(directory / SPEC_FILE)
+        model = cls(spec, registry, name=name or directory.name)
+        weights = directory / WEIGHTS_FILE
+        if not weights.is_file():
+            raise SpecError(f"{directory} holds no {WEIGHTS_FILE}")
+        state = safetensors.torch.load_file(str(weights), device=map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise SpecError(f"weights in {weights} do not match the spec: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return model.eval()
