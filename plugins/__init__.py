@@ -14,10 +14,12 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 def tatok_register(registry: Registry) -> None:
     from tatok_plugins.entropy_pixel import PixelHistogramEntropy
     from tatok_plugins.entropy_prior import GlobalConditionalPrior
+    from tatok_plugins.entropy_residual import GlobalsResidualEntropy
     from tatok_plugins.filters import DynamicTokenFilter, KeepAll, RandomKFilter, RasterKFilter, TopKFilter
     from tatok_plugins.fsq import FSQ
     from tatok_plugins.generator import AdaptivePrior, RasterPrior
     from tatok_plugins.global_tokens import LearnedGlobalTokens, NoGlobalTokens
+    from tatok_plugins.packed_decoder import PackedDecoder
     from tatok_plugins.vit import ViTDecoder, ViTEncoder
     from tatok_plugins.vq import VQ
 
@@ -28,12 +30,14 @@ def tatok_register(registry: Registry) -> None:
     registry.add("quantizer", "vq", VQ)
     registry.add("entropy", "prior", GlobalConditionalPrior)
     registry.add("entropy", "pixel", PixelHistogramEntropy)
+    registry.add("entropy", "residual", GlobalsResidualEntropy)
     registry.add("filter", "dtf", DynamicTokenFilter)
     registry.add("filter", "all", KeepAll)
     registry.add("filter", "topk", TopKFilter)
     registry.add("filter", "random", RandomKFilter)
     registry.add("filter", "raster", RasterKFilter)
     registry.add("decoder", "vit", ViTDecoder)
+    registry.add("decoder", "packed", PackedDecoder)
     registry.add("generator", "adaptive", AdaptivePrior)
     registry.add("generator", "raster", RasterPrior)
 

@@ -140,7 +140,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def forward(
         self, x: Tensor, attn_mask: Tensor | None = None, *, causal: bool = False, cache: list[KVCache] | None = None
@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         return [KVCache(max_len) for _ in self.blocks]
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

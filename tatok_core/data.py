@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tatok_core.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN
 from tatok_core.errors import ImageReadError
 from tatok_core.imageio import list_images, read_image
 
@@ -86,10 +87,16 @@ TRAIN_PHOTOS: tuple[str, ...] = tuple(
 
 _BY_NAME = {p.name: p for p in BUILTIN_PHOTOS}
 
+_DEBIAN_BY_NAME = {p.name: p for p in DEBIAN_PHOTOS}
+
 _BUILTIN_SETS: dict[str, tuple[str, ...]] = {
     "builtin:photos": TRAIN_PHOTOS,
     "builtin:photos:heldout": HELDOUT_PHOTOS,
     "builtin:photos:all": tuple(_BY_NAME),
+    # the built-in photos plus the Debian ones (tatok_core.debian_photos): more real training photos
+    "builtin:photos:extended": TRAIN_PHOTOS + DEBIAN_TRAIN,
+    "builtin:photos:extended:heldout": HELDOUT_PHOTOS + DEBIAN_HELDOUT,
+    "builtin:photos:extended:all": tuple(_BY_NAME) + tuple(_DEBIAN_BY_NAME),
 }
 
 
@@ -100,8 +107,10 @@ def split_builtin_photos() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def load_builtin_photo(name: str) -> Tensor:
     """One built-in photo as a (3, H, W) float32 tensor in [0, 1]."""
+    if name in _DEBIAN_BY_NAME:
+        return _DEBIAN_BY_NAME[name].load()
     if name not in _BY_NAME:
-        raise ImageReadError(f"unknown built-in photo {name!r} (known: {', '.join(_BY_NAME)})")
+        raise ImageReadError(f"unknown built-in photo {name!r} (known: {', '.join((*_BY_NAME, *_DEBIAN_BY_NAME))})")
     return read_image(_BY_NAME[name].path)
 
 

@@ -188,6 +188,7 @@ class EntropyContext:
     global_codes: Tensor  # (B, M)
     patch_vectors: Tensor  # (B, N, D) quantized
     patch_codes: Tensor  # (B, N)
+    base_reconstruction: Tensor | None = None  # (B, C, H, W) globals-only decode, for estimators that ask
 
 
 @attrs.frozen
@@ -201,10 +202,12 @@ class EntropyEstimator(Component):
     """Bits per patch token, conditional on the global tokens, plus the estimator's training loss.
 
     The estimator must not change what the encoder learns: implementations train only on detached
-    inputs (see the built-in ``prior``).
+    inputs (see the built-in ``prior``). An estimator that sets ``needs_base_reconstruction`` gets the
+    decoder's globals-only picture in :attr:`EntropyContext.base_reconstruction`.
     """
 
     kind = "entropy"
+    needs_base_reconstruction: ClassVar[bool] = False
 
     @abc.abstractmethod
     def forward(self, context: EntropyContext) -> EntropyEstimate: ...

@@ -41,6 +41,8 @@ DEFAULT_COMPONENTS: dict[str, str] = {
 }
 PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "train_tau_min": 0.0,  # τ is drawn per image from U(train_tau_min, 1) during training
+    "train_keep": "filter",  # training selection: "filter" (the spec's filter at that τ) or "topk" (k ~ U{0…N})
+    "train_random_rank": 0.0,  # with "topk": share of images whose tokens are ranked at random
 }
 
 
@@ -97,6 +99,8 @@ class PipelineSpec:
         unknown = set(value) - set(PIPELINE_OPTIONS)
         if unknown:
             raise SpecError(f"unknown pipeline options {sorted(unknown)} (known: {sorted(PIPELINE_OPTIONS)})")
+        if value.get("train_keep", "filter") not in ("filter", "topk"):
+            raise SpecError(f"pipeline option train_keep must be 'filter' or 'topk', got {value['train_keep']!r}")
 
     # -- construction -----------------------------------------------------------------------
     @classmethod

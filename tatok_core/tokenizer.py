@@ -36,6 +36,7 @@ class Analysis:
     patches: Quantized  # vectors (B, N, D), codes (B, N)
     entropy: EntropyEstimate  # bits (B, N)
     aux_loss: Tensor
+    base_reconstruction: Tensor | None = None  # (B, C, H', W') globals-only decode, when the estimator asked
 
 
 @attrs.frozen(eq=False)
@@ -116,8 +117,12 @@ class Tokenizer(nn.Module):
         quantized = self.quantizer(torch.cat([global_features, patch_features], dim=1))  # one codebook for both
         globals_ = Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics)
         patches = Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics)
-        context = EntropyContext(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes)
-        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss)
+        base = None
+        if self.entropy.needs_base_reconstruction:  # the decoder's picture from the globals alone
+            nothing_kept = torch.zeros(patches.codes.shape, dtype=torch.bool, device=padded.device)  # (B, N)
+            base = self.decoder(globals_.vectors, patches.vectors, nothing_kept, grid)  # (B, C, H', W')
+        context = EntropyContext(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes, base)
+        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss, base)
 
     def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
         """The spec's filter, or another one built with the same facts (for baselines on one model)."""
@@ -154,13 +159,31 @@ class Tokenizer(nn.Module):
         """τ per image ~ U(train_tau_min, 1), so the decoder learns every budget."""
         return self.train_tau_min + (1 - self.train_tau_min) * torch.rand(batch, device=device)
 
+    def sample_topk(self, bits: Tensor) -> Selection:
+        """Training selection ``train_keep = "topk"``: per image k ~ U{0 … N} (0 = globals only) of the
+        highest-bits tokens, so the decoder learns every budget and the globals-only case; with
+        probability ``train_random_rank`` an image ranks its tokens at random instead, so the decoder
+        also fills arbitrary holes."""
+        batch, n = bits.shape
+        score = bits.float().clone()  # (B, N)
+        shuffled = torch.rand(batch, device=bits.device) < float(self.spec.pipeline["train_random_rank"])
+        score[shuffled] = torch.rand(int(shuffled.sum()), n, device=bits.device)
+        order = score.argsort(dim=1, descending=True, stable=True)  # (B, N)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=bits.device).expand(batch, -1))
+        k = torch.randint(0, n + 1, (batch, 1), device=bits.device)  # (B, 1)
+        return Selection.from_mask(rank < k)
+
     def forward(self, images: Tensor, tau: float | Tensor | None = None) -> TokenizerOutput:
         """Training step: reconstruction, unweighted losses by name, the selection and the τ used."""
         analysis = self.analyse(images)
         batch = images.shape[0]
-        if tau is None and self.training:
-            tau = self.sample_tau(batch, images.device)
-        selection = self.filter.select(analysis.entropy.bits.detach(), tau)
+        bits = analysis.entropy.bits.detach()
+        if self.training and self.spec.pipeline["train_keep"] == "topk":
+            selection = self.sample_topk(bits)
+        else:
+            if tau is None and self.training:
+                tau = self.sample_tau(batch, images.device)
+            selection = self.filter.select(bits, tau)
         reconstruction = self.decoder(analysis.globals_.vectors, analysis.patches.vectors, selection.keep, analysis.grid)
         height, width = analysis.image_size
         reconstruction = reconstruction[..., :height, :width]
@@ -171,6 +194,9 @@ class Tokenizer(nn.Module):
             "quantizer": analysis.aux_loss,
             "entropy": analysis.entropy.loss,
         }
+        if analysis.base_reconstruction is not None:  # teaches the globals to carry the picture on their own
+            base = analysis.base_reconstruction[..., :height, :width]
+            losses["globals"] = F.mse_loss(base.float(), target.float())
         metrics = {
             "tokens": float(selection.lengths.float().mean()),
             "max_tokens": float(selection.num_patches),

@@ -54,6 +54,7 @@ class TrainConfig:
     reconstruction: str = attrs.field(default="mse", validator=attrs.validators.in_(("mse", "l1")))
     quantizer_weight: float = 1.0
     entropy_weight: float = 1.0
+    globals_weight: float = 0.0
     bf16: bool = False
     eval_every: int = 500
     eval_crops: int = 64
@@ -241,6 +242,8 @@ def train(
             pixel_loss = out.losses[config.reconstruction]
             loss = (pixel_loss + config.quantizer_weight * out.losses["quantizer"]
                     + config.entropy_weight * out.losses["entropy"])
+            if "globals" in out.losses:
+                loss = loss + config.globals_weight * out.losses["globals"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)

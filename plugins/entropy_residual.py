@@ -1,0 +1,41 @@
+"""What the decoder cannot infer from the global tokens: the residual of a globals-only decode, in bits."""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+
+from tatok_core.interfaces import EntropyContext, EntropyEstimate, EntropyEstimator, Facts
+
+
+class GlobalsResidualEntropy(EntropyEstimator):
+    """Bits a patch needs beyond the globals, from the error of the decoder's globals-only picture.
+
+    The tokenizer decodes the global tokens alone (no patch token kept) and hands that picture in
+    ``context.base_reconstruction``. For a patch of n = C·p² samples whose globals-only residual has
+    mean square σ², the Gaussian rate–distortion function gives the bits needed to bring it down to
+    distortion ``distortion``: ``(n / 2) · log2(1 + σ² / distortion)``. This measures directly what
+    the patch token must add *given the globals* — the paper's conditional entropy — with the
+    decoder as the model, where a learned prior over codes only guesses it. Training-free; for the
+    absolute modes (θ on bits) any ``distortion`` ranks tokens the same way, for τ and ε it sets how
+    strongly large residuals dominate small ones.
+    """
+
+    needs_base_reconstruction = True
+
+    def __init__(self, facts: Facts, *, distortion: float = 1e-3) -> None:
+        super().__init__(facts)
+        if not distortion > 0:
+            raise ValueError(f"{self.label}: distortion must be > 0, got {distortion}")
+        self.distortion = float(distortion)
+        self.patch_size = facts.need("patch_size", self.label)
+
+    def forward(self, context: EntropyContext) -> EntropyEstimate:
+        base = context.base_reconstruction
+        if base is None:
+            raise ValueError(f"{self.label} needs the globals-only reconstruction in the entropy context")
+        residual = (context.images.detach().float() - base.detach().float()) ** 2  # (B, C, H, W)
+        per_patch = rearrange(residual, "b c (gh p) (gw q) -> b (gh gw) (c p q)", p=self.patch_size, q=self.patch_size)
+        samples = per_patch.shape[-1]
+        bits = 0.5 * samples * torch.log2(1 + per_patch.mean(-1) / self.distortion)  # (B, N)
+        return EntropyEstimate(bits=bits.clamp_min(0), loss=residual.new_zeros(()))

@@ -1,0 +1,233 @@
+"""The packed decoder: heavy layers over the globals and the KEPT tokens only, a light stage fills the rest.
+
+Why: a decoder that pads back to the full grid with mask tokens costs the same at every budget and
+learns nothing about filling holes on purpose. Here
+
+1. **Heavy stage** (``depth`` blocks, ``width``): the globals, a few *layout* tokens and the kept patch
+   tokens. Per-token work (LayerNorm, qkv, MLP) runs on the packed kept tokens — ``(K, W)``, the
+   FlashAttention varlen layout — so it falls with the kept count. Patch tokens attend inside their
+   w×w window (alternately shifted by w/2, Swin-style) plus to the *prefix* (globals + layout tokens);
+   the prefix attends to every kept token of its image. Cost O(K·(w² + P)).
+2. **Fill stage** (``fill_depth`` blocks, ``fill_width``): every grid position — the heavy output where
+   a token was kept, a learned mask token where it was dropped — attends inside its window plus to the
+   prefix, then a linear head makes pixels and a small conv smooths the seams. Cost O(N·(w² + P)) at a
+   small width: the light part.
+
+Positions are given twice: within the window (local structure looks the same in a crop and in a
+whole photo) and *image-relative* (normalised coordinates), so that the globals-only decode — no patch
+token kept — can lay out a coarse image of the whole picture; within-window positions alone make every
+window look alike to the globals, which then carry only the mean colour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from tatok_core.interfaces import Decoder, Facts, Grid
+from tatok_plugins.layers import check_heads, init_tokens, init_weights, sincos_at
+
+
+def relative_embedding(rows: Tensor, cols: Tensor, grid: Grid, dim: int) -> Tensor:
+    """(N, dim) Fourier features of image-relative coordinates in [0, 1): the same for any image size."""
+    y = (rows.float() + 0.5) / grid[0]  # (N,)
+    x = (cols.float() + 0.5) / grid[1]
+    quarter = dim // 4
+    freqs = math.pi * (2.0 ** torch.linspace(0, 4, quarter, device=rows.device))  # (D/4,) 1 … 16 cycles
+    y, x = y[:, None] * freqs, x[:, None] * freqs  # (N, D/4)
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
+class WindowLayout:
+    """Where each grid position sits in a batch of w×w windows shifted by ``offset``.
+
+    ``slot`` (N,) indexes the flattened (windows · w²) layout; windows are padded at the borders, and
+    padded slots are never keys (``valid``).
+    """
+
+    def __init__(self, grid: Grid, window: int, offset: int, device: torch.device) -> None:
+        rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
+                                    indexing="ij")
+        r, c = rows.reshape(-1) + offset, cols.reshape(-1) + offset  # (N,)
+        self.window = window
+        self.windows_per_row = -(-(grid[1] + offset) // window)
+        self.num_windows = -(-(grid[0] + offset) // window) * self.windows_per_row
+        window_id = (r // window) * self.windows_per_row + c // window  # (N,)
+        self.slot = window_id * window * window + (r % window) * window + (c % window)  # (N,)
+        self.size = self.num_windows * window * window
+
+    def to_windows(self, x: Tensor) -> Tensor:
+        """(B, N, C) → (B·G, w², C) with zeros in padded slots."""
+        out = x.new_zeros(x.shape[0], self.size, x.shape[2])
+        out[:, self.slot] = x
+        return rearrange(out, "b (g s) c -> (b g) s c", g=self.num_windows)
+
+    def from_windows(self, x: Tensor, batch: int) -> Tensor:
+        """(B·G, w², C) → (B, N, C)."""
+        return rearrange(x, "(b g) s c -> b (g s) c", b=batch)[:, self.slot]
+
+
+class PrefixWindowAttention(nn.Module):
+    """Patches attend to their window (only positions marked as keys) and to a prefix of P tokens; the
+    prefix attends to itself and every key position of its image. One learned sink key keeps every
+    softmax defined when a window holds no key."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.sink = init_tokens(2, dim)  # one key and one value
+
+    def forward(self, patches: Tensor, prefix: Tensor, is_key: Tensor, layout: WindowLayout) -> tuple[Tensor, Tensor]:
+        """patches (B, N, W), prefix (B, P, W), is_key (B, N) bool → updated (patches, prefix)."""
+        batch, n, width = patches.shape
+        h, g = self.heads, layout.num_windows
+        q, k, v = self.qkv(patches).chunk(3, dim=-1)  # (B, N, W) each
+        pq, pk, pv = self.qkv(prefix).chunk(3, dim=-1)  # (B, P, W)
+        sink_k, sink_v = (self.sink[i].expand(batch, 1, width) for i in range(2))  # (B, 1, W)
+        pk, pv = torch.cat([sink_k, pk], 1), torch.cat([sink_v, pv], 1)  # (B, 1 + P, W)
+        split = lambda t: rearrange(t, "b s (h d) -> b h s d", h=h)  # noqa: E731
+        # patches → window keys + prefix keys
+        wq, wk, wv = (layout.to_windows(t) for t in (q, k, v))  # (B·G, w², W)
+        wmask = layout.to_windows(is_key[..., None].to(q.dtype))[..., 0] > 0  # (B·G, w²) padded slots → False
+        ek, ev = (t.repeat_interleave(g, dim=0) for t in (pk, pv))  # (B·G, 1 + P, W)
+        keys, values = torch.cat([ek, wk], 1), torch.cat([ev, wv], 1)  # (B·G, 1 + P + w², W)
+        mask = torch.cat([wmask.new_ones(wmask.shape[0], ek.shape[1]), wmask], 1)[:, None, None]  # (B·G, 1, 1, S)
+        out = F.scaled_dot_product_attention(split(wq), split(keys), split(values), attn_mask=mask)
+        patches_out = layout.from_windows(rearrange(out, "b h s d -> b s (h d)"), batch)  # (B, N, W)
+        # prefix → prefix + every key position of the image
+        keys, values = torch.cat([pk, k], 1), torch.cat([pv, v], 1)  # (B, 1 + P + N, W)
+        mask = torch.cat([is_key.new_ones(batch, pk.shape[1]), is_key], 1)[:, None, None]  # (B, 1, 1, S)
+        prefix_out = F.scaled_dot_product_attention(split(pq), split(keys), split(values), attn_mask=mask)
+        prefix_out = rearrange(prefix_out, "b h s d -> b s (h d)")  # (B, P, W)
+        return self.proj(patches_out), self.proj(prefix_out)
+
+
+class PackedBlock(nn.Module):
+    """Pre-norm block whose per-token work runs only on the tokens that exist (the packed ones)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = PrefixWindowAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+
+    def forward(self, tokens: Tensor, prefix: Tensor, where: Tensor, grid_shape: tuple[int, int],
+                layout: WindowLayout) -> tuple[Tensor, Tensor]:
+        """tokens (K, W) packed; ``where`` (B, N) bool says which grid positions they fill (row-major)."""
+        batch, n = grid_shape
+        dense = tokens.new_zeros(batch, n, tokens.shape[1])
+        dense[where] = self.norm1(tokens)  # (B, N, W): only kept positions are read as keys
+        patches, prefix_update = self.attn(dense, self.norm1(prefix), where, layout)
+        tokens = tokens + patches[where]  # (K, W)
+        prefix = prefix + prefix_update  # (B, P, W)
+        tokens = tokens + self.mlp(self.norm2(tokens))
+        prefix = prefix + self.mlp(self.norm2(prefix))
+        return tokens, prefix
+
+
+class PackedDecoder(Decoder):
+    """Heavy transformer over globals + layout tokens + kept tokens (packed), light fill of every position.
+
+    Options: ``width`` (heavy width, 0 = the encoder's), ``depth``, ``heads``, ``fill_width``,
+    ``fill_depth``, ``window`` (patches per window side), ``layout`` (a layout×layout grid of learned
+    tokens at image-relative positions that gather the coarse picture), ``refine`` (conv channels, 0 =
+    none).
+    """
+
+    def __init__(
+        self,
+        facts: Facts,
+        *,
+        width: int = 0,
+        depth: int = 4,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        fill_width: int = 128,
+        fill_depth: int = 2,
+        window: int = 8,
+        layout: int = 4,
+        refine: int = 32,
+    ) -> None:
+        super().__init__(facts)
+        dim = facts.need("dim", self.label)
+        self.patch_size = facts.need("patch_size", self.label)
+        self.channels = facts.need("channels", self.label)
+        self.num_global = facts.need("num_global", self.label)
+        if window < 1 or layout < 0 or depth < 0 or fill_depth < 1:
+            raise ValueError(f"{self.label}: need window ≥ 1, layout ≥ 0, depth ≥ 0, fill_depth ≥ 1")
+        self.width, self.fill_width, self.window, self.layout = width or dim, fill_width, window, layout
+        check_heads(self.width, heads, self.label)
+        check_heads(self.fill_width, heads, self.label)
+        self.project = nn.Linear(dim, self.width)
+        self.global_position = init_tokens(max(self.num_global, 1), self.width)
+        self.layout_tokens = init_tokens(max(layout * layout, 1), self.width)
+        self.heavy = nn.ModuleList(PackedBlock(self.width, heads, mlp_ratio) for _ in range(depth))
+        self.heavy_norm = nn.LayerNorm(self.width)
+        self.to_fill = nn.Linear(self.width, self.fill_width)
+        self.mask_token = init_tokens(self.fill_width)
+        self.fill = nn.ModuleList(PackedBlock(self.fill_width, heads, mlp_ratio) for _ in range(fill_depth))
+        self.fill_norm = nn.LayerNorm(self.fill_width)
+        self.to_pixels = nn.Linear(self.fill_width, self.channels * self.patch_size**2)
+        self.refine = nn.Sequential(
+            nn.Conv2d(self.channels, refine, 3, padding=1), nn.GELU(), nn.Conv2d(refine, self.channels, 3, padding=1)
+        ) if refine else None
+        self.apply(init_weights)
+        if self.refine is not None:
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
+
+    def _positions(self, grid: Grid, width: int, device: torch.device) -> Tensor:
+        rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
+                                    indexing="ij")
+        rows, cols = rows.reshape(-1), cols.reshape(-1)
+        half = width // 2 - (width // 2) % 4
+        local = sincos_at(rows % self.window, cols % self.window, half)  # (N, ~W/2) within the window
+        relative = relative_embedding(rows, cols, grid, width - half)  # (N, ~W/2) within the image
+        return torch.cat([local, relative], dim=1)
+
+    def _layout_positions(self, width: int, device: torch.device) -> Tensor:
+        rows, cols = torch.meshgrid(torch.arange(self.layout, device=device), torch.arange(self.layout, device=device),
+                                    indexing="ij")
+        return relative_embedding(rows.reshape(-1), cols.reshape(-1), (self.layout, self.layout), width)
+
+    def _layouts(self, grid: Grid, device: torch.device, depth: int) -> list[WindowLayout]:
+        """Alternate unshifted / half-shifted windows; in training add a random offset so crops contain
+        window borders and partial windows as whole photos do."""
+        base = int(torch.randint(self.window, ())) if self.training else 0
+        return [WindowLayout(grid, self.window, (base + (i % 2) * (self.window // 2)) % self.window, device)
+                for i in range(depth)]
+
+    def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor:
+        batch, n, _ = patch_vectors.shape
+        m, device = global_vectors.shape[1], patch_vectors.device
+        layouts = self._layouts(grid, device, max(len(self.heavy), len(self.fill)))
+        positions = self._positions(grid, self.width, device).to(patch_vectors.dtype)  # (N, W)
+        tokens = self.project(patch_vectors[keep]) + positions.expand(batch, -1, -1)[keep]  # (K, W) packed
+        prefix = self.project(global_vectors) + self.global_position[:m]  # (B, M, W)
+        if self.layout:
+            layout_tokens = self.layout_tokens + self._layout_positions(self.width, device)  # (L², W)
+            prefix = torch.cat([prefix, layout_tokens.to(prefix.dtype).expand(batch, -1, -1)], dim=1)  # (B, P, W)
+        for block, layout in zip(self.heavy, layouts):
+            tokens, prefix = block(tokens, prefix, keep, (batch, n), layout)
+        tokens, prefix = self.to_fill(self.heavy_norm(tokens)), self.to_fill(self.heavy_norm(prefix))
+        fill_positions = self._positions(grid, self.fill_width, device).to(tokens.dtype)  # (N, F)
+        dense = self.mask_token.to(tokens.dtype).expand(batch, n, -1).clone()  # (B, N, F)
+        dense[keep] = tokens
+        dense = (dense + fill_positions).reshape(batch * n, -1)  # every position, packed
+        everywhere = torch.ones_like(keep)
+        for block, layout in zip(self.fill, layouts):
+            dense, prefix = block(dense, prefix, everywhere, (batch, n), layout)
+        pixels = rearrange(
+            self.to_pixels(self.fill_norm(dense)), "(b gh gw) (c p q) -> b c (gh p) (gw q)",
+            b=batch, gh=grid[0], gw=grid[1], p=self.patch_size, q=self.patch_size,
+        )
+        if self.refine is not None:
+            pixels = pixels + self.refine(pixels)
+        return pixels * 0.5 + 0.5
