@@ -65,6 +65,11 @@ def _options(value: Mapping[str, Any]) -> Mapping[str, OptionValue]:
     return {str(k): _option_value(str(k), v) for k, v in sorted(value.items())}
 
 
+def _pipeline_options(value: Mapping[str, Any]) -> Mapping[str, OptionValue]:
+    """Pipeline options with every default filled in, so a spec equals its own round trip."""
+    return _options({**PIPELINE_OPTIONS, **value} if isinstance(value, Mapping) else value)
+
+
 @attrs.frozen
 class ComponentSpec:
     name: str
@@ -92,7 +97,7 @@ class PipelineSpec:
     entropy: ComponentSpec = _component("entropy")
     filter: ComponentSpec = _component("filter")
     decoder: ComponentSpec = _component("decoder")
-    pipeline: Mapping[str, OptionValue] = attrs.field(factory=lambda: dict(PIPELINE_OPTIONS), converter=_options)
+    pipeline: Mapping[str, OptionValue] = attrs.field(factory=lambda: dict(PIPELINE_OPTIONS), converter=_pipeline_options)
 
     @pipeline.validator
     def _check_pipeline(self, _: attrs.Attribute, value: Mapping[str, OptionValue]) -> None:

@@ -20,6 +20,8 @@ COMPONENT_OPTIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("filter", "topk"): {"k": 5},
     ("filter", "random"): {"k": 5},
     ("filter", "raster"): {"k": 5},
+    ("decoder", "packed"): {"depth": 1, "heads": 2, "fill_width": 16, "fill_depth": 1, "window": 4, "layout": 2,
+                            "refine": 8},
 }
 
 

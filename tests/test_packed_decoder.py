@@ -1,0 +1,113 @@
+"""The packed decoder (heavy layers over kept tokens only) and the globals-residual entropy estimator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tatok_core import Tokenizer
+from tatok_core.interfaces import EntropyContext, Facts
+from tatok_plugins.entropy_residual import GlobalsResidualEntropy
+from tatok_plugins.packed_decoder import PackedDecoder, WindowLayout
+
+from .helpers import small_spec
+
+FACTS = Facts({"dim": 32, "patch_size": 4, "channels": 3, "num_global": 3})
+
+
+def decoder(**options: object) -> PackedDecoder:
+    torch.manual_seed(0)
+    return PackedDecoder(FACTS, **{"depth": 2, "heads": 2, "fill_width": 16, "window": 4, "layout": 2, **options}).eval()
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (3, 5), (8, 8), (9, 6)])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_window_layout_round_trips_every_position(grid: tuple[int, int], offset: int) -> None:
+    layout = WindowLayout(grid, 4, offset, torch.device("cpu"))
+    x = torch.randn(2, grid[0] * grid[1], 5)
+    assert layout.slot.unique().numel() == x.shape[1]  # no two positions share a slot
+    torch.testing.assert_close(layout.from_windows(layout.to_windows(x), 2), x, rtol=0, atol=0)
+
+
+def test_dropped_vectors_are_never_read() -> None:
+    dec = decoder()
+    g, p = torch.randn(1, 3, 32), torch.randn(1, 36, 32)
+    keep = torch.rand(1, 36) < 0.4
+    changed = torch.where(keep[..., None], p, torch.randn_like(p))
+    torch.testing.assert_close(dec(g, p, keep, (6, 6)), dec(g, changed, keep, (6, 6)))
+
+
+def test_images_of_a_batch_do_not_mix() -> None:
+    """Packing concatenates the kept tokens of every image: image b must decode as it would alone."""
+    dec = decoder()
+    g, p = torch.randn(3, 3, 32), torch.randn(3, 30, 32)
+    keep = torch.rand(3, 30) < torch.tensor([[0.0], [0.5], [1.0]])
+    together = dec(g, p, keep, (5, 6))
+    for b in range(3):
+        alone = dec(g[b : b + 1], p[b : b + 1], keep[b : b + 1], (5, 6))
+        torch.testing.assert_close(together[b : b + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_globals_only_decode_depends_on_the_globals() -> None:
+    dec = decoder()
+    p, nothing = torch.randn(1, 16, 32), torch.zeros(1, 16, dtype=torch.bool)
+    a = dec(torch.randn(1, 3, 32), p, nothing, (4, 4))
+    b = dec(torch.randn(1, 3, 32), p, nothing, (4, 4))
+    assert a.shape == (1, 3, 16, 16) and (a - b).abs().max() > 1e-4
+
+
+def test_decoding_costs_less_with_fewer_kept_tokens() -> None:
+    """Counted in FLOPs (deterministic), not timed: 25 % kept must cost well under the full grid."""
+    dec = decoder(width=64, depth=4, fill_width=16)
+    g, p = torch.randn(1, 3, 32), torch.randn(1, 256, 32)
+
+    def flops(fraction: float) -> int:
+        keep = torch.arange(256)[None] < int(256 * fraction)
+        with FlopCounterMode(display=False) as counter:
+            dec(g, p, keep, (16, 16))
+        return counter.get_total_flops()
+
+    everything, quarter, nothing = flops(1.0), flops(0.25), flops(0.0)
+    assert nothing < quarter < 0.6 * everything
+
+
+def test_residual_bits_measure_what_the_globals_miss() -> None:
+    estimator = GlobalsResidualEntropy(FACTS, distortion=1e-3)
+    images = torch.rand(1, 3, 8, 8)
+    base = images.clone()
+    base[..., :4, :4] += 0.1  # patch 0 is missed by 0.1 everywhere, the others are exact
+    rest = (torch.zeros(1, 3, 32), torch.zeros(1, 3), torch.zeros(1, 4, 32), torch.zeros(1, 4))
+    bits = estimator(EntropyContext(images, (2, 2), *rest, base)).bits  # (1, 4)
+    expected = 0.5 * 48 * torch.log2(torch.tensor(1 + 0.01 / 1e-3))
+    torch.testing.assert_close(bits[0, 0], expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(bits[0, 1:], torch.zeros(3))
+    with pytest.raises(ValueError, match="globals-only reconstruction"):
+        estimator(EntropyContext(images, (2, 2), *rest))
+
+
+def test_tokenizer_feeds_the_globals_only_decode_to_the_estimator() -> None:
+    spec = small_spec(entropy="residual", decoder="packed")
+    model = Tokenizer(spec).eval()
+    images = torch.rand(2, 3, 16, 16)
+    analysis = model.analyse(images)
+    nothing = torch.zeros(2, 16, dtype=torch.bool)
+    base = model.decoder(analysis.globals_.vectors, analysis.patches.vectors, nothing, analysis.grid)
+    torch.testing.assert_close(analysis.base_reconstruction, base)
+    residual = ((images - base) ** 2).reshape(2, 3, 4, 4, 4, 4).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1)
+    assert torch.equal(analysis.entropy.bits.argmax(1), residual.mean(-1).argmax(1))
+
+
+def test_topk_training_selection_spans_every_budget_and_ranks_by_bits() -> None:
+    spec = small_spec(entropy="residual", decoder="packed")
+    spec = type(spec).from_dict({**spec.to_dict(), "pipeline": {"train_keep": "topk", "train_random_rank": 0.0}})
+    model = Tokenizer(spec).train()
+    torch.manual_seed(0)
+    bits = torch.rand(400, 16)
+    selection = model.sample_topk(bits)
+    assert {0, 16} <= set(selection.lengths.tolist())
+    for b in range(400):
+        kept, dropped = bits[b][selection.keep[b]], bits[b][~selection.keep[b]]
+        assert kept.numel() == 0 or dropped.numel() == 0 or kept.min() >= dropped.max()
+    out = model(torch.rand(2, 3, 16, 16))
+    assert set(out.losses) >= {"mse", "globals"} and torch.isfinite(out.losses["globals"])
