@@ -177,9 +177,9 @@ def shared_threshold(bits: Sequence[Tensor], target_mean: float) -> tuple[float,
     The pooled kept count is a step function of θ that steps at the pooled bit values, so no bisection
     is needed: θ = the value whose strict count is closest to round(target · images) is exact.
     """
-    pooled = torch.cat([b.flatten().double() for b in bits])  # (ΣN,)
-    values = torch.unique(pooled)  # ascending
-    counts = (pooled[None, :] > values[:, None]).sum(1)  # (V,) kept with θ = each distinct value
+    pooled = torch.cat([b.flatten().double() for b in bits]).sort().values  # (ΣN,) ascending
+    values = torch.unique_consecutive(pooled)  # (V,) ascending
+    counts = pooled.numel() - torch.searchsorted(pooled, values, right=True)  # (V,) kept with θ = each value
     thresholds = torch.cat([values[:1] - 1.0, values])  # below the minimum: keep everything
     counts = torch.cat([counts.new_tensor([pooled.numel()]), counts])
     wanted = round(target_mean * len(bits))
@@ -355,10 +355,11 @@ def codec_at(curve: Sequence[dict[str, float]], bpp: float) -> dict[str, float |
     return {key: interp_y(*codec_envelope(curve, key), bpp) for key in ("psnr", "ssim")}
 
 
-def codec_bpp_for(curve: Sequence[dict[str, float]], target_psnr: float) -> float | None:
-    """The bpp the codec needs to reach ``target_psnr`` (None: not within its qualities; its lowest bpp
-    when even quality 1 reaches it)."""
-    return x_reaching(*codec_envelope(curve, "psnr"), target_psnr)
+def codec_bpp_for(curve: Sequence[dict[str, float]], target_psnr: float) -> tuple[float | None, bool]:
+    """The bpp the codec needs to reach ``target_psnr`` (None: not within its qualities), and whether
+    that is only an upper bound: even its lowest quality reaches the target, so its lowest bpp is given."""
+    xs, ys = codec_envelope(curve, "psnr")
+    return x_reaching(xs, ys, target_psnr), target_psnr <= ys[0]
 
 
 def closest_quality(curve: Sequence[dict[str, float]], bpp: float) -> dict[str, float]:
@@ -415,6 +416,8 @@ def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out["tokens"] = out["kept"] + rows[0]["num_global"]
     for key in ("jpeg_psnr", "jpeg_ssim", "webp_psnr", "webp_ssim", "jpeg_bpp_for_psnr", "webp_bpp_for_psnr"):
         out[key], out[f"{key}_n"] = mean_of([r[key] for r in rows])
+    for codec in CODECS:  # photos where the codec's lowest quality already beats the model: the mean is a bound
+        out[f"{codec}_bpp_for_psnr_bounds"] = sum(r[f"{codec}_bpp_for_psnr_is_bound"] for r in rows)
     return out
 
 
@@ -478,7 +481,8 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
                 for codec in CODECS:
                     at = codec_at(codecs[codec][i], score.bpp)
                     row[f"{codec}_psnr"], row[f"{codec}_ssim"] = at["psnr"], at["ssim"]
-                    row[f"{codec}_bpp_for_psnr"] = codec_bpp_for(codecs[codec][i], score.psnr)
+                    row[f"{codec}_bpp_for_psnr"], row[f"{codec}_bpp_for_psnr_is_bound"] = \
+                        codec_bpp_for(codecs[codec][i], score.psnr)
                 rows_by_point[key].append(row)
                 if i < grid_photos:
                     reconstructions[(i, key)] = reconstruction
@@ -619,7 +623,8 @@ def _f(value: Any, digits: int = 2) -> str:
 def _codec_cell(summary: dict[str, Any], key: str, photos: int, digits: int = 2) -> str:
     """The mean, with ``(n/N)`` when the codec's qualities cover only n of the photos at that rate."""
     value, n = summary[key], summary[f"{key}_n"]
-    return _f(value, digits) + ("" if n == photos else f" ({n}/{photos})")
+    bound = "≤" if value is not None and summary.get(f"{key}_bounds") else ""
+    return bound + _f(value, digits) + ("" if n == photos else f" ({n}/{photos})")
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -631,7 +636,9 @@ def markdown(record: dict[str, Any]) -> str:
              f"Matched fractions f are of the patch tokens, mean over the set: `own` = the model's filter with one τ "
              f"for the set, `theta` = one absolute threshold on the bits for the set, `topk`/`random`/`raster` = "
              f"k = round(f·N) per photo. JPEG/WebP (Pillow): PSNR interpolated at the model's bpp per photo, "
-             f"(n/N) where only n photos lie within the codec's range of qualities.", ""]
+             f"(n/N) where only n photos lie within the codec's range of qualities; \"JPEG bpp for PSNR\" is the rate "
+             f"JPEG needs for the model's PSNR, ≤ where even its lowest quality beats the model on some photo "
+             f"(its lowest rate is counted there).", ""]
     photos = len(record["photos"])
     for label, model in record["models"].items():
         lines += [f"### {label}", "",

@@ -80,8 +80,9 @@ def test_codec_interpolation_uses_the_best_quality_at_each_rate() -> None:
              {"bpp": 0.8, "psnr": 29.0, "ssim": 0.7}]  # the 0.8-bpp point is dominated
     assert codec_at(curve, 0.75)["psnr"] == pytest.approx(32.0)
     assert codec_at(curve, 0.2)["psnr"] is None and codec_at(curve, 2.0)["psnr"] is None
-    assert codec_bpp_for(curve, 32.0) == pytest.approx(0.75)
-    assert codec_bpp_for(curve, 40.0) is None
+    assert codec_bpp_for(curve, 32.0) == (pytest.approx(0.75), False)
+    assert codec_bpp_for(curve, 40.0) == (None, False)
+    assert codec_bpp_for(curve, 25.0) == (0.5, True)  # reached at the lowest quality: only a bound
 
 
 @pytest.fixture(scope="module")
