@@ -125,6 +125,9 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
     assert all(r["kept"] == 0 for r in globals_only)
     assert {p["a"] + "-" + p["b"] for p in model["paired"]} >= {"theta-topk", "own-random"}
     assert "holes" in model and "holes" not in record["models"]["fixed"]
+    names = [t["name"] for t in model["targets"]]
+    assert "own@0.25 − topk" in names and any(name.startswith("own − fixed") for name in names)
+    assert {t["status"] for t in model["targets"]} <= {"PASS", "FAIL", "SKIP"}
     assert set(record["models"]["fixed"]["points"]) == {"default", "all", "globals"}
     assert [p["fraction"] for p in model["decode_time"]["points"]] == [1.0, 0.5, 0.25, 0.0]
     assert len(record["codecs"]["jpeg"]["per_photo"]) == 2
