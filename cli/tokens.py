@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -21,6 +22,7 @@ from tatok_core.data import ImageSource, fixed_crops
 from tatok_core.errors import ImageReadError, TatokError
 from tatok_core.imageio import read_image
 from tatok_core.rate import (
+    BUDGET_MODES,
     cannot_tokenize,
     check_rate,
     check_tau,
@@ -56,6 +58,11 @@ def _print_skipped(failed: list[tuple[Path, str]]) -> None:
         err_console.print(f"[yellow]skipped[/] {reason}", highlight=False, soft_wrap=True)
 
 
+def _short(threshold: float) -> str:
+    """The shortest text that gives back the same float32 (the precision every filter applies)."""
+    return np.format_float_positional(np.float32(threshold), trim="-")
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise TatokError(f"--batch-size must be >= 1, got {batch_size}")
@@ -76,34 +83,41 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="new token directory (shards), or a single FILE.safetensors")
-@click.option("--tau", type=float, help="DTF threshold in [0, 1] (default: the model's)")
-@click.option("--budget", type=float, help="mean patch tokens per image; τ is calibrated on the inputs")
+@click.option("--tau", type=float, help="per-image DTF threshold in [0, 1] (default: the model's)")
+@click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")
+@click.option("--epsilon", type=float, help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")
+@click.option("--budget", type=float, help="mean patch tokens per image; ONE threshold is calibrated on the inputs")
+@click.option("--budget-mode", type=click.Choice(BUDGET_MODES), default="theta", show_default=True,
+              help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")
 @click.option("--filter", "filter_name", metavar="NAME", help="token filter for this run (see `tatok plugins`)")
-@click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE", help="filter option, e.g. filter.k=32")
+@click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE",
+              help="filter option, e.g. filter.k=32; filter.min_keep / filter.max_keep are the per-image floor / cap")
 @batch_size_option
 @click.pass_context
 def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output: Path, tau: float | None,
-           budget: float | None, filter_name: str | None, assignments: tuple[str, ...], batch_size: int) -> None:
+           theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
+           filter_name: str | None, assignments: tuple[str, ...], batch_size: int) -> None:
     """Tokenize image files, folders or globs into a token file.
 
     Unreadable files are reported and skipped, the rest written, and the exit status is 1. Under
     `torchrun --nproc_per_node=N` each rank encodes every N-th file into its own shard; a --budget
     is then calibrated over all ranks' images together.
     """
-    check_rate(tau, budget)
+    rate = dict(tau=tau, theta=theta, epsilon=epsilon, budget=budget, budget_mode=budget_mode)
+    check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     _check_batch_size(batch_size)
     options = _filter_options(assignments)
     world = World.from_environment()
     model = _load(model_name, world.device)
     model.token_filter(filter_name, **options)  # unknown filter or option: fail before reading any image
     sources = source_names(inputs)[world.rank :: world.size]
-    meta = token_meta(model, tau=tau, budget=budget, filter=filter_name, filter_options=options)
+    meta = token_meta(model, filter=filter_name, filter_options=options, **rate)
     with TokenWriter(output, spec_digest=model.spec.digest(), tokenizer=model.name or model_name, meta=meta,
                      rank=world.rank if world.size > 1 else None) as writer:
         if world.size > 1:
             dist.barrier()  # every rank has checked the target before any rank's shard lands there
         report = encode_files(
-            model, [path for path, _ in sources], writer, tau=tau, budget=budget, batch_size=batch_size,
+            model, [path for path, _ in sources], writer, **rate, batch_size=batch_size,
             filter=filter_name, filter_options=options, names=[name for _, name in sources],
             distributed=world.size > 1, progress=world.is_main,
         )
@@ -114,12 +128,13 @@ def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output:
             raise TatokError(f"none of the {len(report.failed)} images could be encoded; nothing written")
     if report.calibration is not None and world.is_main:
         c = report.calibration
-        console.print(f"calibrated tau {c.tau!r}: {c.mean_tokens:.2f} patch tokens per image on average "
+        console.print(f"calibrated {c.mode} {_short(c.threshold)}: {c.mean_tokens:.2f} patch tokens per image on average "
                       f"(budget {c.budget:g}, {c.iterations} bisection steps)", highlight=False, soft_wrap=True)
-    rate = f"tau {report.tau!r}" if report.tau is not None else f"filter {meta['filter']['name']}"
+    applied = (f"{report.mode} {_short(report.threshold)}" if report.threshold is not None
+               else f"filter {meta['filter']['name']}")
     where = f"rank {world.rank}: " if world.size > 1 else ""
     console.print(f"{where}encoded {report.encoded} images into {output} ({report.mean_tokens:.1f} patch + "
-                  f"{model.num_global} global tokens per image, {rate})", highlight=False, soft_wrap=True)
+                  f"{model.num_global} global tokens per image, {applied})", highlight=False, soft_wrap=True)
     _print_skipped(report.failed)
     if report.failed:
         err_console.print(f"[bold red]{len(report.failed)} file(s) could not be encoded[/]", highlight=False)

@@ -83,8 +83,8 @@ def test_calibration_analyses_each_batch_once(pixel_model: Tokenizer, heldout_cr
 
 
 @pytest.mark.parametrize(("budget", "message"), [
-    (-1, "budget must be a number of patch tokens per image >= 0"),
-    (float("nan"), "budget must be a number of patch tokens per image >= 0"),
+    (-1, "budget must be a number of patch tokens per image > 0"),
+    (float("nan"), "budget must be a number of patch tokens per image > 0"),
     (10_000, "outside what these images can reach"),
 ])
 def test_unreachable_or_invalid_budgets_raise(pixel_model: Tokenizer, heldout_crops: torch.Tensor, budget: float,
