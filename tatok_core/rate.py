@@ -37,8 +37,9 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
+from tatok_core.allocation import oracle_allocation
 from tatok_core.bitrate import token_bits
-from tatok_core.dtf import MODES
+from tatok_core.dtf import descending_order, keep_first
 from tatok_core.errors import ImageReadError, SpecError, TatokError
 from tatok_core.imageio import list_images, read_image, write_image
 from tatok_core.interfaces import Grid, TokenFilter
@@ -596,30 +597,72 @@ def decode_tokens(
 # -- rate-distortion evaluation --------------------------------------------------------------------
 @attrs.frozen
 class RDPoint:
-    """One operating point: ``filter`` at ``setting`` (``tau=0.9``, ``k=37`` or ``all``), means per image."""
+    """One operating point, means per image, and the per-image values behind them.
+
+    ``filter`` names the method by role: ``model`` (the spec's filter at a per-image τ), ``shared-theta`` /
+    ``shared-epsilon`` (one absolute threshold for the whole set), ``oracle`` (per-image allocation upper
+    bound), or a baseline's registered name (``topk``, ``random``, ``raster``, ``all``, or any filter
+    asked for by name). ``setting`` is what it ran at (``tau=0.9``, ``theta=3.2``, ``k=37``, ``all``) and
+    ``matched`` the τ whose mean count it matches (``None`` for ``all``). Bits per pixel are counted by
+    :func:`tatok_core.bitrate.token_bits`: codes, globals and the side information of which tokens were
+    kept; ``bpp`` is their sum. ``per_image`` holds ``tokens``, ``fraction`` (k/N), ``psnr``, ``ssim``, ``bpp``.
+    """
 
     filter: str
     setting: str
     mean_tokens: float
     psnr: float
     ssim: float
+    bpp: float = math.nan
+    bpp_codes: float = math.nan
+    bpp_globals: float = math.nan
+    bpp_side: float = math.nan
+    matched: str | None = None
+    per_image: dict[str, list[float]] = attrs.field(factory=dict)
+
+
+#: What ``tatok eval`` compares by default: roles first, then the fixed-count baselines and keeping all.
+DEFAULT_METHODS = ("model", "theta", "epsilon", "topk", "random", "raster", "all")
+
+
+def _threshold_filter(model: Tokenizer, mode: str) -> TokenFilter:
+    """The shared-threshold filter: the model's own filter under rule ``mode`` when it is DTF-family, else
+    the built-in ``dtf`` filter (the reference implementation of the absolute rules)."""
+    try:
+        return rule_filter(model, mode)
+    except TatokError:
+        return model.token_filter("dtf", mode=mode)
+
+
+def _has_count_option(model: Tokenizer, name: str) -> bool:
+    try:
+        model.token_filter(name, k=1)
+    except SpecError:
+        return False
+    return True
 
 
 def evaluate_rate_distortion(
     model: Tokenizer,
     images: Tensor | Sequence[Tensor],
     taus: Sequence[float] = (0.5, 0.7, 0.9, 1.0),
-    filters: Sequence[str] = ("dtf", "topk", "random", "raster", "all"),
+    filters: Sequence[str] = DEFAULT_METHODS,
     *,
+    oracle: bool = False,
+    oracle_levels: int = 16,
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[RDPoint]:
-    """PSNR/SSIM against mean patch tokens: DTF at each τ, baselines at DTF's matched counts, ``all`` once.
+    """PSNR/SSIM against mean patch tokens and bits per pixel, every method at the model's matched counts.
 
-    ``images`` is a (B, C, H, W) batch or a list of (C, H, W) images of any sizes. Baseline filters
-    (any registered filter with a ``k`` option: ``topk``, ``random``, ``raster``) keep k = round(DTF's
-    mean tokens at each τ) for every image, the fixed-rate comparison the paper makes. Points come in
-    the order of ``filters``, each filter's by τ. Encodes each image once.
+    The model's own filter (the spec's, ``model``) runs at each τ; its mean count K_τ over the set is the
+    operating point every other method is matched to: ``theta``/``epsilon`` calibrate ONE shared threshold
+    to K_τ (:func:`calibrate_bits`, so images holding more information get more tokens); a filter with a
+    ``k`` option (``topk``, ``random``, ``raster``) keeps k = round(K_τ) in every image; ``all`` keeps
+    everything once; any other registered filter runs at each τ. With ``oracle`` every image is also
+    decoded at ``oracle_levels`` + 1 top-k counts (0 … N) and :func:`~tatok_core.allocation.oracle_allocation`
+    picks per-image counts with mean ≤ K_τ: an upper bound on allocation with the model's ranking.
+    ``images`` is a (B, C, H, W) batch or a list of (C, H, W) images of any sizes; each is encoded once.
     """
     taus = [check_tau(t) for t in taus]
     if not filters or not taus:
@@ -629,32 +672,91 @@ def evaluate_rate_distortion(
         if problem:
             raise TatokError(f"cannot evaluate image {i}: {problem}")
     with _inference(model) as device:
-        batches = [(batch, _Analysed.of(model.analyse(batch.to(device))))
-                   for _, batch in _group_by_size(enumerate(images), batch_size)]
-        count = sum(batch.shape[0] for batch, _ in batches)
-        dtf = model.token_filter("dtf")
-        matched = [round(sum(int(dtf.select(a.bits, t).lengths.sum()) for _, a in batches) / count) for t in taus]
-        settings: list[tuple[str, str, TokenFilter, float | None]] = []
+        batches = [(indices, batch, _Analysed.of(model.analyse(batch.to(device))))
+                   for indices, batch in _group_by_size(enumerate(images), batch_size)]
+        count = sum(len(indices) for indices, _, _ in batches)
+        bits = [a.bits for _, _, a in batches]
+        own = model.token_filter()
+        matched = [sum(int(own.select(b, t).lengths.sum()) for b in bits) / count for t in taus]
+        settings: list[tuple[str, str, str | None, TokenFilter, float | None]] = []
         for name in filters:
-            if name == "dtf":
-                settings += [("dtf", f"tau={t:g}", dtf, t) for t in taus]
+            if name == "model":
+                settings += [("model", f"tau={t:g}", f"tau={t:g}", own, t) for t in taus]
+            elif name in ("theta", "epsilon"):
+                shared = _threshold_filter(model, name)
+                for t, target in zip(taus, matched):
+                    with contextlib.suppress(TatokError):  # a count the rule cannot reach is left out
+                        value = calibrate_bits(shared, bits, max(target, 1e-9)).threshold
+                        settings.append((f"shared-{name}", f"{name}={value:.6g}", f"tau={t:g}", shared, value))
             elif name == "all":
-                settings.append(("all", "all", model.token_filter("all"), None))
+                settings.append(("all", "all", None, model.token_filter("all"), None))
+            elif _has_count_option(model, name):
+                for t, target in zip(taus, matched):
+                    k = round(target)
+                    settings.append((name, f"k={k}", f"tau={t:g}", model.token_filter(name, k=k), None))
             else:
-                settings += [(name, f"k={k}", model.token_filter(name, k=k), None) for k in dict.fromkeys(matched)]
-        results: list[list[list[Tensor]]] = [[[], [], []] for _ in settings]
+                settings += [(name, f"tau={t:g}", f"tau={t:g}", model.token_filter(name), t) for t in taus]
+        per_image = [{key: [0.0] * count for key in ("tokens", "fraction", "psnr", "ssim", "bpp", "codes",
+                                                      "globals", "side")} for _ in settings]
+        levels = range(oracle_levels + 1) if oracle else range(0)
+        oracle_runs = {key: [[0.0] * len(levels) for _ in range(count)]
+                       for key in ("k", "psnr", "ssim", "bpp", "codes", "globals", "side")}
+
+        def record(into: dict[str, list], indices: list[int], slot: int | None, batch: Tensor, analysed: _Analysed,
+                   selection: Selection, positions_from_count: bool) -> None:
+            selected = analysed.tokens(selection)
+            reconstruction = model.decode(selected.to(device)).cpu()
+            n = analysed.bits.shape[1]
+            cost = token_bits(selection.lengths, n, model.num_global, model.quantizer.codebook_size,
+                              analysed.image_size, positions_from_count=positions_from_count)
+            values = {"tokens": selection.lengths.double(), "fraction": selection.lengths.double() / max(n, 1),
+                      "k": selection.lengths.double(), "psnr": psnr(reconstruction, batch).double(),
+                      "ssim": ssim(reconstruction, batch), "bpp": cost.bpp(), "codes": cost.bpp("codes"),
+                      "globals": cost.bpp("globals"), "side": cost.bpp("side")}
+            for key, column in into.items():
+                for i, v in zip(indices, values[key].tolist()):
+                    if slot is None:
+                        column[i] = v
+                    else:
+                        column[i][slot] = v
+
         with _progress(progress) as bar:
-            task = bar.add_task("evaluate", total=len(settings) * len(batches))
-            for batch, analysed in batches:
-                for (_, _, token_filter, tau), (tokens, psnrs, ssims) in zip(settings, results):
-                    selected = analysed.tokens(token_filter.select(analysed.bits, tau))
-                    reconstruction = model.decode(selected.to(device)).cpu()
-                    tokens.append(selected.lengths.double())
-                    psnrs.append(psnr(reconstruction, batch).double())
-                    ssims.append(ssim(reconstruction, batch))
+            task = bar.add_task("evaluate", total=(len(settings) + len(levels)) * len(batches))
+            for indices, batch, analysed in batches:
+                for (_, _, _, token_filter, threshold), into in zip(settings, per_image):
+                    record(into, indices, None, batch, analysed, token_filter.select(analysed.bits, threshold),
+                           getattr(token_filter, "positions_from_count", False))
                     bar.advance(task)
-    return [RDPoint(name, setting, *(float(torch.cat(values).mean()) for values in result))
-            for (name, setting, _, _), result in zip(settings, results)]
+                order = descending_order(analysed.bits)  # the model's ranking (top-k by bits)
+                for slot in levels:
+                    k = torch.full((len(indices),), round(analysed.bits.shape[1] * slot / oracle_levels))
+                    record(oracle_runs, indices, slot, batch, analysed, Selection.from_mask(keep_first(order, k)), False)
+                    bar.advance(task)
+    points = [_point(label, setting, target, values) for (label, setting, target, _, _), values in zip(settings, per_image)]
+    if oracle:
+        for t, target in zip(taus, matched):
+            choice = oracle_allocation(oracle_runs["k"], oracle_runs["psnr"], target)
+            values = {key: [runs[j] for runs, j in zip(column, choice)] for key, column in oracle_runs.items()}
+            values["tokens"] = values.pop("k")
+            values["fraction"] = [k / max(a.bits.shape[1], 1) for k, a in zip(values["tokens"], _per_image(batches, count))]
+            points.append(_point("oracle", f"{oracle_levels + 1} counts per image", f"tau={t:g}", values))
+    return points
+
+
+def _per_image(batches: Sequence[tuple[list[int], Tensor, _Analysed]], count: int) -> list[_Analysed]:
+    """The analysed batch of each image, in input order."""
+    out: list[Any] = [None] * count
+    for indices, _, analysed in batches:
+        for i in indices:
+            out[i] = analysed
+    return out
+
+
+def _point(label: str, setting: str, target: str | None, values: Mapping[str, list[float]]) -> RDPoint:
+    mean = {key: float(np.mean(v)) if v else math.nan for key, v in values.items()}
+    return RDPoint(label, setting, mean["tokens"], mean["psnr"], mean["ssim"], mean["bpp"],
+                   mean.get("codes", math.nan), mean.get("globals", math.nan), mean.get("side", math.nan),
+                   target, {key: values[key] for key in ("tokens", "fraction", "psnr", "ssim", "bpp") if key in values})
 
 
 def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
@@ -671,20 +773,24 @@ def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def plot_rate_distortion(points: Sequence[RDPoint], path: str | os.PathLike[str]) -> Path:
-    """PNG of PSNR against mean patch tokens, one curve per filter (``all`` is a single point)."""
+    """PNG of PSNR and SSIM against mean patch tokens and against bits per pixel, one curve per method."""
     from matplotlib.figure import Figure  # imported here: matplotlib costs ~0.5 s that encode need not pay
 
-    figure = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    for name in dict.fromkeys(p.filter for p in points):
-        curve = sorted((p for p in points if p.filter == name), key=lambda p: p.mean_tokens)
-        axes.plot([p.mean_tokens for p in curve], [p.psnr for p in curve], marker="o", label=name,
-                  linestyle="-" if len(curve) > 1 else "none")
-    axes.set_xlabel("patch tokens per image (mean)")
-    axes.set_ylabel("PSNR (dB)")
-    axes.set_title("rate-distortion")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    figure = Figure(figsize=(11, 8), dpi=100, layout="constrained")
+    grid = figure.subplots(2, 2)
+    for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+        for col, (rate, rate_label) in enumerate((("mean_tokens", "patch tokens per image (mean)"),
+                                                  ("bpp", "bits per pixel (codes + globals + positions)"))):
+            axes = grid[row][col]
+            for name in dict.fromkeys(p.filter for p in points):
+                curve = sorted((p for p in points if p.filter == name), key=lambda p: getattr(p, rate))
+                axes.plot([getattr(p, rate) for p in curve], [getattr(p, metric) for p in curve], marker="o",
+                          label=name, linestyle="-" if len(curve) > 1 else "none")
+            axes.set_xlabel(rate_label)
+            axes.set_ylabel(label)
+            axes.grid(alpha=0.3)
+    grid[0][0].legend()
+    figure.suptitle("rate-distortion")
     return _save_figure(figure, path)
 
 
