@@ -78,3 +78,22 @@ def oracle_allocation(counts: Sequence[Sequence[int]], psnrs: Sequence[Sequence[
         if math.isclose(lo, hi):
             break
     return best
+
+
+def allocation_report(points: Sequence, images: Sequence[Tensor], reference: str = "topk") -> dict[str, list]:
+    """Kept fraction vs complexity (Spearman) for every method, and each method's per-image PSNR minus the
+    ``reference`` method's at the same matched count (``points``: :class:`tatok_core.rate.RDPoint`)."""
+    measures = [image_complexity(image) for image in images]
+    correlation = [
+        {"filter": p.filter, "setting": p.setting, "matched": p.matched,
+         **{key: spearman(p.per_image["fraction"], [m[key] for m in measures]) for key in ("jpeg_bpp", "mean_gradient")}}
+        for p in points if p.filter != "all"
+    ]
+    baseline = {p.matched: p for p in points if p.filter == reference}
+    differences = [
+        {"filter": p.filter, "setting": p.setting, "matched": p.matched, "vs": f"{reference} {baseline[p.matched].setting}",
+         "tokens": p.mean_tokens - baseline[p.matched].mean_tokens,
+         **{f"psnr_{key}": value for key, value in paired(p.per_image["psnr"], baseline[p.matched].per_image["psnr"]).items()}}
+        for p in points if p.filter != reference and p.matched in baseline
+    ]
+    return {"complexity": measures, "spearman": correlation, "paired": differences}
