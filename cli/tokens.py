@@ -229,9 +229,9 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
         quality.add_column(column, justify="left" if column in ("method", "setting", "at") else "right")
     for column in ("method", "setting", "codes", "globals", "positions", "total"):
         rate.add_column(column, justify="left" if column in ("method", "setting") else "right")
-    rho = {(r["filter"], r["setting"]): r for r in report["spearman"]}
+    rho = {(r["filter"], r["setting"], r["matched"]): r for r in report["spearman"]}
     for p in points:
-        r = rho.get((p.filter, p.setting), {})
+        r = rho.get((p.filter, p.setting, p.matched), {})
         quality.add_row(p.filter, p.setting, (p.matched or "").removeprefix("tau="), f"{p.mean_tokens:.1f}",
                         f"{p.bpp:.3f}", f"{p.psnr:.2f}", f"{p.ssim:.3f}",
                         *(f"{r[key]:+.2f}" if r.get(key) is not None else "–" for key in ("jpeg_bpp", "mean_gradient")))
