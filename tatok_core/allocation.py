@@ -80,14 +80,21 @@ def oracle_allocation(counts: Sequence[Sequence[int]], psnrs: Sequence[Sequence[
     return best
 
 
+def allocates(tokens: Sequence[float]) -> bool:
+    """Whether a method's per-image counts differ at all: a fixed count (topk, raster, all) allocates
+    nothing, and its kept *fraction* varies only with the image size, which says nothing about content."""
+    return len(set(tokens)) > 1
+
+
 def allocation_report(points: Sequence, images: Sequence[Tensor], reference: str = "topk") -> dict[str, list]:
-    """Kept fraction vs complexity (Spearman) for every method, and each method's per-image PSNR minus the
-    ``reference`` method's at the same matched count (``points``: :class:`tatok_core.rate.RDPoint`)."""
+    """Kept fraction k/N vs complexity (Spearman) for every method that allocates (:func:`allocates`), and
+    each method's per-image PSNR minus the ``reference`` method's at the same matched count (``points``:
+    :class:`tatok_core.rate.RDPoint`). The fraction, not the count, so that photos of different sizes compare."""
     measures = [image_complexity(image) for image in images]
     correlation = [
         {"filter": p.filter, "setting": p.setting, "matched": p.matched,
          **{key: spearman(p.per_image["fraction"], [m[key] for m in measures]) for key in ("jpeg_bpp", "mean_gradient")}}
-        for p in points if p.filter != "all"
+        for p in points if allocates(p.per_image["tokens"])
     ]
     baseline = {p.matched: p for p in points if p.filter == reference}
     differences = [

@@ -67,3 +67,19 @@ def test_spearman_and_paired() -> None:
     assert spearman([1, 2], [3, 4]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
     assert paired([2.0, 1.0, 3.0], [1.0, 1.0, 4.0]) == {"mean": 0.0, "median": 0.0, "wins": 1, "losses": 1,
                                                       "ties": 1, "images": 3}
+
+
+def test_only_methods_that_allocate_are_correlated_with_content() -> None:
+    from tatok_core.allocation import allocates, allocation_report
+    from tatok_core.rate import RDPoint
+
+    noise = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(1))
+    images = [torch.full((3, 16, 16), 0.5), 0.5 + 0.2 * noise[:, :16], noise]  # flat, faint, busy
+    def point(name: str, tokens: list[float], n: list[int]) -> RDPoint:
+        return RDPoint(name, "s", 0, 0, 0, matched="tau=0.5", per_image={
+            "tokens": tokens, "fraction": [t / m for t, m in zip(tokens, n)], "psnr": [20.0, 21.0, 22.0]})
+    n = [16, 24, 36]
+    report = allocation_report([point("topk", [8, 8, 8], n), point("shared-theta", [2, 10, 20], n)], images)
+    assert [r["filter"] for r in report["spearman"]] == ["shared-theta"] and not allocates([8, 8, 8])
+    assert report["spearman"][0]["mean_gradient"] == pytest.approx(1.0)  # more detail, larger share kept
+    assert report["paired"][0]["psnr_wins"] == 0 and report["paired"][0]["psnr_ties"] == 3

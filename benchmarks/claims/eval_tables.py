@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.claims.report import md_table
+from tatok_core.allocation import allocates
 
 
 def _where(record: dict[str, Any]) -> str:
@@ -36,7 +37,7 @@ def tables(record: dict[str, Any]) -> str:
     rho = {(r["filter"], r["setting"], r["matched"]): r for r in record["allocation"]["spearman"]}
     rows = []
     for p in points:
-        r = rho.get((p["filter"], p["setting"], p["matched"]), {})
+        r = rho.get((p["filter"], p["setting"], p["matched"]), {}) if allocates(p["per_image"]["tokens"]) else {}
         kept = p["per_image"]["tokens"]
         rows.append([p["filter"], p["setting"], (p["matched"] or "").removeprefix("tau="), p["mean_tokens"],
                      f"{min(kept):.0f}–{max(kept):.0f}",
