@@ -3,6 +3,7 @@
     python benchmarks/bench_dtf.py                       # CUDA: B ∈ {64, 1024, 8192} × N ∈ {256, 1024, 4096}
     python benchmarks/bench_dtf.py --quick               # smaller grid (CPU default)
     python benchmarks/bench_dtf.py --json out/dtf.json   # also write the numbers
+    python benchmarks/bench_dtf.py --mode theta --tokens 16384 65536   # an absolute rule, beyond the old cap
 
 Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange`` (CUDA-synchronised). Both
 backends return the complete :class:`~tatok_core.selection.Selection`, so both include input validation
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 import torch.utils.benchmark as tbench
 
-from tatok_core.dtf import dtf_select
+from tatok_core.dtf import MODES, select_by_rule
 
 # Peak DRAM bandwidth in GB/s by (lower-case) substring of torch.cuda.get_device_name(); first match wins.
 PEAK_GBPS = [
@@ -96,6 +97,16 @@ def median_seconds(fn: Any, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
+def rule_threshold(args: argparse.Namespace, bits: torch.Tensor) -> float:
+    """The threshold of ``args.mode``: τ = ``--tau``; θ / ε = ``--threshold`` or, by default, the mean token
+    bits (θ) or a quarter of the mean image total (ε), so that each rule keeps a middling share."""
+    if args.mode == "tau":
+        return args.tau
+    if args.threshold is not None:
+        return args.threshold
+    return float(bits.mean()) if args.mode == "theta" else float(bits.sum(1).mean()) / 4
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     triton_fn = None
@@ -125,6 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "triton": _triton_version(),
         "python": platform.python_version(),
         "tau": args.tau,
+        "mode": args.mode,
         "peak_gbps": peak,
         "note": triton_note,
         "rows": [],
@@ -141,19 +153,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["rows"].append(row)
                 continue
             bits = make_bits(batch, tokens, device)
-            ref = dtf_select(bits, args.tau, args.min_keep)
+            value = rule_threshold(args, bits)
+            row["threshold"] = value
+            ref = select_by_rule(bits, args.mode, value, args.min_keep)
             kept = int(ref.cu_seqlens[-1])
             row["kept_fraction"] = kept / (batch * tokens)
             row["bytes"] = traffic_bytes(batch, tokens, kept)
-            row["ref_s"] = median_seconds(lambda: dtf_select(bits, args.tau, args.min_keep), args.min_run_time)
+            row["ref_s"] = median_seconds(lambda: select_by_rule(bits, args.mode, value, args.min_keep),
+                                          args.min_run_time)
             row["ref_gbps"] = row["bytes"] / row["ref_s"] / 1e9
             if triton_fn is not None:
-                got = triton_fn(bits, args.tau, args.min_keep)
+                got = triton_fn(bits, value, args.min_keep, mode=args.mode)
                 row["exact"] = bool(got.equal(ref))
-                row["triton_s"] = median_seconds(lambda: triton_fn(bits, args.tau, args.min_keep), args.min_run_time)
+                row["triton_s"] = median_seconds(lambda: triton_fn(bits, value, args.min_keep, mode=args.mode),
+                                                 args.min_run_time)
                 cap = batch * tokens
                 row["triton_cap_s"] = median_seconds(
-                    lambda: triton_fn(bits, args.tau, args.min_keep, max_total=cap), args.min_run_time
+                    lambda: triton_fn(bits, value, args.min_keep, mode=args.mode, max_total=cap), args.min_run_time
                 )
                 row["speedup"] = row["ref_s"] / row["triton_s"]
                 row["triton_gbps"] = row["bytes"] / row["triton_s"] / 1e9
@@ -206,7 +222,8 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     peak = result["peak_gbps"]
-    title = f"DTF select on {result['device']} (torch {result['torch']}, triton {result['triton']}, τ={result['tau']})"
+    title = f"DTF select on {result['device']} (torch {result['torch']}, triton {result['triton']}, "
+    title += f"τ={result['tau']})" if result["mode"] == "tau" else f"rule {result['mode']})"
     table = Table(show_edge=False, pad_edge=False)
     has_triton = any("triton_s" in r for r in result["rows"])
     cols = ["B", "N", "kept", "ref ms", "ref GB/s"]
@@ -248,8 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_dtf", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes B")
-    p.add_argument("--tokens", type=int, nargs="+", help="tokens per image N (≤ 8192)")
+    p.add_argument("--tokens", type=int, nargs="+", help="tokens per image N (any N)")
+    p.add_argument("--mode", choices=MODES, default="tau", help="the rule (default tau)")
     p.add_argument("--tau", type=float, default=0.7, help="DTF threshold τ (default 0.7)")
+    p.add_argument("--threshold", type=float, help="θ or ε in bits (default: derived from the bits)")
     p.add_argument("--min-keep", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"small grid: B {QUICK_BATCHES} × N {QUICK_TOKENS}")
     p.add_argument("--full", action="store_true", help="the full grid even on CPU (slow)")

@@ -34,13 +34,14 @@ EOF
 
 echo "== tests (CUDA params run here; budget ${TEST_BUDGET_S}s)"
 timeout -k 10 "$TEST_BUDGET_S" "$PYTHON" -m pytest -q -p no:cacheprovider --durations=5 \
-  tests/test_dtf_triton.py tests/test_dtf_properties.py 2>&1 | tee "$OUT_DIR/pytest.txt" | tail -n 25
+  tests/test_dtf_triton.py tests/test_dtf_properties.py tests/test_dtf_absolute.py 2>&1 | tee "$OUT_DIR/pytest.txt" | tail -n 25
 test_rc=${PIPESTATUS[0]}
 
 echo "== benchmark (budget ${BENCH_BUDGET_S}s)"
 timeout -k 10 "$BENCH_BUDGET_S" "$PYTHON" benchmarks/bench_dtf.py --json "$OUT_DIR/dtf_bench.json" 2>&1 \
   | tee "$OUT_DIR/bench.txt"
 bench_rc=${PIPESTATUS[0]}
+timeout -k 10 "${NOCAP_BUDGET_S:-60}" "$PYTHON" benchmarks/bench_dtf.py --mode theta --batch 8 --tokens 16384 65536 --json "$OUT_DIR/dtf_nocap.json" 2>&1 | tee "$OUT_DIR/nocap.txt" | tail -n 4  # beyond the old 8192 cap (exact= column); informational, not in the exit status
 timeout -k 10 "${GEN_BUDGET_S:-150}" "$PYTHON" benchmarks/bench_generation.py --quick --device cuda --no-progress --out-dir "$OUT_DIR" --json "$OUT_DIR/generation.json" 2>&1 | tee "$OUT_DIR/generation.txt" | tail -n 4  # adaptive vs raster priors; informational, not in the exit status
 
 echo "== report"

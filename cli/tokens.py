@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -20,7 +21,11 @@ from tatok_cli.main import console, err_console
 from tatok_core.data import ImageSource, fixed_crops
 from tatok_core.errors import ImageReadError, TatokError
 from tatok_core.imageio import read_image
+from tatok_core.allocation import allocation_report
+from tatok_core.imageio import fit_longest_side
 from tatok_core.rate import (
+    BUDGET_MODES,
+    DEFAULT_METHODS,
     cannot_tokenize,
     check_rate,
     check_tau,
@@ -56,6 +61,11 @@ def _print_skipped(failed: list[tuple[Path, str]]) -> None:
         err_console.print(f"[yellow]skipped[/] {reason}", highlight=False, soft_wrap=True)
 
 
+def _short(threshold: float) -> str:
+    """The shortest text that gives back the same float32 (the precision every filter applies)."""
+    return np.format_float_positional(np.float32(threshold), trim="-")
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise TatokError(f"--batch-size must be >= 1, got {batch_size}")
@@ -76,34 +86,41 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="new token directory (shards), or a single FILE.safetensors")
-@click.option("--tau", type=float, help="DTF threshold in [0, 1] (default: the model's)")
-@click.option("--budget", type=float, help="mean patch tokens per image; τ is calibrated on the inputs")
+@click.option("--tau", type=float, help="per-image DTF threshold in [0, 1] (default: the model's)")
+@click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")
+@click.option("--epsilon", type=float, help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")
+@click.option("--budget", type=float, help="mean patch tokens per image; ONE threshold is calibrated on the inputs")
+@click.option("--budget-mode", type=click.Choice(BUDGET_MODES), default="theta", show_default=True,
+              help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")
 @click.option("--filter", "filter_name", metavar="NAME", help="token filter for this run (see `tatok plugins`)")
-@click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE", help="filter option, e.g. filter.k=32")
+@click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE",
+              help="filter option, e.g. filter.k=32; filter.min_keep / filter.max_keep are the per-image floor / cap")
 @batch_size_option
 @click.pass_context
 def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output: Path, tau: float | None,
-           budget: float | None, filter_name: str | None, assignments: tuple[str, ...], batch_size: int) -> None:
+           theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
+           filter_name: str | None, assignments: tuple[str, ...], batch_size: int) -> None:
     """Tokenize image files, folders or globs into a token file.
 
     Unreadable files are reported and skipped, the rest written, and the exit status is 1. Under
     `torchrun --nproc_per_node=N` each rank encodes every N-th file into its own shard; a --budget
     is then calibrated over all ranks' images together.
     """
-    check_rate(tau, budget)
+    rate = dict(tau=tau, theta=theta, epsilon=epsilon, budget=budget, budget_mode=budget_mode)
+    check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     _check_batch_size(batch_size)
     options = _filter_options(assignments)
     world = World.from_environment()
     model = _load(model_name, world.device)
     model.token_filter(filter_name, **options)  # unknown filter or option: fail before reading any image
     sources = source_names(inputs)[world.rank :: world.size]
-    meta = token_meta(model, tau=tau, budget=budget, filter=filter_name, filter_options=options)
+    meta = token_meta(model, filter=filter_name, filter_options=options, **rate)
     with TokenWriter(output, spec_digest=model.spec.digest(), tokenizer=model.name or model_name, meta=meta,
                      rank=world.rank if world.size > 1 else None) as writer:
         if world.size > 1:
             dist.barrier()  # every rank has checked the target before any rank's shard lands there
         report = encode_files(
-            model, [path for path, _ in sources], writer, tau=tau, budget=budget, batch_size=batch_size,
+            model, [path for path, _ in sources], writer, **rate, batch_size=batch_size,
             filter=filter_name, filter_options=options, names=[name for _, name in sources],
             distributed=world.size > 1, progress=world.is_main,
         )
@@ -114,12 +131,13 @@ def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output:
             raise TatokError(f"none of the {len(report.failed)} images could be encoded; nothing written")
     if report.calibration is not None and world.is_main:
         c = report.calibration
-        console.print(f"calibrated tau {c.tau!r}: {c.mean_tokens:.2f} patch tokens per image on average "
+        console.print(f"calibrated {c.mode} {_short(c.threshold)}: {c.mean_tokens:.2f} patch tokens per image on average "
                       f"(budget {c.budget:g}, {c.iterations} bisection steps)", highlight=False, soft_wrap=True)
-    rate = f"tau {report.tau!r}" if report.tau is not None else f"filter {meta['filter']['name']}"
+    applied = (f"{report.mode} {_short(report.threshold)}" if report.threshold is not None
+               else f"filter {meta['filter']['name']}")
     where = f"rank {world.rank}: " if world.size > 1 else ""
     console.print(f"{where}encoded {report.encoded} images into {output} ({report.mean_tokens:.1f} patch + "
-                  f"{model.num_global} global tokens per image, {rate})", highlight=False, soft_wrap=True)
+                  f"{model.num_global} global tokens per image, {applied})", highlight=False, soft_wrap=True)
     _print_skipped(report.failed)
     if report.failed:
         err_console.print(f"[bold red]{len(report.failed)} file(s) could not be encoded[/]", highlight=False)
@@ -151,24 +169,35 @@ def _floats(option: str, text: str) -> list[float]:
 @model_option
 @click.option("--data", default="builtin:photos:heldout", show_default=True,
               help="builtin:photos[:heldout|:all], or a folder/glob of images")
-@click.option("--taus", default="0.5,0.7,0.9,1.0", show_default=True, help="DTF thresholds, comma-separated")
-@click.option("--filters", default="dtf,topk,random,raster,all", show_default=True,
-              help="filters to compare; baselines keep DTF's mean count at each τ")
+@click.option("--taus", default="0.5,0.7,0.9,1.0", show_default=True,
+              help="per-image τ of the model's own filter; every other method is matched to its mean counts")
+@click.option("--filters", default=",".join(DEFAULT_METHODS), show_default=True,
+              help="methods: model (the spec's filter at τ), theta / epsilon (one shared threshold), "
+                   "topk / random / raster (k = the model's mean count), all, or any filter by name")
+@click.option("--oracle", is_flag=True, help="add the per-image oracle allocation (an upper bound; many decodes)")
 @click.option("--crop", type=int, help="evaluate fixed crops of this side  [default: 64]")
 @click.option("--count", type=int, help="number of fixed crops  [default: 32]")
 @click.option("--whole", is_flag=True, help="evaluate whole images instead of crops")
+@click.option("--longest-side", type=int, help="with --whole: downscale each image so its longest side is this")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="folder for rate_distortion.json and rate_distortion.png")
 @click.option("--batch-size", default=32, show_default=True, help="images per forward pass")
-def eval_(model_name: str, data: str, taus: str, filters: str, crop: int | None, count: int | None, whole: bool,
-          output: Path | None, batch_size: int) -> None:
-    """Rate-distortion: PSNR and SSIM against tokens kept, DTF versus fixed-count baselines."""
+def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, crop: int | None, count: int | None,
+          whole: bool, longest_side: int | None, output: Path | None, batch_size: int) -> None:
+    """Rate-distortion: PSNR and SSIM against tokens kept and bits per pixel, at matched mean counts.
+
+    Bits per pixel count the codes, the global tokens and which tokens were kept (log2(N+1) + log2 C(N, k)
+    per image). Also reported: how the kept fraction follows image complexity (Spearman with JPEG size and
+    mean gradient) and each method's per-image PSNR against topk at the same count, with win counts.
+    """
     tau_values = [check_tau(t) for t in _floats("--taus", taus)]
     names = [name.strip() for name in filters.split(",") if name.strip()]
     if not tau_values or not names:
         raise TatokError("--taus and --filters must each name at least one value")
     if whole and (crop is not None or count is not None):
         raise TatokError("--whole evaluates whole images: drop --crop/--count")
+    if longest_side is not None and (not whole or longest_side < 1):
+        raise TatokError(f"--longest-side takes a side >= 1 and needs --whole (got {longest_side})")
     crop, count = 64 if crop is None else crop, 32 if count is None else count
     _check_batch_size(batch_size)
     model = _load(model_name)
@@ -179,28 +208,53 @@ def eval_(model_name: str, data: str, taus: str, filters: str, crop: int | None,
         raise ImageReadError(f"{exc}: {skipped[0][1]}" if skipped else str(exc)) from exc
     _print_skipped(skipped)
     if whole:
-        for name, image in zip(source.names, source.images):
+        images: list[Tensor] = [im if longest_side is None else fit_longest_side(im, longest_side) for im in source.images]
+        for name, image in zip(source.names, images):
             reason = cannot_tokenize(model, image)
             if reason:
                 raise TatokError(f"cannot evaluate {name}: {reason}")
-        images: Tensor | list[Tensor] = source.images
-        setting: dict[str, Any] = {"whole": True}
+        setting: dict[str, Any] = {"whole": True, "longest_side": longest_side}
     else:
         if crop < model.patch_size or count < 1:
             raise TatokError(f"--crop must be >= the patch size {model.patch_size} and --count >= 1 "
                              f"(got {crop}, {count})")
-        images = fixed_crops(source.images, crop, count)
+        images = list(fixed_crops(source.images, crop, count))
         setting = {"crop": crop, "count": count}
-    points = evaluate_rate_distortion(model, images, tau_values, names, batch_size=batch_size, progress=True)
-    table = Table(title=f"rate-distortion on {data} ({len(images)} images)")
-    for column in ("filter", "setting", "tokens", "PSNR (dB)", "SSIM"):
-        table.add_column(column, justify="left" if column in ("filter", "setting") else "right")
+    points = evaluate_rate_distortion(model, images, tau_values, names, oracle=oracle, batch_size=batch_size,
+                                      progress=True)
+    report = allocation_report(points, images)
+    title = f"rate-distortion on {data} ({len(images)} images, model filter {model.spec.filter.name!r})"
+    quality, rate = Table(title=title), Table(title="bits per pixel, by what they say")
+    for column in ("method", "setting", "at", "tokens", "bpp", "PSNR", "SSIM", "ρ jpeg", "ρ grad"):
+        quality.add_column(column, justify="left" if column in ("method", "setting", "at") else "right")
+    for column in ("method", "setting", "codes", "globals", "positions", "total"):
+        rate.add_column(column, justify="left" if column in ("method", "setting") else "right")
+    rho = {(r["filter"], r["setting"], r["matched"]): r for r in report["spearman"]}
     for p in points:
-        table.add_row(p.filter, p.setting, f"{p.mean_tokens:.1f}", f"{p.psnr:.2f}", f"{p.ssim:.4f}")
-    console.print(table)
+        r = rho.get((p.filter, p.setting, p.matched), {})
+        quality.add_row(p.filter, p.setting, (p.matched or "").removeprefix("tau="), f"{p.mean_tokens:.1f}",
+                        f"{p.bpp:.3f}", f"{p.psnr:.2f}", f"{p.ssim:.3f}",
+                        *(f"{r[key]:+.2f}" if r.get(key) is not None else "–" for key in ("jpeg_bpp", "mean_gradient")))
+        rate.add_row(p.filter, p.setting, f"{p.bpp_codes:.4f}", f"{p.bpp_globals:.4f}", f"{p.bpp_side:.4f}",
+                     f"{p.bpp:.4f}")
+    console.print(quality)
+    console.print(rate)
+    if report["paired"]:
+        versus = Table(title="per-image PSNR minus topk at the same matched count (dB)")
+        for column in ("method", "setting", "at", "Δ tokens", "mean", "median", "wins", "losses"):
+            versus.add_column(column, justify="left" if column in ("method", "setting", "at") else "right")
+        for d in report["paired"]:
+            versus.add_row(d["filter"], d["setting"], d["matched"].removeprefix("tau="), f"{d['tokens']:+.1f}",
+                           f"{d['psnr_mean']:+.2f}",
+                           f"{d['psnr_median']:+.2f}", str(d["psnr_wins"]), str(d["psnr_losses"]))
+        console.print(versus)
     if output is not None:
-        info = {"model": model.name, "spec_digest": model.spec.digest(), "data": data, "images": len(images),
-                **setting, "taus": tau_values, "filters": names}
+        info = {"model": model.name, "spec_digest": model.spec.digest(), "model_filter": model.spec.filter.name,
+                "data": data, "images": len(images), "names": list(source.names) if whole else None, **setting,
+                "taus": tau_values, "filters": names, "oracle": oracle,
+                "bpp_counts": "codes: log2(codebook) per kept code; globals: num_global·log2(codebook); "
+                              "positions: log2(N+1) + log2 C(N, k) per image (log2(N+1) when positions follow from k)",
+                "allocation": report}
         for path in save_rate_distortion(points, output, info):
             console.print(f"wrote {path}", highlight=False, soft_wrap=True)
 

@@ -1,4 +1,5 @@
-"""Dynamic Token Filtering as a Triton kernel — bit-for-bit the reference :func:`tatok_core.dtf.dtf_select`.
+"""Dynamic Token Filtering as a Triton kernel — bit-for-bit the reference :func:`tatok_core.dtf.select_by_rule`,
+for all three rules (per-image τ, absolute θ, absolute ε; see :mod:`tatok_core.dtf`).
 
 Public entry point: :func:`dtf_select_triton`. CUDA tensors run the compiled kernel; CPU tensors run the
 *same kernel source* through Triton's interpreter (no ``TRITON_INTERPRET=1`` needed before import), which
@@ -9,12 +10,15 @@ Why integer fixed point
 Floating-point prefix sums depend on summation order (torch's CPU cumsum, a sequential interpreter loop
 and a GPU tree scan round differently), so near the threshold two backends can pick different k — even
 float64 can be forced to disagree (``[1.0] + [2**-60]*1023`` at τ = 1). Like the reference we therefore
-count in integers: e = exponent of the row maximum (max < 2^e), q_i = floor(h_i · 2^(40−e)) as int64.
+count in integers: e = exponent of the row maximum (max < 2^e), q_i = floor(h_i · 2^(P−e)) as int64, with
+P = ``fixed_point_bits(N)`` (40 up to N = 8192, smaller beyond so that N·2^P ≤ 2^53: no token cap).
 The scaling is an exact power of two, so q is computed here with integer shifts from the float32 bit
-pattern (mantissa · 2^(E−150) · 2^(40−e)) — the same numbers the reference gets from float64, with no
+pattern (mantissa · 2^(E−150) · 2^(P−e)) — the same numbers the reference gets from float64, with no
 float rounding mode, FTZ or libdevice involved. Integer sums are associative, so every order (sort +
 cumsum, count tiles, GPU scan) gives the same C_k; the only float operation left is the threshold
-float64(Σq) · float64(float32 τ), one IEEE multiply, identical on every backend.
+float64(Σq) · float64(float32 τ), one IEEE multiply, identical on every backend. For ε the threshold is
+float64(float32 ε) · 2^(P−e) (a power of two built from its bit pattern: exact) compared with the exact
+integers Σq − C_k; for θ the kernel compares the float32 bit patterns of h and θ as integers.
 
 Kernel design
 -------------
@@ -33,7 +37,8 @@ per-program Python overhead dominates) with the whole row in one block of BLOCK 
      keys are unique, S_i is exactly C at token i's sorted position and c_i − 1 its rank, so no sort
      and no scatter are needed: keep_i = c_i ≤ k. O(N²) work, hence only for the interpreter/small N.
 
-3. threshold = float64(Σq)·float64(τ_b); k* = #(C < threshold) + (threshold > 0);
+3. τ: threshold = float64(Σq)·float64(τ_b); k* = #(C < threshold) + (threshold > 0). θ: k* = #(h > θ).
+   ε: k* = #(Σq − C > ε·2^(P−e)) + (Σq > ε·2^(P−e)). Then
    k = clamp(k*, min(min_keep, upper), upper); store the mask and k (= lengths).
 
 Packing is a second tiny kernel: the row starts are the exclusive prefix of the lengths (torch cumsum on
@@ -68,7 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tatok_core.dtf import MAX_TOKENS, validate_bits, validate_bounds, validate_tau
+from tatok_core.dtf import MODES, fixed_point_bits, validate_bits, validate_bounds, validate_mode, validate_threshold
 from tatok_core.errors import FilterInputError, TatokError
 from tatok_core.selection import Selection
 
@@ -122,16 +127,16 @@ if triton is not None:
         return tl.where(xb < 0, 0, xb)  # sign bit set: negative, −0.0, −inf, −NaN
 
     @triton.jit
-    def _fixed_point(xb, e):
-        """q = floor(h · 2^(40−e)) as int64 from cleaned float32 bits xb (int32 ≥ 0); e broadcasts.
+    def _fixed_point(xb, e, precision):
+        """q = floor(h · 2^(P−e)) as int64 from cleaned float32 bits xb (int32 ≥ 0); e broadcasts.
 
         h = m · 2^(E'−150) with m the 24-bit significand (implicit 1 for normals) and E' = max(E, 1), so
-        q = floor(m · 2^s) with s = E' − 110 − e ≤ 16 (h < 2^e): a left or right shift, exact.
+        q = floor(m · 2^s) with s = E' − 150 + P − e ≤ P − 24 ≤ 16 (h < 2^e): a left or right shift, exact.
         """
         biased = (xb >> 23) & 0xFF
         frac = (xb & 0x7FFFFF).to(tl.int64)
         m = tl.where(biased > 0, frac | 0x800000, frac)
-        s = (tl.maximum(biased, 1) - 110).to(tl.int64) - e
+        s = (tl.maximum(biased, 1) - 150 + precision).to(tl.int64) - e
         left = m << tl.minimum(tl.maximum(s, 0), 63)  # s ≤ 16 when e is the row's exponent
         right = m >> tl.minimum(tl.maximum(-s, 0), 63)
         return tl.where(s >= 0, left, right)
@@ -143,20 +148,22 @@ if triton is not None:
         biased = (row_max >> 23) & 0xFF
         return tl.maximum(biased, 1).to(tl.int64) - 126
 
-    @triton.jit(do_not_specialize=["n_rows", "n_tokens", "lower", "upper"])  # few compiled variants
+    @triton.jit(do_not_specialize=["n_rows", "n_tokens", "lower", "upper", "precision"])  # few compiled variants
     def _dtf_rows_kernel(
         bits_ptr,  # (B, N) float32, contiguous
-        tau_ptr,  # (B,) float32
+        value_ptr,  # (B,) float32: τ, θ or ε (cleaned: ≥ +0.0)
         keep_ptr,  # (B, N) uint8 out
         len_ptr,  # (B,) int64 out
         n_rows,
         n_tokens,
         lower,  # min(min_keep, upper)
         upper,  # min(max_keep, N)
+        precision,  # P = fixed_point_bits(N)
         ROWS: tl.constexpr,
         BLOCK: tl.constexpr,
         BJ: tl.constexpr,
         USE_SORT: tl.constexpr,
+        MODE: tl.constexpr,  # 0: τ, 1: θ, 2: ε (the index in tatok_core.dtf.MODES)
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # (R,)
@@ -170,17 +177,22 @@ if triton is not None:
         key = (xb.to(tl.int64) << 32) | (BLOCK - 1 - cols).to(tl.int64)[None, :]
         key = tl.where(valid, key, -1)  # unique per valid token; padding sorts last
         e = _row_exponent(xb)  # (R,) int64
-        q = _fixed_point(xb, e[:, None])  # (R, BLOCK) int64, 0 on padding
+        q = _fixed_point(xb, e[:, None], precision)  # (R, BLOCK) int64, 0 on padding
         total = tl.sum(q, axis=1)  # (R,) exact
+        total64 = total.to(tl.float64)  # exact: total < 2^53
 
-        tau = tl.load(tau_ptr + rows, mask=row_ok, other=0.0).to(tl.float64)
-        threshold = total.to(tl.float64) * tau  # (R,)
+        value = tl.load(value_ptr + rows, mask=row_ok, other=0.0)  # (R,) float32
+        if MODE == 0:
+            threshold = total64 * value.to(tl.float64)  # τ·T, one IEEE multiply
+        else:  # ε on the scale of q: ε·2^(P−e), a power of two built from its bit pattern — exact
+            scale = ((1023 + precision - e) << 52).to(tl.float64, bitcast=True)
+            threshold = value.to(tl.float64) * scale
 
         if USE_SORT:
             skey = tl.sort(key, dim=1, descending=True)  # (R, BLOCK)
             sxb = tl.maximum((skey >> 32).to(tl.int32), 0)  # padding (−1) → bits 0 → q 0
-            cum = tl.cumsum(_fixed_point(sxb, e[:, None]), axis=1)  # C_1 … C_BLOCK, int64
-            below = tl.sum(((skey >= 0) & (cum.to(tl.float64) < threshold[:, None])).to(tl.int32), axis=1)
+            cum = tl.cumsum(_fixed_point(sxb, e[:, None], precision), axis=1)  # C_1 … C_BLOCK, int64
+            sorted_ok = skey >= 0
         else:
             csum = tl.zeros([ROWS, BLOCK], dtype=tl.int64)  # S_i = C at token i's sorted position
             count = tl.zeros([ROWS, BLOCK], dtype=tl.int32)  # c_i = 1 + rank of token i
@@ -191,13 +203,23 @@ if triton is not None:
                 xbj = _clean_bits(xj.to(tl.int32, bitcast=True))  # (R, BJ)
                 keyj = (xbj.to(tl.int64) << 32) | (BLOCK - 1 - cj).to(tl.int64)[None, :]
                 keyj = tl.where(vj, keyj, -1)
-                qj = _fixed_point(xbj, e[:, None])
+                qj = _fixed_point(xbj, e[:, None], precision)
                 ge = keyj[:, None, :] >= key[:, :, None]  # (R, BLOCK, BJ)
                 csum += tl.sum(tl.where(ge, qj[:, None, :], 0), axis=2)
                 count += tl.sum(ge.to(tl.int32), axis=2)
-            below = tl.sum((valid & (csum.to(tl.float64) < threshold[:, None])).to(tl.int32), axis=1)
+            cum = csum  # C at each token's sorted position: the same multiset of C_k as the sorted cumsum
+            sorted_ok = valid
 
-        k = below + (threshold > 0).to(tl.int32)  # k*
+        if MODE == 0:  # k* = #(C_k < τ·T) + [τ·T > 0]
+            k = tl.sum((sorted_ok & (cum.to(tl.float64) < threshold[:, None])).to(tl.int32), axis=1)
+            k += (threshold > 0).to(tl.int32)
+        elif MODE == 1:  # k* = #(h > θ): non-negative float32 bit patterns order like the values
+            theta_bits = value.to(tl.int32, bitcast=True)
+            k = tl.sum((valid & (xb > theta_bits[:, None])).to(tl.int32), axis=1)
+        else:  # k* = #(D_k > ε·s) + [T > ε·s], D_k = T − C_k exact
+            dropped = (total[:, None] - cum).to(tl.float64)
+            k = tl.sum((sorted_ok & (dropped > threshold[:, None])).to(tl.int32), axis=1)
+            k += (total64 > threshold).to(tl.int32)
         k = tl.minimum(tl.maximum(k, lower), upper)  # (R,) int32
 
         if USE_SORT:
@@ -304,21 +326,25 @@ def _check_tunable(name: str, value: int | None) -> None:
 
 def dtf_select_triton(
     bits: Tensor,
-    tau: float | Tensor,
+    threshold: float | Tensor,
     min_keep: int = 0,
     max_keep: int | None = None,
     *,
+    mode: str = "tau",
     rows_per_program: int | None = None,
     max_total: int | None = None,
     algorithm: str | None = None,
 ) -> Selection:
-    """DTF selection by the Triton kernel; equal, field for field and bit for bit, to ``dtf_select``.
+    """DTF-family selection by the Triton kernel; equal, field for field and bit for bit, to
+    :func:`tatok_core.dtf.select_by_rule` (``dtf_select`` for the default τ mode).
 
     Args:
-        bits: (B, N) floating tensor of per-token bits (h ≥ 0, finite), N ≤ ``MAX_TOKENS``. CUDA tensors run
+        bits: (B, N) floating tensor of per-token bits (h ≥ 0, finite), any N. CUDA tensors run
             the compiled kernel, CPU tensors Triton's interpreter (slow; meant for tests).
-        tau: threshold in [0, 1], a float or a scalar / (B,) tensor (one τ per row), used as float32.
+        threshold: τ ∈ [0, 1], θ ≥ 0 or ε ≥ 0 (bits) by ``mode``: a float or a scalar / (B,) tensor (one
+            value per row), used as float32.
         min_keep: lower bound on the kept count.
+        mode: the rule, one of ``tatok_core.dtf.MODES`` ("tau", "theta", "epsilon").
         max_keep: upper bound on the kept count (``None``: N).
         rows_per_program: rows handled by one program, a power of two (default 1 on CUDA; up to
             ``DEFAULT_ROWS_INTERPRETER`` in the interpreter). Does not change the result.
@@ -342,10 +368,11 @@ def dtf_select_triton(
         TritonUnavailableError: ``triton`` is not installed.
     """
     _require_triton()
+    validate_mode(mode)
     h = validate_bits(bits).contiguous()  # (B, N) float32, cleaned — same checks and errors as the reference
     batch, n = h.shape
     upper = validate_bounds(n, min_keep, max_keep)
-    tau32 = validate_tau(tau, batch, h.device).to(torch.float32).contiguous()  # (B,) exact float32 τ
+    value32 = validate_threshold(threshold, batch, h.device, mode).to(torch.float32).contiguous()
     _check_tunable("rows_per_program", rows_per_program)
     if max_total is not None and (isinstance(max_total, bool) or not isinstance(max_total, int) or max_total < 0):
         raise FilterInputError(f"max_total must be an integer ≥ 0 or None, got {max_total!r}")
@@ -360,7 +387,6 @@ def dtf_select_triton(
     on_cuda = device.type == "cuda"
     use_sort = (algorithm or ("sort" if on_cuda else "count")) == "sort"
     block = max(_MIN_BLOCK, _next_pow2(n))
-    assert n <= MAX_TOKENS and block <= 2 * MAX_TOKENS
 
     if rows_per_program is None:
         if on_cuda:
@@ -383,8 +409,8 @@ def dtf_select_triton(
     if batch and n:
         _launch(
             _dtf_rows_kernel, grid, device,
-            h, tau32, keep_u8, lengths, batch, n, min(min_keep, upper), upper,
-            BJ=bj, USE_SORT=use_sort, **meta,
+            h, value32, keep_u8, lengths, batch, n, min(min_keep, upper), upper, fixed_point_bits(n),
+            BJ=bj, USE_SORT=use_sort, MODE=MODES.index(mode), **meta,
         )  # fmt: skip
 
     cu64 = torch.zeros(batch + 1, dtype=torch.int64, device=device)  # (B+1,) int64: packing never wraps

@@ -7,7 +7,7 @@ import abc
 import torch
 from torch import Tensor
 
-from tatok_core.dtf import descending_order, dtf_select, keep_first, validate_bits, validate_bounds
+from tatok_core.dtf import MODES, descending_order, keep_first, select_by_rule, validate_bits, validate_bounds, validate_threshold
 from tatok_core.interfaces import Facts, TokenFilter
 from tatok_core.selection import Selection
 
@@ -20,29 +20,45 @@ def _upper(max_keep: int) -> int | None:
 
 
 class DynamicTokenFilter(TokenFilter):
-    """Keep the fewest highest-entropy tokens whose cumulative conditional entropy reaches τ·total.
+    """DTF: keep the highest-entropy tokens, as many as the rule ``mode`` decides (:mod:`tatok_core.dtf`).
 
-    ``backend``: "torch" runs the vectorised reference (:func:`tatok_core.dtf.dtf_select`); "triton"
-    the Triton kernel (compiled on CUDA tensors, interpreted on CPU tensors); "auto" uses Triton for
-    CUDA tensors when it is importable and the reference otherwise. Both agree bit for bit.
+    * ``mode="tau"`` (default, the paper's): the fewest tokens whose cumulative conditional entropy
+      reaches τ·total — relative to each image.
+    * ``mode="theta"``: every token holding more than ``theta`` bits — absolute, comparable across images.
+    * ``mode="epsilon"``: the fewest tokens such that the dropped ones hold at most ``epsilon`` bits.
+
+    The ``tau`` argument of :meth:`select` overrides the threshold *of the filter's mode* for one call
+    (τ, θ or ε). ``min_keep``/``max_keep`` (−1: no cap) bound the count in every mode. ``backend``:
+    "torch" runs the vectorised reference (:func:`tatok_core.dtf.select_by_rule`); "triton" the Triton
+    kernel (compiled on CUDA tensors, interpreted on CPU tensors); "auto" uses Triton for CUDA tensors
+    when it is importable and the reference otherwise. Both agree bit for bit.
     """
 
-    def __init__(self, facts: Facts, *, tau: float = 0.9, min_keep: int = 1, max_keep: int = -1, backend: str = "auto") -> None:
+    def __init__(self, facts: Facts, *, tau: float = 0.9, mode: str = "tau", theta: float = 8.0,
+                 epsilon: float = 256.0, min_keep: int = 1, max_keep: int = -1, backend: str = "auto") -> None:
         super().__init__(facts)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if not 0.0 <= tau <= 1.0:
-            raise ValueError(f"tau must lie in [0, 1], got {tau}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        for name, value in (("tau", tau), ("theta", theta), ("epsilon", epsilon)):
+            validate_threshold(value, 1, torch.device("cpu"), name)  # FilterInputError is a ValueError
         validate_bounds(0, min_keep, _upper(max_keep))
-        self.tau, self.min_keep, self.max_keep, self.backend = tau, min_keep, _upper(max_keep), backend
+        self.tau, self.theta, self.epsilon, self.mode = float(tau), float(theta), float(epsilon), mode
+        self.min_keep, self.max_keep, self.backend = min_keep, _upper(max_keep), backend
+
+    @property
+    def threshold(self) -> float:
+        """The default threshold of this filter's mode (τ, θ or ε)."""
+        return {"tau": self.tau, "theta": self.theta, "epsilon": self.epsilon}[self.mode]
 
     def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
-        tau = self.tau if tau is None else tau
+        threshold = self.threshold if tau is None else tau
         if self._use_triton(bits):
             from tatok_plugins.dtf_triton import dtf_select_triton
 
-            return dtf_select_triton(bits, tau, self.min_keep, self.max_keep)
-        return dtf_select(bits, tau, self.min_keep, self.max_keep)
+            return dtf_select_triton(bits, threshold, self.min_keep, self.max_keep, mode=self.mode)
+        return select_by_rule(bits, self.mode, threshold, self.min_keep, self.max_keep)
 
     def _use_triton(self, bits: Tensor) -> bool:
         if self.backend != "auto":
@@ -102,6 +118,8 @@ class TopKFilter(FixedCountFilter):
 class RandomKFilter(FixedCountFilter):
     """Keep k tokens chosen uniformly at random; ``seed`` makes every call reproducible."""
 
+    positions_from_count = True  # a decoder with the seed knows the positions from k alone
+
     def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1, seed: int = 0) -> None:
         super().__init__(facts, k=k, min_keep=min_keep, max_keep=max_keep)
         self.seed = seed
@@ -113,6 +131,8 @@ class RandomKFilter(FixedCountFilter):
 
 class RasterKFilter(FixedCountFilter):
     """Keep the first k tokens in raster order (what a truncated fixed-rate sequence keeps)."""
+
+    positions_from_count = True  # the positions are 0 … k−1: no side information beyond k
 
     def scores(self, bits: Tensor) -> Tensor:
         return -torch.arange(bits.shape[1], device=bits.device, dtype=torch.float32).expand_as(bits)

@@ -1,23 +1,40 @@
 """Dynamic Token Filtering: the reference definition every backend is tested against.
 
-Per image, with bits h ∈ R^N (h ≥ 0), threshold τ ∈ [0, 1] and bounds min_keep ≤ max_keep:
+Three rules share one ordering and one set of bounds. Per image, with bits h ∈ R^N (h ≥ 0) and bounds
+min_keep ≤ max_keep, π orders tokens by h descending, ties by smaller position first, and the rule picks
+a count k*; then k = clamp(k*, min_keep, min(max_keep, N)) and the kept set is {π1 … πk}.
 
-* π orders tokens by h descending, ties by smaller position first;
-* C_k = h_π1 + … + h_πk is the cumulative conditional entropy of the k most informative tokens, T = C_N;
-* k* is the smallest k with C_k ≥ τ·T (0 when τ·T = 0); k = clamp(k*, min_keep, min(max_keep, N));
-* keep {π1 … πk}.
+* ``tau`` (per image, relative): k* is the smallest k with C_k ≥ τ·T, C_k = h_π1 + … + h_πk, T = C_N
+  (k* = 0 when τ·T = 0). τ ∈ [0, 1].
+* ``theta`` (absolute, per token): k* = #{i : h_i > θ} — every token holding more than θ bits. θ ≥ 0.
+* ``epsilon`` (absolute, per image): k* is the smallest k with T − C_k ≤ ε — the fewest tokens such that
+  the information dropped is at most ε bits. ε ≥ 0.
+
+θ and ε are in bits, so one value means the same thing in every image: a budget over a set calibrates
+one of them and rich images get more tokens (:func:`tatok_core.rate.calibrate_threshold`).
 
 **Exact arithmetic.** Floating-point cumulative sums depend on summation order, so two backends
 (torch's CPU cumsum, a sequential Triton loop, a GPU tree scan) can decide k differently near the
 threshold. We therefore sum in *integer fixed point*: with e the binary exponent of the row maximum
-(max < 2^e), q_i = floor(h_i · 2^(40−e)) as int64 — an exact power-of-two scaling, so q < 2^40 and the
-row total stays below 2^53 for N ≤ 8192. Integer sums are order-free, the threshold is
-float64(Σq) · float64(float32(τ)), and k* = #{k : C_k < threshold} + [threshold > 0]. All guarantees
-hold exactly on q (a token whose h is below 2^-40 of the row maximum has q = 0 and counts as empty).
+(max < 2^e) and P = :func:`fixed_point_bits` (N) — 40 for N ≤ 8192, then one bit less per doubling of N
+so that N·2^P ≤ 2^53 — q_i = floor(h_i · s) with s = 2^(P−e), as int64. The scaling is an exact power of
+two, q < 2^P, and every partial sum is an exact integer below 2^53, so it converts to float64 exactly:
+there is no token cap. Integer sums are order-free.
 
-Inputs are validated at the boundary (NaN, ±inf, negative bits, τ outside [0, 1], bad bounds raise
-:class:`~tatok_core.errors.FilterInputError`) and cleaned identically in every backend: bits are
-taken as float32 and −0.0 becomes +0.0.
+* τ: threshold = float64(Σq) · float64(float32(τ)); k* = #{k : C_k < threshold} + [threshold > 0].
+* ε: the absolute threshold is put on the *same* scale as q: ε_s = float64(float32(ε)) · s, a
+  multiplication by a power of two and so exact; D_k = Σq − C_k is an exact integer and
+  k* = #{k ∈ 1…N : D_k > ε_s} + [Σq > ε_s]. (On h the dropped information then exceeds ε by at most the
+  rounding, (N − k)·2^(e−P) bits: < 2^-13 of the row maximum.)
+* θ: no sum at all — float32(h_i) > float32(θ) is one exact comparison on every backend (non-negative
+  float32 bit patterns even order like integers, which is how the kernel compares).
+
+All guarantees hold exactly on q (τ, ε) or on float32 h (θ); a token whose h is below 2^-P of the row
+maximum has q = 0 and counts as empty for τ and ε.
+
+Inputs are validated at the boundary (NaN, ±inf, negative bits, τ outside [0, 1], θ or ε negative, NaN
+or infinite, bad bounds raise :class:`~tatok_core.errors.FilterInputError`) and cleaned identically in
+every backend: bits and thresholds are taken as float32 and −0.0 becomes +0.0.
 """
 
 from __future__ import annotations
@@ -28,8 +45,18 @@ from torch import Tensor
 from tatok_core.errors import FilterInputError
 from tatok_core.selection import Selection
 
-FIXED_POINT_BITS = 40
-MAX_TOKENS = 8192  # N·2^40 ≤ 2^53: every partial sum is exact in float64
+#: The rules, by name: per-image relative τ, absolute per-token θ, absolute dropped-information ε.
+MODES = ("tau", "theta", "epsilon")
+MAX_FIXED_POINT_BITS = 40  # the precision up to N = 8192 (and so the q of every earlier release)
+_EXACT_FLOAT64 = 53  # integers below 2^53 are exact in float64
+
+
+def fixed_point_bits(num_tokens: int) -> int:
+    """P, the fixed-point precision for rows of ``num_tokens`` tokens: the largest P ≤ 40 with N·2^P ≤ 2^53.
+
+    Each q < 2^P, so the row total stays below 2^53 and every C_k is exact in float64, for any N.
+    """
+    return min(MAX_FIXED_POINT_BITS, _EXACT_FLOAT64 - max(0, int(num_tokens) - 1).bit_length())
 
 
 def validate_bounds(num_tokens: int, min_keep: int, max_keep: int | None) -> int:
@@ -52,8 +79,6 @@ def validate_bits(bits: Tensor) -> Tensor:
         raise FilterInputError(f"bits must have shape (B, N), got shape {tuple(bits.shape)}")
     if not bits.is_floating_point():
         raise FilterInputError(f"bits must be a floating-point tensor, got {bits.dtype}")
-    if bits.shape[1] > MAX_TOKENS:
-        raise FilterInputError(f"at most {MAX_TOKENS} tokens per image are supported, got N = {bits.shape[1]}")
     h = bits.detach().to(torch.float32)
     if h.numel():
         bad_values = ~torch.isfinite(h) | (h < 0)
@@ -66,40 +91,55 @@ def validate_bits(bits: Tensor) -> Tensor:
     return torch.where(h > 0, h, torch.zeros((), dtype=h.dtype, device=h.device))
 
 
-def validate_tau(tau: float | Tensor, batch_size: int, device: torch.device) -> Tensor:
-    """τ as a (B,) float64 tensor holding float64(float32(τ)), checked to lie in [0, 1]."""
-    if isinstance(tau, bool):
-        raise FilterInputError(f"tau must be a number in [0, 1], got {tau!r}")
-    if isinstance(tau, Tensor):
-        if tau.dim() == 0:
-            tau = tau.expand(batch_size)
-        if tau.shape != (batch_size,):
-            raise FilterInputError(f"tau must be a scalar or have shape ({batch_size},), got {tuple(tau.shape)}")
-        tau32 = tau.detach().to(device=device, dtype=torch.float32)
+def validate_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise FilterInputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def validate_threshold(value: float | Tensor, batch_size: int, device: torch.device, mode: str = "tau") -> Tensor:
+    """The rule's threshold as a (B,) float64 tensor holding float64(float32(value)), checked and cleaned.
+
+    τ must lie in [0, 1]; θ and ε must be finite and ≥ 0 (−0.0 becomes +0.0, as for the bits).
+    """
+    name, allowed = (mode, "a number in [0, 1]") if mode == "tau" else (mode, "a finite number ≥ 0 (bits)")
+    if isinstance(value, bool):
+        raise FilterInputError(f"{name} must be {allowed}, got {value!r}")
+    if isinstance(value, Tensor):
+        if value.dim() == 0:
+            value = value.expand(batch_size)
+        if value.shape != (batch_size,):
+            raise FilterInputError(f"{name} must be a scalar or have shape ({batch_size},), got {tuple(value.shape)}")
+        v32 = value.detach().to(device=device, dtype=torch.float32)
     else:
         try:
-            tau32 = torch.full((batch_size,), float(tau), dtype=torch.float32, device=device)
+            v32 = torch.full((batch_size,), float(value), dtype=torch.float32, device=device)
         except (TypeError, ValueError):
-            raise FilterInputError(f"tau must be a number in [0, 1], got {tau!r}") from None
-    if tau32.numel() and not bool(((tau32 >= 0) & (tau32 <= 1)).all()):
-        bad = tau32[~((tau32 >= 0) & (tau32 <= 1))][0]
-        raise FilterInputError(f"tau must lie in [0, 1], got {float(bad)!r}")
-    return tau32.to(torch.float64)
+            raise FilterInputError(f"{name} must be {allowed}, got {value!r}") from None
+    ok = (v32 >= 0) & (v32 <= 1) if mode == "tau" else (v32 >= 0) & torch.isfinite(v32)
+    if v32.numel() and not bool(ok.all()):
+        raise FilterInputError(f"{name} must be {allowed}, got {float(v32[~ok][0])!r}")
+    return torch.where(v32 > 0, v32, torch.zeros((), dtype=v32.dtype, device=v32.device)).to(torch.float64)
+
+
+def validate_tau(tau: float | Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """τ as a (B,) float64 tensor holding float64(float32(τ)), checked to lie in [0, 1]."""
+    return validate_threshold(tau, batch_size, device, "tau")
 
 
 def row_scale(h: Tensor) -> Tensor:
-    """(B, 1) float64 2^(40−e), e the exponent of each row's maximum (max < 2^e), built from bits.
+    """(B, 1) float64 s = 2^(P−e), e the exponent of each row's maximum (max < 2^e), P from N.
 
     Built from the IEEE-754 bit patterns so that every backend gets exactly the same power of two.
     """
     row_max = h.amax(dim=1, keepdim=True) if h.shape[1] else h.new_zeros(h.shape[0], 1)
     biased = (row_max.view(torch.int32) >> 23) & 0xFF  # float32 exponent field
     e = torch.clamp(biased, min=1).to(torch.int64) - 126  # row_max < 2^e, also for subnormals
-    return ((1023 + FIXED_POINT_BITS - e) << 52).view(torch.float64)
+    return ((1023 + fixed_point_bits(h.shape[1]) - e) << 52).view(torch.float64)
 
 
 def fixed_point(h: Tensor) -> Tensor:
-    """q = floor(h · 2^(40−e)) as int64, per row (h cleaned, float32, (B, N))."""
+    """q = floor(h · 2^(P−e)) as int64, per row (h cleaned, float32, (B, N))."""
     return torch.floor(h.to(torch.float64) * row_scale(h)).to(torch.int64)
 
 
@@ -110,6 +150,26 @@ def dtf_keep_counts(q_sorted: Tensor, tau64: Tensor, min_keep: int, upper: int) 
     threshold = total.to(torch.float64) * tau64  # (B,)
     below = (cumulative.to(torch.float64) < threshold[:, None]).sum(dim=1)
     k_star = below + (threshold > 0).to(torch.int64)
+    return clamp_counts(k_star, min_keep, upper)
+
+
+def epsilon_keep_counts(q_sorted: Tensor, epsilon_scaled: Tensor, min_keep: int, upper: int) -> Tensor:
+    """k per row: the fewest tokens whose dropped fixed-point sum D_k = T − C_k is ≤ ε·s ((B,) float64)."""
+    cumulative = torch.cumsum(q_sorted, dim=1)  # (B, N) int64, exact
+    total = cumulative[:, -1:] if q_sorted.shape[1] else q_sorted.new_zeros(q_sorted.shape[0], 1)
+    dropped = (total - cumulative).to(torch.float64)  # (B, N) D_1 … D_N, exact integers
+    above = (dropped > epsilon_scaled[:, None]).sum(dim=1)
+    k_star = above + (total[:, 0].to(torch.float64) > epsilon_scaled).to(torch.int64)
+    return clamp_counts(k_star, min_keep, upper)
+
+
+def theta_keep_counts(h: Tensor, theta64: Tensor, min_keep: int, upper: int) -> Tensor:
+    """k per row: the number of tokens whose float32 bits exceed float32 θ ((B,) float64, exact)."""
+    k_star = (h.to(torch.float64) > theta64[:, None]).sum(dim=1)  # float32 → float64 is exact
+    return clamp_counts(k_star, min_keep, upper)
+
+
+def clamp_counts(k_star: Tensor, min_keep: int, upper: int) -> Tensor:
     return torch.clamp(k_star, min=min(min_keep, upper), max=upper)
 
 
@@ -124,13 +184,40 @@ def keep_first(order: Tensor, k: Tensor) -> Tensor:
     return torch.zeros_like(in_top_k).scatter_(1, order, in_top_k)
 
 
-def dtf_select(bits: Tensor, tau: float | Tensor, min_keep: int = 0, max_keep: int | None = None) -> Selection:
-    """The reference DTF selection (vectorised torch, any device)."""
+def select_by_rule(
+    bits: Tensor, mode: str, threshold: float | Tensor, min_keep: int = 0, max_keep: int | None = None
+) -> Selection:
+    """The reference selection of any DTF-family rule (``mode`` in :data:`MODES`; vectorised torch, any device).
+
+    ``threshold`` is τ, θ or ε: a float, or a scalar / (B,) tensor with one value per image.
+    """
+    validate_mode(mode)
     h = validate_bits(bits)  # (B, N) float32
     batch, n = h.shape
     upper = validate_bounds(n, min_keep, max_keep)
-    tau64 = validate_tau(tau, batch, h.device)
+    value = validate_threshold(threshold, batch, h.device, mode)  # (B,) float64
     order = descending_order(h)  # (B, N)
-    q_sorted = torch.gather(fixed_point(h), 1, order)
-    k = dtf_keep_counts(q_sorted, tau64, min_keep, upper)  # (B,)
+    if mode == "theta":
+        k = theta_keep_counts(h, value, min_keep, upper)
+    else:
+        q_sorted = torch.gather(fixed_point(h), 1, order)  # (B, N) int64
+        if mode == "tau":
+            k = dtf_keep_counts(q_sorted, value, min_keep, upper)
+        else:
+            k = epsilon_keep_counts(q_sorted, value * row_scale(h)[:, 0], min_keep, upper)  # ε·s, exact
     return Selection.from_mask(keep_first(order, k))
+
+
+def dtf_select(bits: Tensor, tau: float | Tensor, min_keep: int = 0, max_keep: int | None = None) -> Selection:
+    """The reference DTF selection at a per-image τ (vectorised torch, any device)."""
+    return select_by_rule(bits, "tau", tau, min_keep, max_keep)
+
+
+def theta_select(bits: Tensor, theta: float | Tensor, min_keep: int = 0, max_keep: int | None = None) -> Selection:
+    """Keep every token holding more than θ bits (within the bounds)."""
+    return select_by_rule(bits, "theta", theta, min_keep, max_keep)
+
+
+def epsilon_select(bits: Tensor, epsilon: float | Tensor, min_keep: int = 0, max_keep: int | None = None) -> Selection:
+    """Keep the fewest highest-bits tokens such that the dropped tokens hold at most ε bits (within the bounds)."""
+    return select_by_rule(bits, "epsilon", epsilon, min_keep, max_keep)

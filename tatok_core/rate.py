@@ -1,15 +1,19 @@
 """Rate control and the token-file workflows the ``tatok`` CLI is thin over.
 
-* :func:`calibrate_tau` — the τ at which DTF keeps a target *mean* number of patch tokens per image.
+* :func:`calibrate_bits` — ONE threshold for a whole set of images (cached bits) at which the filter keeps
+  a target *mean* number of patch tokens per image: an absolute θ or ε (the default meaning of a budget:
+  images that hold more information get more tokens) or a per-image τ (every image keeps a similar share).
+* :func:`calibrate_tau` — the same from images, analysing each once.
 * :func:`encode_files` / :func:`decode_tokens` — image files ↔ a token data set (:mod:`tatok_core.tokenfile`).
-* :func:`evaluate_rate_distortion` + :func:`plot_rate_distortion` — DTF against fixed-count baselines
-  at matched token counts.
+* :func:`evaluate_rate_distortion` + :func:`plot_rate_distortion` — the model's filter against shared
+  thresholds, fixed-count baselines and an oracle at matched mean counts, in tokens and bits per pixel
+  (:mod:`tatok_core.bitrate`).
 * :func:`show_panel` — what DTF keeps for one image, and what it costs.
 
 Every workflow runs the expensive half of the pipeline (encoder, global tokens, quantizer, entropy
 model: :meth:`Tokenizer.analyse`) **once** per image and re-runs only the cheap token filter for each
-τ or baseline: DTF's nesting guarantee makes the kept count monotone in τ, so bisection on stored bits
-finds a budget's τ without touching the network again.
+threshold or baseline: the nesting guarantees make the kept count monotone in τ, θ and ε, so bisection
+on stored bits finds a budget's threshold without touching the network again.
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from tatok_core.dtf import MAX_TOKENS
-from tatok_core.errors import ImageReadError, TatokError
+from tatok_core.allocation import oracle_allocation
+from tatok_core.bitrate import token_bits
+from tatok_core.dtf import descending_order, keep_first
+from tatok_core.errors import ImageReadError, SpecError, TatokError
 from tatok_core.imageio import list_images, read_image, write_image
 from tatok_core.interfaces import Grid, TokenFilter
 from tatok_core.metrics import psnr, ssim
@@ -95,30 +101,70 @@ def check_tau(tau: float) -> float:
     return float(tau)
 
 
-def check_rate(tau: float | None, budget: float | None) -> None:
-    """Rate control is a τ, a budget (mean patch tokens per image, >= 0) or neither (the filter's default)."""
-    if tau is not None and budget is not None:
-        raise TatokError("tau and budget exclude each other: give one of them")
+def check_bits_threshold(name: str, value: float) -> float:
+    """θ or ε (bits) as a finite float ≥ 0, or a one-line error naming the option."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise TatokError(f"{name} must be a finite number of bits >= 0, got {value!r}")
+    return float(value)
+
+
+#: What a budget calibrates: one shared θ (default), one shared ε, or one shared per-image τ.
+BUDGET_MODES = ("theta", "epsilon", "tau")
+
+
+def check_rate(tau: float | None, budget: float | None, *, theta: float | None = None,
+               epsilon: float | None = None, budget_mode: str = "theta") -> str | None:
+    """Rate control is ONE of τ, θ, ε or a budget (mean patch tokens per image, > 0), or none (the filter's
+    default). Returns the rule it selects ("tau", "theta", "epsilon"; None for the filter's default)."""
+    given = [name for name, value in (("tau", tau), ("theta", theta), ("epsilon", epsilon), ("budget", budget))
+             if value is not None]
+    if len(given) > 1:
+        raise TatokError(f"{' and '.join(given)} exclude each other: give one of them")
+    if budget_mode not in BUDGET_MODES:
+        raise TatokError(f"budget mode must be one of {', '.join(BUDGET_MODES)}, got {budget_mode!r}")
     if tau is not None:
         check_tau(tau)
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
-                               or not math.isfinite(budget) or budget < 0):
-        raise TatokError(f"budget must be a number of patch tokens per image >= 0, got {budget!r}")
+        return "tau"
+    for name, value in (("theta", theta), ("epsilon", epsilon)):
+        if value is not None:
+            check_bits_threshold(name, value)
+            return name
+    if budget is not None:
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+            raise TatokError(f"budget must be a number of patch tokens per image > 0, got {budget!r}")
+        return budget_mode
+    return None
+
+
+def rule_filter(model: Tokenizer, mode: str | None, filter: str | None = None,
+                filter_options: Mapping[str, Any] | None = None) -> TokenFilter:
+    """The model's filter (or ``filter``) switched to rule ``mode`` ("tau", "theta", "epsilon"; None: as is).
+
+    The spec's filter plays the role; only a DTF-family filter (one with a ``mode`` option) has the
+    absolute rules, so asking another for θ or ε is a one-line error. τ is every filter's ``select``
+    argument, so it needs no option.
+    """
+    options = dict(filter_options or {})
+    base = model.token_filter(filter, **options)
+    if mode is None or (mode == "tau" and not hasattr(base, "mode")):
+        return base
+    try:
+        return model.token_filter(filter, **{**options, "mode": mode})
+    except SpecError as exc:
+        raise TatokError(f"filter {filter or model.spec.filter.name!r} has no {mode} rule (no 'mode' option): "
+                         f"use --budget-mode tau or a DTF-family filter ({exc})") from None
 
 
 def cannot_tokenize(model: Tokenizer, image: Tensor) -> str | None:
     """Why ``image`` (C, H, W) cannot be tokenized by ``model``, or None when it can.
 
-    Checked before any encoder work: under one patch, or more patches than the filters take
-    (:data:`~tatok_core.dtf.MAX_TOKENS`, where integer sums stay exact).
+    Checked before any encoder work. (The filters take any number of patches: their integer sums
+    choose the fixed-point precision from N, see :func:`tatok_core.dtf.fixed_point_bits`.)
     """
     height, width = image.shape[-2:]
     p = model.patch_size
     if height < p or width < p:
         return f"image of {height}×{width} is smaller than one {p}×{p} patch"
-    if model.max_tokens(height, width) > MAX_TOKENS:
-        return (f"image of {height}×{width} has {model.max_tokens(height, width)} patches of {p}×{p}, "
-                f"more than the {MAX_TOKENS} a token filter takes; crop or resize it")
     return None
 
 
@@ -147,20 +193,47 @@ def _group_by_size(items: Iterable[tuple[int, Tensor]], batch_size: int) -> Iter
 # -- rate control ---------------------------------------------------------------------------------
 @attrs.frozen
 class RateResult:
-    """A calibrated τ and the mean patch tokens per image it keeps (``iterations`` bisection steps)."""
+    """A calibrated threshold of rule ``mode``, the mean patch tokens per image it keeps, the steps taken."""
 
-    tau: float
+    threshold: float
     mean_tokens: float
     iterations: int
     budget: float
+    mode: str = "tau"
+
+    @property
+    def tau(self) -> float | None:
+        """The calibrated τ (None when the rule is θ or ε)."""
+        return self.threshold if self.mode == "tau" else None
+
+
+def _device_for_collectives() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _sum_across_ranks(values: list[float]) -> list[float]:
     """Element-wise sum over every rank of the default process group (float64, exact for counts)."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.tensor(values, dtype=torch.float64, device=_device_for_collectives())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _max_across_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=_device_for_collectives())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t[0])
+
+
+def _float32_lattice(value: float) -> int:
+    """The float32 ≥ ``value`` ≥ 0 as its bit pattern: non-negative float32 patterns order like the values."""
+    f = np.float32(value)
+    if float(f) < value:
+        f = np.nextafter(f, np.float32(np.inf))
+    return int(np.array(f, dtype=np.float32).view(np.int32))
+
+
+def _lattice_value(pattern: int) -> float:
+    return float(np.array(pattern, dtype=np.int32).view(np.float32))
 
 
 def calibrate_bits(
@@ -169,39 +242,85 @@ def calibrate_bits(
     budget: float,
     *,
     tol: float = 0.5,
-    max_iter: int = MAX_BISECTION_STEPS,
+    max_iter: int | None = None,
     distributed: bool = False,
 ) -> RateResult:
-    """Bisect τ ∈ [0, 1] until the mean kept count over ``bits`` (batches (B, N)) is within ``tol`` of ``budget``.
+    """ONE threshold of the filter's rule for every image in ``bits`` (batches (B, N)) so that the mean kept
+    count is within ``tol`` of ``budget`` (or the closest the step function allows).
 
-    The count is a step function of τ (monotone by DTF's nesting guarantee), so an exact hit may not
-    exist: the τ returned is the closest one seen, with the mean it actually achieves. With
-    ``distributed`` every rank of the process group must call this; the mean is then over all ranks'
-    images and every rank gets the same τ.
+    The rule is ``token_filter.mode`` ("tau" for a filter without modes). τ is bisected in [0, 1] by
+    dyadic halvings (:data:`MAX_BISECTION_STEPS`); θ and ε are bisected over the float32 values in
+    [0, the largest token bits (θ) or image total (ε)] by their bit patterns — every float32 the filter can
+    apply, so ≤ 31 steps find the exact step of the count. The floor and cap are the filter's ``min_keep``
+    and ``max_keep``. With ``distributed`` every rank of the process group must call this: the range and
+    every count are all-reduced, so the mean is over all ranks' images and every rank gets the same value.
     """
     check_rate(None, budget)
+    mode = getattr(token_filter, "mode", "tau")
 
-    def mean_at(tau: float) -> float:
-        kept = sum(int(token_filter.select(b, tau).lengths.sum()) for b in bits)
+    def mean_at(threshold: float) -> float:
+        kept = sum(int(token_filter.select(b, threshold).lengths.sum()) for b in bits)
         count = sum(b.shape[0] for b in bits)
         kept, count = _sum_across_ranks([kept, count]) if distributed else (kept, count)
         if count == 0:
             raise TatokError("cannot calibrate a budget on zero images")
         return kept / count
 
-    low, high = mean_at(0.0), mean_at(1.0)
+    if mode == "tau":
+        ends, midpoint = (0.0, 1.0), lambda lo, hi: (lo + hi) / 2  # dyadic: exact in float32, short to print
+        steps_allowed = MAX_BISECTION_STEPS if max_iter is None else max_iter
+    else:
+        largest = max((float((b.amax() if mode == "theta" else b.sum(dim=1).amax())) for b in bits if b.numel()),
+                      default=0.0)
+        largest = _max_across_ranks(largest) if distributed else largest
+        ends = (0.0, _lattice_value(_float32_lattice(largest)))
+        midpoint = lambda lo, hi: _lattice_value((_float32_lattice(lo) + _float32_lattice(hi)) // 2)  # noqa: E731
+        steps_allowed = 32 if max_iter is None else max_iter
+    (lo, hi), means = ends, [mean_at(ends[0]), mean_at(ends[1])]
+    low, high = min(means), max(means)
     if not low <= budget <= high:
         raise TatokError(f"budget {budget:g} tokens per image is outside what these images can reach: "
-                         f"{low:.2f} (tau 0) to {high:.2f} (tau 1) patch tokens on average")
-    best = min((abs(low - budget), 0.0, low), (abs(high - budget), 1.0, high))
-    lo, hi, steps = 0.0, 1.0, 0
-    while best[0] > tol and steps < max_iter:
+                         f"{low:.2f} to {high:.2f} patch tokens on average ({mode} from {lo:g} to {hi:g})")
+    increasing = means[1] >= means[0]  # τ: more tokens as it grows; θ, ε: fewer
+    best = min((abs(means[0] - budget), lo, means[0]), (abs(means[1] - budget), hi, means[1]))
+    steps = 0
+    while best[0] > tol and steps < steps_allowed:
+        mid = midpoint(lo, hi)
+        if mid in (lo, hi):  # the float32 lattice is exhausted: best is the exact step nearest the budget
+            break
         steps += 1
-        mid = (lo + hi) / 2  # dyadic: exact in float32 for 24 halvings, and short to print
         mean = mean_at(mid)
         best = min(best, (abs(mean - budget), mid, mean))
-        lo, hi = (mid, hi) if mean < budget else (lo, mid)
-    return RateResult(tau=best[1], mean_tokens=best[2], iterations=steps, budget=float(budget))
+        lo, hi = (mid, hi) if (mean < budget) == increasing else (lo, mid)
+    return RateResult(threshold=best[1], mean_tokens=best[2], iterations=steps, budget=float(budget), mode=mode)
+
+
+def calibrate_threshold(
+    model: Tokenizer,
+    images_or_batches: Tensor | Iterable[Tensor],
+    budget: float,
+    mode: str = "theta",
+    *,
+    tol: float = 0.5,
+    max_iter: int | None = None,
+    batch_size: int = 32,
+    filter: str | None = None,
+    **filter_options: Any,
+) -> RateResult:
+    """The ONE threshold of rule ``mode`` ("theta", "epsilon" or "tau") at which the model's filter keeps
+    ``budget`` patch tokens per image on average over these images.
+
+    ``images_or_batches``: a (B, C, H, W) tensor (split into ``batch_size`` chunks) or an iterable of
+    such batches (sizes may differ between batches). Bits are computed once per image; see
+    :func:`calibrate_bits` for the search. ``min_keep``/``max_keep`` filter options are the per-image
+    floor and cap.
+    """
+    check_rate(None, budget, budget_mode=mode)
+    batches = images_or_batches.split(batch_size) if isinstance(images_or_batches, Tensor) else images_or_batches
+    token_filter = rule_filter(model, mode, filter, filter_options)
+    with _inference(model) as device:
+        bits = [model.analyse(batch.to(device)).entropy.bits for batch in batches]
+        return calibrate_bits(token_filter, bits, budget, tol=tol, max_iter=max_iter)
 
 
 def calibrate_tau(
@@ -215,24 +334,18 @@ def calibrate_tau(
     filter: str | None = None,
     **filter_options: Any,
 ) -> RateResult:
-    """The τ at which the model's filter keeps ``budget`` patch tokens per image on average.
-
-    ``images_or_batches``: a (B, C, H, W) tensor (split into ``batch_size`` chunks) or an iterable of
-    such batches (sizes may differ between batches). Bits are computed once per image; see
-    :func:`calibrate_bits` for the search.
-    """
-    batches = images_or_batches.split(batch_size) if isinstance(images_or_batches, Tensor) else images_or_batches
-    with _inference(model) as device:
-        bits = [model.analyse(batch.to(device)).entropy.bits for batch in batches]
-        return calibrate_bits(model.token_filter(filter, **filter_options), bits, budget, tol=tol, max_iter=max_iter)
+    """The per-image τ at which the model's filter keeps ``budget`` patch tokens per image on average."""
+    return calibrate_threshold(model, images_or_batches, budget, "tau", tol=tol, max_iter=max_iter,
+                               batch_size=batch_size, filter=filter, **filter_options)
 
 
 # -- encoding files ------------------------------------------------------------------------------
 @attrs.frozen
 class EncodeReport:
-    """What :func:`encode_files` did: images written, files skipped with the reason, τ and mean tokens.
+    """What :func:`encode_files` did: images written, files skipped with the reason, the rule and mean tokens.
 
-    ``tau`` is the τ applied (None for a filter without one); ``calibration`` is set for a budget.
+    ``mode``/``threshold`` are the rule and value applied (None for a filter without one; ``tau`` is the
+    threshold when the rule is τ); ``calibration`` is set for a budget.
     """
 
     encoded: int
@@ -240,6 +353,15 @@ class EncodeReport:
     tau: float | None
     mean_tokens: float
     calibration: RateResult | None = None
+    mode: str | None = None
+    threshold: float | None = None
+
+
+def applied_rule(token_filter: TokenFilter) -> tuple[str | None, float | None]:
+    """(rule, default threshold) of a filter: ("tau", 0.9) for DTF's default; (None, None) for count filters."""
+    mode = getattr(token_filter, "mode", "tau" if hasattr(token_filter, "tau") else None)
+    value = getattr(token_filter, "threshold", getattr(token_filter, "tau", None))
+    return (mode, value) if value is not None else (None, None)
 
 
 def token_meta(
@@ -249,22 +371,34 @@ def token_meta(
     budget: float | None = None,
     filter: str | None = None,
     filter_options: Mapping[str, Any] | None = None,
+    theta: float | None = None,
+    epsilon: float | None = None,
+    budget_mode: str = "theta",
 ) -> dict[str, Any]:
     """The ``meta`` a :class:`TokenWriter` records for tokens of ``model`` under this rate control.
 
-    Without ``tau`` or ``budget`` the filter's default τ is recorded (None for count filters). A
-    budget is recorded as the budget, not as its τ: under torchrun every rank must write the same
-    meta, and τ depends on the images it was calibrated on. Filter options are those given on top
-    of the spec's (which the spec digest pins).
+    ``mode`` and ``threshold`` name the rule and the value applied; without any rate option they are
+    the filter's defaults (None for count filters). A budget is recorded as the budget and its mode; its
+    threshold is known only after calibration, and :func:`encode_files` adds it
+    (:meth:`TokenWriter.update_meta`) before the first image is written — every rank of a torchrun
+    calibrates the same value, so every shard carries the same meta. Filter options are those given on
+    top of the spec's (which the spec digest pins).
     """
-    if tau is None and budget is None:
-        tau = getattr(model.token_filter(filter, **dict(filter_options or {})), "tau", None)
+    mode = check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
+    threshold = next((v for v in (tau, theta, epsilon) if v is not None), None)
+    if mode is None:
+        mode, threshold = applied_rule(model.token_filter(filter, **dict(filter_options or {})))
+    rate: dict[str, Any] = {"mode": mode, "threshold": threshold}
+    if budget is not None:
+        rate["budget"] = budget
+    elif mode == "tau":
+        rate["tau"] = threshold
     return {
         "codebook_size": model.quantizer.codebook_size,
         "code_factors": list(model.quantizer.code_factors),
         "num_global": model.num_global,
         "patch_size": model.patch_size,
-        **({"budget": budget} if budget is not None else {"tau": tau}),
+        **rate,
         "filter": {"name": filter or model.spec.filter.name, "options": dict(filter_options or {})},
     }
 
@@ -325,19 +459,26 @@ def encode_files(
     names: Sequence[str] | None = None,
     distributed: bool = False,
     progress: bool = False,
+    theta: float | None = None,
+    epsilon: float | None = None,
+    budget_mode: str = "theta",
 ) -> EncodeReport:
     """Encode image files into ``writer`` in the order given, skipping (and reporting) unreadable ones.
 
+    Rate control is one of ``tau`` (per image), ``theta`` / ``epsilon`` (absolute bits) or ``budget`` (mean
+    patch tokens per image): ONE threshold of ``budget_mode`` ("theta" by default: images holding more
+    information get more tokens; "tau" keeps the older per-image meaning) is calibrated on these very
+    images in one encoder pass (codes and bits wait in memory, ~12 bytes per patch) and recorded in the
+    writer's meta; with ``distributed`` it is calibrated over every rank's images and every rank gets it.
     Same-size images are batched together; each image's tokens do not depend on the batch it was
     encoded in and are written in input order, so the output bytes do not depend on ``batch_size``.
-    ``names[i]`` is stored as the source name of ``paths[i]`` (default: the file name). A ``budget``
-    is calibrated on these very images in one encoder pass (codes and bits wait in memory, ~12 bytes
-    per patch); with ``distributed`` it is the mean over every rank's images.
+    ``names[i]`` is stored as the source name of ``paths[i]`` (default: the file name).
     """
-    check_rate(tau, budget)
+    mode = check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
+    threshold = next((v for v in (tau, theta, epsilon) if v is not None), None)
     paths = [Path(p) for p in paths]
     out = _InOrder(writer, paths, list(names) if names is not None else [p.name for p in paths])
-    token_filter = model.token_filter(filter, **dict(filter_options or {}))
+    token_filter = rule_filter(model, mode, filter, filter_options)
     failed: list[tuple[Path, str]] = []
 
     def readable() -> Iterator[tuple[int, Tensor]]:
@@ -355,8 +496,8 @@ def encode_files(
                 continue
             yield i, image
 
-    def finish(indices: list[int], analysed: _Analysed, tau: float | None) -> None:
-        for index, image in zip(indices, analysed.tokens(token_filter.select(analysed.bits, tau)).per_image()):
+    def finish(indices: list[int], analysed: _Analysed) -> None:
+        for index, image in zip(indices, analysed.tokens(token_filter.select(analysed.bits, threshold)).per_image()):
             out.finish(index, image)
 
     waiting: list[tuple[list[int], _Analysed]] = []
@@ -366,7 +507,7 @@ def encode_files(
         for indices, batch in _group_by_size(readable(), batch_size):
             analysed = _Analysed.of(model.analyse(batch.to(device)))
             if budget is None:
-                finish(indices, analysed, tau)
+                finish(indices, analysed)
             else:
                 waiting.append((indices, analysed))
             analysed_count += len(indices)
@@ -375,13 +516,15 @@ def encode_files(
         if budget is not None:
             bits = [analysed.bits for _, analysed in waiting]
             calibration = calibrate_bits(token_filter, bits, budget, distributed=distributed)
-            tau = calibration.tau
+            threshold = calibration.threshold
+            writer.update_meta({"threshold": threshold})
             for indices, analysed in waiting:
-                finish(indices, analysed, tau)
+                finish(indices, analysed)
         bar.update(task, completed=len(paths))
-    if tau is None:
-        tau = getattr(token_filter, "tau", None)
-    return EncodeReport(out.images, failed, tau, out.tokens / max(out.images, 1), calibration)
+    if threshold is None:
+        mode, threshold = applied_rule(token_filter)
+    return EncodeReport(out.images, failed, threshold if mode == "tau" else None, out.tokens / max(out.images, 1),
+                        calibration, mode, threshold)
 
 
 # -- decoding files ------------------------------------------------------------------------------
@@ -454,30 +597,72 @@ def decode_tokens(
 # -- rate-distortion evaluation --------------------------------------------------------------------
 @attrs.frozen
 class RDPoint:
-    """One operating point: ``filter`` at ``setting`` (``tau=0.9``, ``k=37`` or ``all``), means per image."""
+    """One operating point, means per image, and the per-image values behind them.
+
+    ``filter`` names the method by role: ``model`` (the spec's filter at a per-image τ), ``shared-theta`` /
+    ``shared-epsilon`` (one absolute threshold for the whole set), ``oracle`` (per-image allocation upper
+    bound), or a baseline's registered name (``topk``, ``random``, ``raster``, ``all``, or any filter
+    asked for by name). ``setting`` is what it ran at (``tau=0.9``, ``theta=3.2``, ``k=37``, ``all``) and
+    ``matched`` the τ whose mean count it matches (``None`` for ``all``). Bits per pixel are counted by
+    :func:`tatok_core.bitrate.token_bits`: codes, globals and the side information of which tokens were
+    kept; ``bpp`` is their sum. ``per_image`` holds ``tokens``, ``fraction`` (k/N), ``psnr``, ``ssim``, ``bpp``.
+    """
 
     filter: str
     setting: str
     mean_tokens: float
     psnr: float
     ssim: float
+    bpp: float = math.nan
+    bpp_codes: float = math.nan
+    bpp_globals: float = math.nan
+    bpp_side: float = math.nan
+    matched: str | None = None
+    per_image: dict[str, list[float]] = attrs.field(factory=dict)
+
+
+#: What ``tatok eval`` compares by default: roles first, then the fixed-count baselines and keeping all.
+DEFAULT_METHODS = ("model", "theta", "epsilon", "topk", "random", "raster", "all")
+
+
+def _threshold_filter(model: Tokenizer, mode: str) -> TokenFilter:
+    """The shared-threshold filter: the model's own filter under rule ``mode`` when it is DTF-family, else
+    the built-in ``dtf`` filter (the reference implementation of the absolute rules)."""
+    try:
+        return rule_filter(model, mode)
+    except TatokError:
+        return model.token_filter("dtf", mode=mode)
+
+
+def _has_count_option(model: Tokenizer, name: str) -> bool:
+    try:
+        model.token_filter(name, k=1)
+    except SpecError:
+        return False
+    return True
 
 
 def evaluate_rate_distortion(
     model: Tokenizer,
     images: Tensor | Sequence[Tensor],
     taus: Sequence[float] = (0.5, 0.7, 0.9, 1.0),
-    filters: Sequence[str] = ("dtf", "topk", "random", "raster", "all"),
+    filters: Sequence[str] = DEFAULT_METHODS,
     *,
+    oracle: bool = False,
+    oracle_levels: int = 16,
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[RDPoint]:
-    """PSNR/SSIM against mean patch tokens: DTF at each τ, baselines at DTF's matched counts, ``all`` once.
+    """PSNR/SSIM against mean patch tokens and bits per pixel, every method at the model's matched counts.
 
-    ``images`` is a (B, C, H, W) batch or a list of (C, H, W) images of any sizes. Baseline filters
-    (any registered filter with a ``k`` option: ``topk``, ``random``, ``raster``) keep k = round(DTF's
-    mean tokens at each τ) for every image, the fixed-rate comparison the paper makes. Points come in
-    the order of ``filters``, each filter's by τ. Encodes each image once.
+    The model's own filter (the spec's, ``model``) runs at each τ; its mean count K_τ over the set is the
+    operating point every other method is matched to: ``theta``/``epsilon`` calibrate ONE shared threshold
+    to K_τ (:func:`calibrate_bits`, so images holding more information get more tokens); a filter with a
+    ``k`` option (``topk``, ``random``, ``raster``) keeps k = round(K_τ) in every image; ``all`` keeps
+    everything once; any other registered filter runs at each τ. With ``oracle`` every image is also
+    decoded at ``oracle_levels`` + 1 top-k counts (0 … N) and :func:`~tatok_core.allocation.oracle_allocation`
+    picks per-image counts with mean ≤ K_τ: an upper bound on allocation with the model's ranking.
+    ``images`` is a (B, C, H, W) batch or a list of (C, H, W) images of any sizes; each is encoded once.
     """
     taus = [check_tau(t) for t in taus]
     if not filters or not taus:
@@ -487,32 +672,91 @@ def evaluate_rate_distortion(
         if problem:
             raise TatokError(f"cannot evaluate image {i}: {problem}")
     with _inference(model) as device:
-        batches = [(batch, _Analysed.of(model.analyse(batch.to(device))))
-                   for _, batch in _group_by_size(enumerate(images), batch_size)]
-        count = sum(batch.shape[0] for batch, _ in batches)
-        dtf = model.token_filter("dtf")
-        matched = [round(sum(int(dtf.select(a.bits, t).lengths.sum()) for _, a in batches) / count) for t in taus]
-        settings: list[tuple[str, str, TokenFilter, float | None]] = []
+        batches = [(indices, batch, _Analysed.of(model.analyse(batch.to(device))))
+                   for indices, batch in _group_by_size(enumerate(images), batch_size)]
+        count = sum(len(indices) for indices, _, _ in batches)
+        bits = [a.bits for _, _, a in batches]
+        own = model.token_filter()
+        matched = [sum(int(own.select(b, t).lengths.sum()) for b in bits) / count for t in taus]
+        settings: list[tuple[str, str, str | None, TokenFilter, float | None]] = []
         for name in filters:
-            if name == "dtf":
-                settings += [("dtf", f"tau={t:g}", dtf, t) for t in taus]
+            if name == "model":
+                settings += [("model", f"tau={t:g}", f"tau={t:g}", own, t) for t in taus]
+            elif name in ("theta", "epsilon"):
+                shared = _threshold_filter(model, name)
+                for t, target in zip(taus, matched):
+                    with contextlib.suppress(TatokError):  # a count the rule cannot reach is left out
+                        value = calibrate_bits(shared, bits, max(target, 1e-9)).threshold
+                        settings.append((f"shared-{name}", f"{name}={value:.6g}", f"tau={t:g}", shared, value))
             elif name == "all":
-                settings.append(("all", "all", model.token_filter("all"), None))
+                settings.append(("all", "all", None, model.token_filter("all"), None))
+            elif _has_count_option(model, name):
+                for t, target in zip(taus, matched):
+                    k = round(target)
+                    settings.append((name, f"k={k}", f"tau={t:g}", model.token_filter(name, k=k), None))
             else:
-                settings += [(name, f"k={k}", model.token_filter(name, k=k), None) for k in dict.fromkeys(matched)]
-        results: list[list[list[Tensor]]] = [[[], [], []] for _ in settings]
+                settings += [(name, f"tau={t:g}", f"tau={t:g}", model.token_filter(name), t) for t in taus]
+        per_image = [{key: [0.0] * count for key in ("tokens", "fraction", "psnr", "ssim", "bpp", "codes",
+                                                      "globals", "side")} for _ in settings]
+        levels = range(oracle_levels + 1) if oracle else range(0)
+        oracle_runs = {key: [[0.0] * len(levels) for _ in range(count)]
+                       for key in ("k", "psnr", "ssim", "bpp", "codes", "globals", "side")}
+
+        def record(into: dict[str, list], indices: list[int], slot: int | None, batch: Tensor, analysed: _Analysed,
+                   selection: Selection, positions_from_count: bool) -> None:
+            selected = analysed.tokens(selection)
+            reconstruction = model.decode(selected.to(device)).cpu()
+            n = analysed.bits.shape[1]
+            cost = token_bits(selection.lengths, n, model.num_global, model.quantizer.codebook_size,
+                              analysed.image_size, positions_from_count=positions_from_count)
+            values = {"tokens": selection.lengths.double(), "fraction": selection.lengths.double() / max(n, 1),
+                      "k": selection.lengths.double(), "psnr": psnr(reconstruction, batch).double(),
+                      "ssim": ssim(reconstruction, batch), "bpp": cost.bpp(), "codes": cost.bpp("codes"),
+                      "globals": cost.bpp("globals"), "side": cost.bpp("side")}
+            for key, column in into.items():
+                for i, v in zip(indices, values[key].tolist()):
+                    if slot is None:
+                        column[i] = v
+                    else:
+                        column[i][slot] = v
+
         with _progress(progress) as bar:
-            task = bar.add_task("evaluate", total=len(settings) * len(batches))
-            for batch, analysed in batches:
-                for (_, _, token_filter, tau), (tokens, psnrs, ssims) in zip(settings, results):
-                    selected = analysed.tokens(token_filter.select(analysed.bits, tau))
-                    reconstruction = model.decode(selected.to(device)).cpu()
-                    tokens.append(selected.lengths.double())
-                    psnrs.append(psnr(reconstruction, batch).double())
-                    ssims.append(ssim(reconstruction, batch))
+            task = bar.add_task("evaluate", total=(len(settings) + len(levels)) * len(batches))
+            for indices, batch, analysed in batches:
+                for (_, _, _, token_filter, threshold), into in zip(settings, per_image):
+                    record(into, indices, None, batch, analysed, token_filter.select(analysed.bits, threshold),
+                           getattr(token_filter, "positions_from_count", False))
                     bar.advance(task)
-    return [RDPoint(name, setting, *(float(torch.cat(values).mean()) for values in result))
-            for (name, setting, _, _), result in zip(settings, results)]
+                order = descending_order(analysed.bits)  # the model's ranking (top-k by bits)
+                for slot in levels:
+                    k = torch.full((len(indices),), round(analysed.bits.shape[1] * slot / oracle_levels))
+                    record(oracle_runs, indices, slot, batch, analysed, Selection.from_mask(keep_first(order, k)), False)
+                    bar.advance(task)
+    points = [_point(label, setting, target, values) for (label, setting, target, _, _), values in zip(settings, per_image)]
+    if oracle:
+        for t, target in zip(taus, matched):
+            choice = oracle_allocation(oracle_runs["k"], oracle_runs["psnr"], target)
+            values = {key: [runs[j] for runs, j in zip(column, choice)] for key, column in oracle_runs.items()}
+            values["tokens"] = values.pop("k")
+            values["fraction"] = [k / max(a.bits.shape[1], 1) for k, a in zip(values["tokens"], _per_image(batches, count))]
+            points.append(_point("oracle", f"{oracle_levels + 1} counts per image", f"tau={t:g}", values))
+    return points
+
+
+def _per_image(batches: Sequence[tuple[list[int], Tensor, _Analysed]], count: int) -> list[_Analysed]:
+    """The analysed batch of each image, in input order."""
+    out: list[Any] = [None] * count
+    for indices, _, analysed in batches:
+        for i in indices:
+            out[i] = analysed
+    return out
+
+
+def _point(label: str, setting: str, target: str | None, values: Mapping[str, list[float]]) -> RDPoint:
+    mean = {key: float(np.mean(v)) if v else math.nan for key, v in values.items()}
+    return RDPoint(label, setting, mean["tokens"], mean["psnr"], mean["ssim"], mean["bpp"],
+                   mean.get("codes", math.nan), mean.get("globals", math.nan), mean.get("side", math.nan),
+                   target, {key: values[key] for key in ("tokens", "fraction", "psnr", "ssim", "bpp") if key in values})
 
 
 def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
@@ -529,20 +773,24 @@ def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def plot_rate_distortion(points: Sequence[RDPoint], path: str | os.PathLike[str]) -> Path:
-    """PNG of PSNR against mean patch tokens, one curve per filter (``all`` is a single point)."""
+    """PNG of PSNR and SSIM against mean patch tokens and against bits per pixel, one curve per method."""
     from matplotlib.figure import Figure  # imported here: matplotlib costs ~0.5 s that encode need not pay
 
-    figure = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    for name in dict.fromkeys(p.filter for p in points):
-        curve = sorted((p for p in points if p.filter == name), key=lambda p: p.mean_tokens)
-        axes.plot([p.mean_tokens for p in curve], [p.psnr for p in curve], marker="o", label=name,
-                  linestyle="-" if len(curve) > 1 else "none")
-    axes.set_xlabel("patch tokens per image (mean)")
-    axes.set_ylabel("PSNR (dB)")
-    axes.set_title("rate-distortion")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    figure = Figure(figsize=(11, 8), dpi=100, layout="constrained")
+    grid = figure.subplots(2, 2)
+    for row, (metric, label) in enumerate((("psnr", "PSNR (dB)"), ("ssim", "SSIM"))):
+        for col, (rate, rate_label) in enumerate((("mean_tokens", "patch tokens per image (mean)"),
+                                                  ("bpp", "bits per pixel (codes + globals + positions)"))):
+            axes = grid[row][col]
+            for name in dict.fromkeys(p.filter for p in points):
+                curve = sorted((p for p in points if p.filter == name), key=lambda p: getattr(p, rate))
+                axes.plot([getattr(p, rate) for p in curve], [getattr(p, metric) for p in curve], marker="o",
+                          label=name, linestyle="-" if len(curve) > 1 else "none")
+            axes.set_xlabel(rate_label)
+            axes.set_ylabel(label)
+            axes.grid(alpha=0.3)
+    grid[0][0].legend()
+    figure.suptitle("rate-distortion")
     return _save_figure(figure, path)
 
 

@@ -298,6 +298,18 @@ class TokenWriter:
             if found[key] != self._header[key]:
                 raise TokenFileError(f"{shard}: cannot append: {key} is {found[key]} there, {self._header[key]} here")
 
+    def update_meta(self, extra: Mapping[str, Any]) -> None:
+        """Add ``meta`` keys known only once encoding has begun (a budget's calibrated threshold).
+
+        Only before the first image is written, so every shard of the set carries the same meta.
+        """
+        if self._buffer or self._written or self._had_shards or self._closed:
+            raise TokenFileError(f"{self.path}: meta can change only before the first image is written")
+        if set(extra) & (set(REQUIRED_META) | {"format_version", "spec_digest", "tokenizer"}):
+            raise TokenFileError(f"{self.path}: update_meta may not change {sorted(set(extra) & set(REQUIRED_META))}")
+        self._meta.update(extra)
+        self._header["meta"] = _canonical(self._meta)
+
     def write(self, tokens: Tokens, sources: Sequence[tuple[str, int]]) -> None:
         """Append a batch; ``sources[b]`` = (file name, byte size) of image b."""
         if self._closed:

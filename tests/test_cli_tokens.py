@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
@@ -73,11 +74,12 @@ def test_encode_is_deterministic_and_batch_size_invariant(run, images: Path, tmp
     for name, batch in [("a", "1"), ("b", "4"), ("c", "4")]:
         result = run("encode", images, "-o", tmp_path / f"{name}.safetensors", "--budget", "20", "--batch-size", batch)
         assert result.exit_code == 0, result.output
-        assert "calibrated tau" in result.stdout and "budget 20" in result.stdout
+        assert "calibrated theta" in result.stdout and "budget 20" in result.stdout
     data = [(tmp_path / f"{n}.safetensors").read_bytes() for n in "abc"]
     assert data[0] == data[1] == data[2]
     meta = TokenDataset(tmp_path / "a.safetensors").metadata
     assert meta["budget"] == 20 and meta["filter"] == {"name": "dtf", "options": {}}
+    assert meta["mode"] == "theta" and np.float32(result.stdout.split("calibrated theta ")[1].split(":")[0]) == meta["threshold"]
 
 
 def test_encode_with_a_baseline_filter(run, images: Path, tmp_path: Path) -> None:
@@ -132,15 +134,19 @@ def bad_inputs(tmp_path: Path) -> Path:
     (["encode", "{d}/junk.jpg", "-o", "{d}/out"], "cannot read image"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out"], "smaller than one 4×4 patch"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--tau", "1.5"], "tau must be a number in [0, 1]"),
-    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--budget", "-2"], "budget must be a number of patch tokens per image >= 0"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--budget", "-2"], "budget must be a number of patch tokens per image > 0"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--tau", "0.5", "--budget", "3"], "exclude each other"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--set", "encoder.dim=3"], "--set takes filter.OPTION=VALUE"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--filter", "nope"], "unknown filter 'nope'"),
     (["decode", "{d}/missing", "-o", "{d}/out"], "no token shards"),
     (["show", "{d}/tiny.png", "-o", "{d}/out"], "smaller than one 4×4 patch"),
     (["show", "{d}/junk.jpg", "-o", "{d}/out"], "cannot read image"),
-    (["show", "{d}/huge.png", "-o", "{d}/out"], "has 8281 patches of 4×4, more than the 8192"),
-    (["encode", "{d}/huge.png", "-o", "{d}/out"], "has 8281 patches of 4×4, more than the 8192"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--theta", "-1"], "theta must be a finite number of bits >= 0"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--epsilon", "nan"], "epsilon must be a finite number of bits >= 0"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--epsilon", "inf"], "epsilon must be a finite number of bits >= 0"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--theta", "2", "--epsilon", "3"], "theta and epsilon exclude each other"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--budget", "0"], "budget must be a number of patch tokens per image > 0"),
+    (["encode", "{d}/huge.png", "-o", "{d}/out", "--budget", "9000"], "budget 9000 tokens per image is outside"),
     (["show", "{d}/tiny.png", "-o", "{d}/out", "--tau", "-0.1"], "tau must be a number in [0, 1]"),
     (["eval", "--taus", "0.5,x", "-o", "{d}/out"], "--taus takes comma-separated numbers"),
     (["eval", "--taus", "2", "-o", "{d}/out"], "tau must be a number in [0, 1]"),
@@ -188,6 +194,7 @@ def test_torchrun_ranks_write_own_shards_with_one_shared_tau(models: dict[str, P
     dataset = TokenDataset(out)
     assert [im.source for im in dataset] == [f"crop{i}.png" for i in (0, 2, 4, 1, 3, 5)]
     mean = sum(len(im.codes) for im in dataset) / len(dataset)
-    assert abs(mean - 20) <= 1 and done.stdout.count("calibrated tau") == 1
-    taus = {line.rsplit("tau ", 1)[1].rstrip(")") for line in done.stdout.splitlines() if "encoded" in line}
-    assert len(taus) == 1  # every rank applied the same τ
+    assert abs(mean - 20) <= 1 and done.stdout.count("calibrated theta") == 1
+    thetas = {line.rsplit("theta ", 1)[1].rstrip(")") for line in done.stdout.splitlines() if "encoded" in line}
+    assert len(thetas) == 1 and len(done.stdout.splitlines()) >= 3  # every rank applied the same θ
+    assert TokenDataset(out).metadata["threshold"] == np.float32(thetas.pop())  # printed as float32

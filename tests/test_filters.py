@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tatok_core import Facts, FilterInputError
-from tatok_core.dtf import dtf_select
+from tatok_core.dtf import dtf_select, select_by_rule
 from tatok_plugins.filters import DynamicTokenFilter, KeepAll, RandomKFilter, RasterKFilter, TopKFilter
 
 NO_FACTS = Facts()
@@ -36,7 +36,27 @@ def test_dtf_default_tau_and_override() -> None:
     assert dtf.select(h, 0.8).equal(dtf_select(h, 0.8))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(("mode", "default", "override"), [("theta", 2.0, 3.5), ("epsilon", 20.0, 7.0)])
+def test_dtf_absolute_modes_use_their_own_threshold(backend: str, mode: str, default: float, override: float) -> None:
+    if backend == "triton":
+        pytest.importorskip("triton", reason="the triton backend needs the 'triton' package")
+    h = bits()
+    dtf = DynamicTokenFilter(NO_FACTS, mode=mode, **{mode: default}, min_keep=1, max_keep=30, backend=backend)
+    assert dtf.threshold == default
+    assert dtf.select(h).equal(select_by_rule(h, mode, default, 1, 30))
+    assert dtf.select(h, override).equal(select_by_rule(h, mode, override, 1, 30))  # the call's value is θ / ε
+
+
 def test_dtf_bad_options_and_inputs() -> None:
+    with pytest.raises(ValueError, match="mode must be one of tau, theta, epsilon"):
+        DynamicTokenFilter(NO_FACTS, mode="delta")
+    with pytest.raises(ValueError, match="theta must be a finite number"):
+        DynamicTokenFilter(NO_FACTS, mode="theta", theta=-1.0)
+    with pytest.raises(ValueError, match="epsilon must be a finite number"):
+        DynamicTokenFilter(NO_FACTS, epsilon=float("inf"))
+    with pytest.raises(ValueError, match="tau must be a number in"):
+        DynamicTokenFilter(NO_FACTS, tau=1.5)
     with pytest.raises(ValueError, match="backend must be one of"):
         DynamicTokenFilter(NO_FACTS, backend="cuda")
     with pytest.raises(FilterInputError, match="min_keep .* must not exceed max_keep"):

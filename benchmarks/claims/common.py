@@ -28,7 +28,8 @@ from rich.table import Table
 from torch import Tensor
 
 from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.dtf import MAX_TOKENS, descending_order, keep_first
+from tatok_core.bitrate import token_bits
+from tatok_core.dtf import descending_order, keep_first
 from tatok_core.errors import TatokError
 from tatok_core.imageio import fit_longest_side
 from tatok_core.interfaces import Grid, TokenFilter
@@ -288,8 +289,6 @@ def analyse(model: Tokenizer, images: Tensor | Sequence[Tensor], batch_size: int
     batches = []
     for indices, batch in group(images, batch_size):
         a = model.analyse(batch)
-        if a.entropy.bits.shape[1] > MAX_TOKENS:
-            raise TatokError(f"{a.entropy.bits.shape[1]} patch tokens per image exceed DTF's {MAX_TOKENS}: downscale more")
         batches.append(Batch(indices, batch, a.globals_.codes.cpu(), a.patches.codes.cpu(), a.entropy.bits.float().cpu(),
                              a.grid, a.image_size))
     return Analysed(batches, len(images))
@@ -309,13 +308,19 @@ def random_scores(bits: Tensor, seed: int) -> Tensor:
 
 
 @torch.no_grad()
-def score(model: Tokenizer, analysed: Analysed, choose: Chooser) -> dict[str, list[float]]:
-    """Per image: patch tokens kept, PSNR, SSIM and the share of the image's bits that were kept."""
-    out: dict[str, list[float]] = {key: [math.nan] * analysed.count for key in ("tokens", "psnr", "ssim", "bits_kept")}
+def score(model: Tokenizer, analysed: Analysed, choose: Chooser, positions_from_count: bool = False) -> dict[str, list[float]]:
+    """Per image: patch tokens kept, PSNR, SSIM, the share of the image's bits that were kept, and bits per
+    pixel (:func:`tatok_core.bitrate.token_bits`: codes + globals + which tokens were kept)."""
+    keys = ("tokens", "psnr", "ssim", "bits_kept", "bpp", "bpp_side")
+    out: dict[str, list[float]] = {key: [math.nan] * analysed.count for key in keys}
     for batch in analysed.batches:
         selection = choose(batch)
         reconstruction = model.decode(batch.tokens(selection)).cpu()
+        cost = token_bits(selection.lengths, batch.num_patches, model.num_global, model.quantizer.codebook_size,
+                          batch.image_size, positions_from_count=positions_from_count)
         values = {
+            "bpp": cost.bpp(),
+            "bpp_side": cost.bpp("side"),
             "tokens": selection.lengths.double(),
             "psnr": psnr(reconstruction, batch.images).double(),
             "ssim": ssim(reconstruction, batch.images),

@@ -72,7 +72,8 @@ def rd_points(model: Tokenizer, label: str, analysed: Analysed, budgets: Sequenc
         k = round(dtf_point["mean_tokens"])
         for name in baselines:
             chosen = model.token_filter(name, k=k)
-            points.append(point(score(model, analysed, lambda b: chosen.select(b.bits)),
+            points.append(point(score(model, analysed, lambda b: chosen.select(b.bits),
+                                      getattr(chosen, "positions_from_count", False)),
                                 model=label, filter=name, budget=dtf_point["budget"], k=k, setting=f"k={k}"))
     if include_all:
         keep_all = model.token_filter("all")

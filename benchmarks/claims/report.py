@@ -90,7 +90,8 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
     if rd:
         models = rd["models"]
         out += [f"DTF (τ calibrated per budget) against fixed-count filters that keep k = round(DTF's mean) tokens of every "
-                f"image, on `{models['shipped']['label']}`; PSNR in dB. Then, at equal training cost "
+                f"image, on `{models['shipped']['label']}`; PSNR in dB; bpp = bits per pixel of DTF's tokens, counting "
+                f"the codes, the global tokens and which tokens were kept (`tatok_core.bitrate.token_bits`). Then, at equal training cost "
                 f"({models['fixed-rate']['steps']} steps each), the recipe trained with DTF against the same recipe "
                 f"trained with filter `all` (a classic fixed-rate tokenizer).", ""]
         for key, data in rd["sets"].items():
@@ -100,14 +101,14 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
             for d in (p for p in pts if p["model"] == "shipped" and p["filter"] == "dtf"):
                 b = d["budget"]
                 rnd = by.get(("shipped", "random", b))
-                rows.append([f"{b:.0%}", d["mean_tokens"], d["psnr"],
+                rows.append([f"{b:.0%}", d["mean_tokens"], d.get("bpp"), d["psnr"],
                              *[by.get(("shipped", n, b), {}).get("psnr") for n in ("topk", "random", "raster")],
                              None if rnd is None else d["psnr"] - rnd["psnr"], d["ssim"], None if rnd is None else rnd["ssim"]])
             a = by.get(("shipped", "all", 1.0))
             if a:
-                rows.append(["all", a["mean_tokens"], a["psnr"], None, None, None, None, a["ssim"], None])
+                rows.append(["all", a["mean_tokens"], a.get("bpp"), a["psnr"], None, None, None, None, a["ssim"], None])
             out += [f"**{data['description']}** (N = {summary['mean_patches']:.0f} patch tokens per image)", "",
-                    md_table(["budget", "tokens", "DTF", "topk", "random", "raster", "DTF − random", "SSIM DTF",
+                    md_table(["budget", "tokens", "bpp", "DTF", "topk", "random", "raster", "DTF − random", "SSIM DTF",
                               "SSIM random"], rows), ""]
             notes = []
             if summary.get("saving_vs_random"):
