@@ -49,6 +49,16 @@ def test_shifted_windows_are_partial_at_the_borders() -> None:
     assert sizes.tolist() == [[3, 12, 12, 12, 12]] * 3 + [[2, 8, 8, 8, 8]] * 2
 
 
+def masked_reference(grid: tuple[int, int], window: int, prefix: int, offset: tuple[int, int]) -> torch.Tensor:
+    """The pre-windowing implementation's (M + N)² mask, written out independently of :class:`Windows`."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    rows, cols = rows.reshape(-1) + offset[0], cols.reshape(-1) + offset[1]
+    window_id = (rows // window) * (grid[1] + 2 * window) + cols // window  # (N,)
+    mask = torch.ones(prefix + rows.numel(), prefix + rows.numel(), dtype=torch.bool)
+    mask[prefix:, prefix:] = window_id[:, None] == window_id[None, :]
+    return mask
+
+
 CASES = [  # (grid, window, prefix, offset): exact tilings, partial windows, shifts, window > grid
     ((4, 4), 2, 0, (0, 0)),
     ((4, 4), 2, 3, (0, 0)),
@@ -70,6 +80,7 @@ def test_windowed_transformer_equals_masked_full_attention(
     torch.manual_seed(0)
     transformer = Transformer(16, depth=2, heads=2).eval()
     windows = Windows(grid, window, prefix=prefix, offset=offset)
+    assert torch.equal(windows.dense_mask(), masked_reference(grid, window, prefix, offset))
     n = grid[0] * grid[1]
     x = torch.randn(2, prefix + n, 16)  # (B, M + N, D)
     key_mask = torch.rand(2, n) > 0.3 if with_key_mask else None
