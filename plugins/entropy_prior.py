@@ -72,5 +72,5 @@ class GlobalConditionalPrior(EntropyEstimator):
             bits = nats / math.log(2)
         else:
             bits = -torch.stack([(lq.exp() * lq).sum(-1) for lq in log_q]).sum(0) / math.log(2)
-        return EntropyEstimate(bits=bits.detach().clamp_min(0), loss=loss, metrics={"prior_bits_per_token": float(loss.detach())})
+        return EntropyEstimate(bits=bits.detach().clamp_min(0), loss=loss, metrics={"prior_bits_per_token": loss.detach()})
 

@@ -16,7 +16,6 @@ codes are only portable between FSQ implementations when every one of them agree
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
@@ -37,19 +36,6 @@ def float32_region(device: torch.device) -> Iterator[None]:
         ctx = contextlib.nullcontext()
     with ctx:
         yield
-
-
-def code_metrics(codes: Tensor, codebook_size: int) -> dict[str, float]:
-    """``codebook_usage`` (fraction of the codebook used in this batch) and ``perplexity`` (exp entropy)."""
-    if codes.is_meta or codes.numel() == 0:
-        return {}
-    with torch.no_grad():
-        _, counts = torch.unique(codes.flatten(), return_counts=True)
-        p = counts.double() / counts.sum()
-        return {
-            "codebook_usage": counts.numel() / codebook_size,
-            "perplexity": math.exp(float(-(p * p.log()).sum())),
-        }
 
 
 class FSQ(Quantizer):
@@ -99,8 +85,7 @@ class FSQ(Quantizer):
             vectors=self.project_out(levels).to(dtype),  # (..., D), cast back after float32 quantization
             codes=codes,
             aux_loss=x.new_zeros((), dtype=torch.float32),
-            metrics=code_metrics(codes, self.codebook_size),
-        )
+        )  # codebook statistics on request only (Quantized.code_statistics): no host sync here
 
     def codes_to_levels(self, codes: Tensor) -> Tensor:
         """Codes (...) → normalised levels (..., L) in [-1, 1]."""
