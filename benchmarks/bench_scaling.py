@@ -1,0 +1,260 @@
+"""How encode and decode cost grows with the image: time and peak memory per image, per stage.
+
+    python benchmarks/bench_scaling.py                      # sides 64…1024 + a 2048×1536 photo, tatok-tiny
+    python benchmarks/bench_scaling.py --quick              # sides 64…256, one repeat (a smoke run)
+    python benchmarks/bench_scaling.py --model DIR --json runs/scaling.json --png runs/scaling.png
+
+Batch 1, random-noise images (the content does not change the cost: every patch goes through every
+stage; only the filter's kept count varies). Time: median of ``--repeats`` calls after one warm-up, for
+``encode`` and ``decode`` as a whole and for each stage alone on the inputs the stages before it
+produced (encoder, global tokens, quantizer, entropy, filter, decoder). Peak memory: on CUDA
+``max_memory_allocated`` during one call; on CPU the process's resident set, sampled every 0.5 ms
+during one call, as the absolute peak (``peak_mib``: everything the process holds, model and torch
+included) and as the growth over the resident set before the call (``extra_mib``).
+
+The issue-14 targets are checked in the JSON's ``targets``: encode and decode of 1024² within 20× the
+time of 256² (16× is linear), and the photo within 4 GiB peak. A filter that refuses a size (the DTF
+token cap, before issue 13) is replaced by ``--fallback-filter`` for that size, and the row says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tatok_core.errors import TatokError
+from tatok_core.interfaces import EntropyContext
+from tatok_core.tokenizer import Tokenizer
+from tatok_core.tokens import Tokens
+
+FULL_SIDES = (64, 128, 256, 512, 768, 1024)
+QUICK_SIDES = (64, 128, 256)
+PHOTO = (1536, 2048)  # (H, W) of a 3-megapixel photo
+STAGES = ("encoder", "global_tokenizer", "quantizer", "entropy", "filter", "decoder")
+TIME_RATIO_TARGET = 20.0  # 1024² vs 256², encode and decode each
+PHOTO_PEAK_TARGET_MIB = 4096.0
+
+
+def resident_mib() -> float:
+    """The process's resident set now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError):
+        return 0.0
+
+
+@contextmanager
+def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
+    """Yields a dict that holds ``peak_mib`` and ``extra_mib`` of the enclosed block once it exits."""
+    result: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device) / 2**20
+        yield result
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        result.update(peak_mib=peak, extra_mib=peak - before)
+        return
+    before = resident_mib()
+    samples = [before]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append(resident_mib())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        samples.append(resident_mib())
+        result.update(peak_mib=max(samples), extra_mib=max(samples) - before)
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up (synchronised on CUDA)."""
+
+    def timed() -> float:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    fn()
+    return statistics.median(timed() for _ in range(max(repeats, 1)))
+
+
+def encode_with(model: Tokenizer, images: torch.Tensor, filter_name: str | None) -> Tokens:
+    return model.encode(images) if filter_name is None else model.encode(images, filter=filter_name)
+
+
+@torch.no_grad()
+def measure(model: Tokenizer, height: int, width: int, repeats: int, device: torch.device,
+            fallback_filter: str) -> dict[str, Any]:
+    """One row: totals, stages and peak memory for one H×W image."""
+    images = torch.rand(1, model.encoder.channels, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    filter_name: str | None = None
+    note = ""
+    try:
+        encode_with(model, images, None)
+    except TatokError as error:  # e.g. the DTF token cap
+        filter_name, note = fallback_filter, f"{model.spec.filter.name} refused ({error}); used {fallback_filter!r}"
+    with peak_memory(device) as encode_memory:
+        tokens = encode_with(model, images, filter_name)
+    with peak_memory(device) as decode_memory:
+        model.decode(tokens)
+    row: dict[str, Any] = {
+        "height": height, "width": width, "patches": tokens.num_patches,
+        "kept": int(tokens.lengths.sum()), "filter": filter_name or model.spec.filter.name, "note": note,
+        "encode_s": median_seconds(lambda: encode_with(model, images, filter_name), repeats, device),
+        "decode_s": median_seconds(lambda: model.decode(tokens), repeats, device),
+        "encode_peak_mib": encode_memory["peak_mib"], "encode_extra_mib": encode_memory["extra_mib"],
+        "decode_peak_mib": decode_memory["peak_mib"], "decode_extra_mib": decode_memory["extra_mib"],
+    }
+    row["stage_s"] = stage_seconds(model, images, filter_name, repeats, device)
+    return row
+
+
+def stage_seconds(model: Tokenizer, images: torch.Tensor, filter_name: str | None, repeats: int,
+                  device: torch.device) -> dict[str, float]:
+    """Each stage alone, on the outputs of the stages before it (the Tokenizer's wiring, unrolled)."""
+    padded, _ = model._pad(images)
+    grid = model.grid_for(*images.shape[2:])
+    features = model.encoder(padded)  # (1, N, D)
+    global_features, patch_features = model.global_tokenizer(features, grid)
+    m = global_features.shape[1]
+    joint = torch.cat([global_features, patch_features], dim=1)  # (1, M + N, D)
+    quantized = model.quantizer(joint)
+    context = EntropyContext(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
+                             quantized.vectors[:, m:], quantized.codes[:, m:])
+    bits = model.entropy(context).bits  # (1, N)
+    token_filter = model.token_filter(filter_name)
+    keep = token_filter.select(bits).keep
+    calls: dict[str, Callable[[], Any]] = {
+        "encoder": lambda: model.encoder(padded),
+        "global_tokenizer": lambda: model.global_tokenizer(features, grid),
+        "quantizer": lambda: model.quantizer(joint),
+        "entropy": lambda: model.entropy(context),
+        "filter": lambda: token_filter.select(bits),
+        "decoder": lambda: model.decoder(quantized.vectors[:, :m], quantized.vectors[:, m:], keep, grid),
+    }
+    return {name: median_seconds(fn, repeats, device) for name, fn in calls.items()}
+
+
+def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue-14 targets, from the rows that exist."""
+    by_size = {(r["height"], r["width"]): r for r in rows}
+    out: dict[str, Any] = {}
+    small, large = by_size.get((256, 256)), by_size.get((1024, 1024))
+    if small and large:
+        for what in ("encode", "decode"):
+            ratio = large[f"{what}_s"] / small[f"{what}_s"]
+            out[f"{what}_1024_over_256"] = {"ratio": ratio, "target": TIME_RATIO_TARGET, "met": ratio <= TIME_RATIO_TARGET}
+    photo = by_size.get(PHOTO)
+    if photo:
+        peak = max(photo["encode_peak_mib"], photo["decode_peak_mib"])
+        out["photo_peak_mib"] = {"peak": peak, "target": PHOTO_PEAK_TARGET_MIB, "met": peak <= PHOTO_PEAK_TARGET_MIB}
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    rows = result["rows"]
+    pixels = [r["height"] * r["width"] for r in rows]
+    figure = Figure(figsize=(13, 4), dpi=100, layout="constrained")
+    times, stages, memory = figure.subplots(1, 3)
+    for what in ("encode", "decode"):
+        times.plot(pixels, [r[f"{what}_s"] * 1e3 for r in rows], "o-", label=what)
+    base = rows[0]
+    times.plot(pixels, [base["encode_s"] * 1e3 * p / pixels[0] for p in pixels], ":", color="gray", label="linear")
+    times.set(xscale="log", yscale="log", xlabel="pixels per image", ylabel="ms per image", title="time")
+    times.legend(fontsize=8)
+    for stage in STAGES:
+        stages.plot(pixels, [r["stage_s"][stage] * 1e3 for r in rows], "o-", label=stage.replace("_tokenizer", ""))
+    stages.set(xscale="log", yscale="log", xlabel="pixels per image", ylabel="ms", title="per stage")
+    stages.legend(fontsize=7)
+    for what in ("encode", "decode"):
+        memory.plot(pixels, [r[f"{what}_peak_mib"] for r in rows], "o-", label=f"{what} peak")
+        memory.plot(pixels, [r[f"{what}_extra_mib"] for r in rows], "x--", label=f"{what} growth")
+    memory.axhline(PHOTO_PEAK_TARGET_MIB, color="gray", ls=":", label="4 GiB")
+    memory.set(xscale="log", yscale="log", xlabel="pixels per image", ylabel="MiB", title="peak memory")
+    memory.legend(fontsize=7)
+    env = result["environment"]
+    figure.suptitle(f"{result['model']} on {env['device']} ({env['threads']} threads)", fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tatok-tiny", help="shipped name or saved directory")
+    parser.add_argument("--sides", type=int, nargs="*", help=f"square sides (default {FULL_SIDES})")
+    parser.add_argument("--no-photo", action="store_true", help=f"skip the {PHOTO[1]}×{PHOTO[0]} photo")
+    parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIDES}, no photo, one repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fallback-filter", default="all", help="filter for sizes the model's filter refuses")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, default=Path("runs/bench_scaling.json"))
+    parser.add_argument("--png", type=Path, default=Path("runs/bench_scaling.png"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sides = args.sides or (QUICK_SIDES if args.quick else FULL_SIDES)
+    repeats = 1 if args.quick else args.repeats
+    sizes = [(s, s) for s in sides] + ([] if args.quick or args.no_photo else [PHOTO])
+    model = Tokenizer.from_pretrained(args.model).to(device).eval()
+    rows = []
+    for height, width in sizes:
+        row = measure(model, height, width, repeats, device, args.fallback_filter)
+        rows.append(row)
+        stages = "  ".join(f"{k.replace('_tokenizer', '')} {v * 1e3:.1f}" for k, v in row["stage_s"].items())
+        print(f"{height}×{width}: encode {row['encode_s'] * 1e3:.1f} ms ({row['encode_peak_mib']:.0f} MiB peak, "
+              f"+{row['encode_extra_mib']:.0f})  decode {row['decode_s'] * 1e3:.1f} ms "
+              f"({row['decode_peak_mib']:.0f} MiB, +{row['decode_extra_mib']:.0f})  | {stages} ms"
+              + (f"  [{row['note']}]" if row["note"] else ""), flush=True)
+    result = {
+        "model": args.model,
+        "environment": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "repeats": repeats, "batch": 1, "rows": rows, "targets": targets(rows),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=2))
+    plot(result, args.png)
+    for name, check in result["targets"].items():
+        value = check.get("ratio", check.get("peak"))
+        print(f"target {name}: {value:.2f} (target {check['target']}) {'met' if check['met'] else 'NOT met'}")
+    print(f"wrote {args.json} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
