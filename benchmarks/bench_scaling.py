@@ -12,9 +12,11 @@ produced (encoder, global tokens, quantizer, entropy, filter, decoder). Peak mem
 during one call, as the absolute peak (``peak_mib``: everything the process holds, model and torch
 included) and as the growth over the resident set before the call (``extra_mib``).
 
-The issue-14 targets are checked in the JSON's ``targets``: encode and decode of 1024² within 20× the
+FSQ is also timed against vector-quantize-pytorch's (``benchmarks/bench_fsq.py``) when that optional
+dependency is installed (``pip install 'tatok[bench]'``). The issue-14 targets are checked in the JSON's ``targets``: encode and decode of 1024² within 20× the
 time of 256² (16× is linear), and the photo within 4 GiB peak. A filter that refuses a size (the DTF
-token cap, before issue 13) is replaced by ``--fallback-filter`` for that size, and the row says so.
+token cap, before issue 13) is replaced by ``--fallback-filter`` for that size, and when that refuses
+too, every token is kept without a filter; the row's ``note`` says which.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ if __package__ in (None, ""):
 
 from tatok_core.errors import TatokError
 from tatok_core.interfaces import EntropyContext
+from tatok_core.selection import Selection
 from tatok_core.tokenizer import Tokenizer
 from tatok_core.tokens import Tokens
 
@@ -106,8 +109,34 @@ def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) ->
     return statistics.median(timed() for _ in range(max(repeats, 1)))
 
 
-def encode_with(model: Tokenizer, images: torch.Tensor, filter_name: str | None) -> Tokens:
-    return model.encode(images) if filter_name is None else model.encode(images, filter=filter_name)
+class KeepEverything:
+    """Stands in for a filter that refuses the size (the DTF token cap before issue 13): keeps every token."""
+
+    def select(self, bits: torch.Tensor, tau: Any = None) -> Selection:
+        return Selection.from_mask(torch.ones_like(bits, dtype=torch.bool))
+
+
+def pick_filter(model: Tokenizer, images: torch.Tensor, fallback: str) -> tuple[Any, str]:
+    """The model's filter, else ``fallback``, else :class:`KeepEverything`, whichever accepts this size."""
+    bits = model.analyse(images).entropy.bits
+    refusals = []
+    for candidate in (None, fallback):
+        token_filter = model.token_filter(candidate)
+        try:
+            token_filter.select(bits)
+        except TatokError as error:
+            refusals.append(f"{candidate or model.spec.filter.name!r} refused ({error})")
+            continue
+        return token_filter, "; ".join(refusals)
+    return KeepEverything(), "; ".join(refusals) + "; kept every token without a filter"
+
+
+def encode_with(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> Tokens:
+    """:meth:`Tokenizer.encode` with ``token_filter`` (which may be no registered filter)."""
+    analysis = model.analyse(images)
+    selection = token_filter.select(analysis.entropy.bits)
+    return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
+                                 analysis.image_size)
 
 
 @torch.no_grad()
@@ -115,29 +144,24 @@ def measure(model: Tokenizer, height: int, width: int, repeats: int, device: tor
             fallback_filter: str) -> dict[str, Any]:
     """One row: totals, stages and peak memory for one H×W image."""
     images = torch.rand(1, model.encoder.channels, height, width, generator=torch.Generator().manual_seed(0)).to(device)
-    filter_name: str | None = None
-    note = ""
-    try:
-        encode_with(model, images, None)
-    except TatokError as error:  # e.g. the DTF token cap
-        filter_name, note = fallback_filter, f"{model.spec.filter.name} refused ({error}); used {fallback_filter!r}"
+    token_filter, note = pick_filter(model, images, fallback_filter)
     with peak_memory(device) as encode_memory:
-        tokens = encode_with(model, images, filter_name)
+        tokens = encode_with(model, images, token_filter)
     with peak_memory(device) as decode_memory:
         model.decode(tokens)
     row: dict[str, Any] = {
-        "height": height, "width": width, "patches": tokens.num_patches,
-        "kept": int(tokens.lengths.sum()), "filter": filter_name or model.spec.filter.name, "note": note,
-        "encode_s": median_seconds(lambda: encode_with(model, images, filter_name), repeats, device),
+        "height": height, "width": width, "patches": tokens.num_patches, "kept": int(tokens.lengths.sum()),
+        "filter": getattr(token_filter, "label", type(token_filter).__name__), "note": note,
+        "encode_s": median_seconds(lambda: encode_with(model, images, token_filter), repeats, device),
         "decode_s": median_seconds(lambda: model.decode(tokens), repeats, device),
         "encode_peak_mib": encode_memory["peak_mib"], "encode_extra_mib": encode_memory["extra_mib"],
         "decode_peak_mib": decode_memory["peak_mib"], "decode_extra_mib": decode_memory["extra_mib"],
     }
-    row["stage_s"] = stage_seconds(model, images, filter_name, repeats, device)
+    row["stage_s"] = stage_seconds(model, images, token_filter, repeats, device)
     return row
 
 
-def stage_seconds(model: Tokenizer, images: torch.Tensor, filter_name: str | None, repeats: int,
+def stage_seconds(model: Tokenizer, images: torch.Tensor, token_filter: Any, repeats: int,
                   device: torch.device) -> dict[str, float]:
     """Each stage alone, on the outputs of the stages before it (the Tokenizer's wiring, unrolled)."""
     padded, _ = model._pad(images)
@@ -150,7 +174,6 @@ def stage_seconds(model: Tokenizer, images: torch.Tensor, filter_name: str | Non
     context = EntropyContext(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
                              quantized.vectors[:, m:], quantized.codes[:, m:])
     bits = model.entropy(context).bits  # (1, N)
-    token_filter = model.token_filter(filter_name)
     keep = token_filter.select(bits).keep
     calls: dict[str, Callable[[], Any]] = {
         "encoder": lambda: model.encoder(padded),
@@ -177,6 +200,19 @@ def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         peak = max(photo["encode_peak_mib"], photo["decode_peak_mib"])
         out["photo_peak_mib"] = {"peak": peak, "target": PHOTO_PEAK_TARGET_MIB, "met": peak <= PHOTO_PEAK_TARGET_MIB}
     return out
+
+
+def fsq_against_reference(model: Tokenizer, device: torch.device) -> list[dict[str, Any]] | str:
+    """benchmarks/bench_fsq.py's comparison at the model's FSQ levels, when vector-quantize-pytorch is there."""
+    from tatok_plugins.fsq import FSQ
+
+    if not isinstance(model.quantizer, FSQ):
+        return f"the model's quantizer is {model.spec.quantizer.name!r}, not FSQ"
+    try:
+        from benchmarks.bench_fsq import compare
+    except ImportError as error:
+        return f"skipped: {error} (pip install 'tatok[bench]')"
+    return [compare(model.quantizer.levels, tokens, device, 1.0) for tokens in (4096, 65536)]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -245,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         },
         "repeats": repeats, "batch": 1, "rows": rows, "targets": targets(rows),
+        "fsq_vs_vector_quantize_pytorch": fsq_against_reference(model, device),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
@@ -252,6 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, check in result["targets"].items():
         value = check.get("ratio", check.get("peak"))
         print(f"target {name}: {value:.2f} (target {check['target']}) {'met' if check['met'] else 'NOT met'}")
+    fsq = result["fsq_vs_vector_quantize_pytorch"]
+    for row in fsq if isinstance(fsq, list) else []:
+        print(f"FSQ {row['tokens']} tokens: {row['ratio']:.2f}× vector-quantize-pytorch's time (target ≤ 1.2), "
+              f"codes identical {row['codes_identical']}")
+    if isinstance(fsq, str):
+        print(f"FSQ comparison: {fsq}")
     print(f"wrote {args.json} and {args.png}")
     return 0
 

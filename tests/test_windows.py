@@ -92,6 +92,29 @@ def test_windowed_transformer_equals_masked_full_attention(
     torch.testing.assert_close(windowed, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_windowed_transformer_equals_masked_full_attention_on_cuda(dtype: torch.dtype) -> None:
+    """The fused CUDA attention kernels (flash / memory-efficient) against the masked computation."""
+    torch.manual_seed(0)
+    transformer = Transformer(64, depth=2, heads=4).cuda().eval()
+    for grid, window, prefix, offset in CASES:
+        windows = Windows(grid, window, prefix=prefix, offset=offset, device=torch.device("cuda"))
+        n = grid[0] * grid[1]
+        x = torch.randn(2, prefix + n, 64, device="cuda")
+        key_mask = torch.rand(2, n, device="cuda") > 0.3
+        key_mask[:, 0] = True
+        if not prefix:
+            key_mask = key_mask | (windows.dense_mask()[None] & key_mask[:, None]).sum(-1).eq(0)
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            for keys in (None, key_mask):
+                dense = transformer(x, windows.dense_mask(keys) if keys is not None else windows.dense_mask())
+                windowed = transformer(x, windows=windows, key_mask=keys)
+                tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+                torch.testing.assert_close(windowed.float(), dense.float(), rtol=tolerance, atol=tolerance,
+                                           msg=f"{grid} w={window} M={prefix} offset={offset} key_mask={keys is not None}")
+
+
 def test_key_mask_hides_patches_from_every_query() -> None:
     torch.manual_seed(0)
     transformer = Transformer(16, depth=1, heads=2).eval()
