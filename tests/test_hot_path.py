@@ -90,6 +90,22 @@ def test_inference_path_has_no_host_sync(model: str) -> None:
     assert analysis.patches.code_statistics(tokenizer.quantizer.codebook_size)["codebook_usage"] > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
+def test_inference_path_has_no_host_sync_on_cuda() -> None:
+    """CUDA's own sync detector agrees: it raises on any synchronising call in analyse and decode."""
+    tokenizer = Tokenizer.from_pretrained("tatok-tiny").cuda()
+    images = torch.rand(2, 3, 44, 60, device="cuda")
+    tokens = tokenizer.encode(images)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            tokenizer.analyse(images)
+            tokenizer.decode(tokens)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_encode_containers_are_named_tuples_with_the_same_fields() -> None:
     assert Quantized._fields == ("vectors", "codes", "aux_loss", "metrics")
     assert EntropyEstimate._fields == ("bits", "loss", "metrics")
@@ -113,10 +129,14 @@ def encode_graph(tokenizer: Tokenizer, images: torch.Tensor, grid: Grid) -> tupl
     return quantized, tokenizer.entropy(context)
 
 
-def test_encode_path_compiles_as_one_graph_and_matches_eager() -> None:
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_encode_path_compiles_as_one_graph_and_matches_eager(device: str) -> None:
     torch.manual_seed(0)
-    tokenizer = Tokenizer(windowed_spec()).eval()
-    images = torch.rand(1, 3, 40, 56)  # grid 10×14: partial 4×4 windows
+    tokenizer = Tokenizer(windowed_spec()).eval().to(device)
+    images = torch.rand(1, 3, 40, 56, device=device)  # grid 10×14: partial 4×4 windows
     grid = tokenizer.grid_for(40, 56)
     torch._dynamo.reset()
     compiled = torch.compile(encode_graph, fullgraph=True, backend=COMPILE_BACKEND)
