@@ -157,13 +157,15 @@ class Windows:
 class WindowMasks(NamedTuple):
     """The masks of one windowed forward, built once and shared by every block."""
 
-    window: Tensor | None  # (B·W or W, 1, w², M + w²) what each slot's query sees in its window
+    window: Tensor | None  # (B·W, 1, w², M + w²) what each slot's query sees in its window
     globals_: Tensor | None  # (B or 1, 1, 1, M + S) which slots the globals see
     any_key: Tensor | None  # (B·W, 1, w², 1) False where a query has no key at all (M = 0 only)
 
     @classmethod
-    def of(cls, windows: Windows, key_mask: Tensor | None) -> WindowMasks:
+    def of(cls, windows: Windows, key_mask: Tensor | None, batch: int) -> WindowMasks:
         window = windows.window_mask(key_mask)
+        if window is not None and window.shape[0] != batch * windows.count:
+            window = window.repeat(batch, 1, 1, 1)  # the same for every image
         empty_rows_possible = window is not None and key_mask is not None and not windows.prefix
         any_key = window.any(-1, keepdim=True) if empty_rows_possible else None
         return cls(window, windows.global_mask(key_mask), any_key)
@@ -244,11 +246,8 @@ class Attention(nn.Module):
         def per_image(t: Tensor) -> Tensor:  # (B·W, H, w², d) → (B, H, W·w², d): all slots of an image
             return rearrange(t, "(b w) h s d -> b h (w s) d", b=batch)
 
-        window_mask = masks.window
-        if window_mask is not None and window_mask.shape[0] != batch * count:
-            window_mask = window_mask.repeat(batch, 1, 1, 1)  # (B·W, 1, w², M + w²) the same for every image
         out_p = F.scaled_dot_product_attention(
-            qp, torch.cat([per_window(kg), kp], dim=2), torch.cat([per_window(vg), vp], dim=2), attn_mask=window_mask
+            qp, torch.cat([per_window(kg), kp], dim=2), torch.cat([per_window(vg), vp], dim=2), attn_mask=masks.window
         )  # (B·W, H, w², d)
         if masks.any_key is not None:  # no key at all (M = 0, whole region masked): zero, never NaN
             out_p = torch.where(masks.any_key, out_p, 0.0)
@@ -318,7 +317,7 @@ class Transformer(nn.Module):
             raise ValueError(f"windows expect {m} globals + {windows.num_patches} patches, got {x.shape[1]} tokens")
         if key_mask is not None and key_mask.shape != (x.shape[0], windows.num_patches):
             raise ValueError(f"key_mask must be (B, N) = {(x.shape[0], windows.num_patches)}, got {tuple(key_mask.shape)}")
-        masks = WindowMasks.of(windows, key_mask)
+        masks = WindowMasks.of(windows, key_mask, x.shape[0])
         globals_, patches = x[:, :m], windows.partition(x[:, m:])  # (B, M, D), (B, W, w², D)
         for block in self.blocks:
             globals_, patches = block.windowed(globals_, patches, masks)
