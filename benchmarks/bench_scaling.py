@@ -5,7 +5,8 @@
     python benchmarks/bench_scaling.py --model DIR --json runs/scaling.json --png runs/scaling.png
 
 Batch 1, random-noise images (the content does not change the cost: every patch goes through every
-stage; only the filter's kept count varies). Time: median of ``--repeats`` calls after one warm-up, for
+stage; only the filter's kept count varies). Time: median (and best) of ``--repeats`` rounds after a
+warm-up round, every size once per round so that a drifting machine load affects all sizes alike, for
 ``encode`` and ``decode`` as a whole and for each stage alone on the inputs the stages before it
 produced (encoder, global tokens, quantizer, entropy, filter, decoder). Peak memory: on CUDA
 ``max_memory_allocated`` during one call; on CPU the process's resident set, sampled every 0.5 ms
@@ -95,18 +96,13 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
         result.update(peak_mib=max(samples), extra_mib=max(samples) - before)
 
 
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up (synchronised on CUDA)."""
-
-    def timed() -> float:
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
+def seconds(fn: Callable[[], Any], device: torch.device) -> float:
+    """Wall time of one call (synchronised on CUDA)."""
+    start = time.perf_counter()
     fn()
-    return statistics.median(timed() for _ in range(max(repeats, 1)))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
 
 
 class KeepEverything:
@@ -140,30 +136,24 @@ def encode_with(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> To
 
 
 @torch.no_grad()
-def measure(model: Tokenizer, height: int, width: int, repeats: int, device: torch.device,
-            fallback_filter: str) -> dict[str, Any]:
-    """One row: totals, stages and peak memory for one H×W image."""
-    images = torch.rand(1, model.encoder.channels, height, width, generator=torch.Generator().manual_seed(0)).to(device)
-    token_filter, note = pick_filter(model, images, fallback_filter)
-    with peak_memory(device) as encode_memory:
+def memory_row(model: Tokenizer, images: torch.Tensor, token_filter: Any, note: str) -> dict[str, Any]:
+    """Peak memory of one encode and one decode of ``images``, with nothing else of the benchmark held."""
+    with peak_memory(images.device) as encode_memory:
         tokens = encode_with(model, images, token_filter)
-    with peak_memory(device) as decode_memory:
+    with peak_memory(images.device) as decode_memory:
         model.decode(tokens)
-    row: dict[str, Any] = {
-        "height": height, "width": width, "patches": tokens.num_patches, "kept": int(tokens.lengths.sum()),
-        "filter": getattr(token_filter, "label", type(token_filter).__name__), "note": note,
-        "encode_s": median_seconds(lambda: encode_with(model, images, token_filter), repeats, device),
-        "decode_s": median_seconds(lambda: model.decode(tokens), repeats, device),
+    return {
+        "height": images.shape[2], "width": images.shape[3], "patches": tokens.num_patches,
+        "kept": int(tokens.lengths.sum()), "filter": getattr(token_filter, "label", type(token_filter).__name__),
+        "note": note,
         "encode_peak_mib": encode_memory["peak_mib"], "encode_extra_mib": encode_memory["extra_mib"],
         "decode_peak_mib": decode_memory["peak_mib"], "decode_extra_mib": decode_memory["extra_mib"],
     }
-    row["stage_s"] = stage_seconds(model, images, token_filter, repeats, device)
-    return row
 
 
-def stage_seconds(model: Tokenizer, images: torch.Tensor, token_filter: Any, repeats: int,
-                  device: torch.device) -> dict[str, float]:
-    """Each stage alone, on the outputs of the stages before it (the Tokenizer's wiring, unrolled)."""
+@torch.no_grad()
+def timed_calls(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> dict[str, Callable[[], Any]]:
+    """encode, decode, and each stage alone on the outputs of the stages before it (the wiring unrolled)."""
     padded, _ = model._pad(images)
     grid = model.grid_for(*images.shape[2:])
     features = model.encoder(padded)  # (1, N, D)
@@ -175,7 +165,10 @@ def stage_seconds(model: Tokenizer, images: torch.Tensor, token_filter: Any, rep
                              quantized.vectors[:, m:], quantized.codes[:, m:])
     bits = model.entropy(context).bits  # (1, N)
     keep = token_filter.select(bits).keep
-    calls: dict[str, Callable[[], Any]] = {
+    tokens = encode_with(model, images, token_filter)
+    return {
+        "encode": lambda: encode_with(model, images, token_filter),
+        "decode": lambda: model.decode(tokens),
         "encoder": lambda: model.encoder(padded),
         "global_tokenizer": lambda: model.global_tokenizer(features, grid),
         "quantizer": lambda: model.quantizer(joint),
@@ -183,7 +176,37 @@ def stage_seconds(model: Tokenizer, images: torch.Tensor, token_filter: Any, rep
         "filter": lambda: token_filter.select(bits),
         "decoder": lambda: model.decoder(quantized.vectors[:, :m], quantized.vectors[:, m:], keep, grid),
     }
-    return {name: median_seconds(fn, repeats, device) for name, fn in calls.items()}
+
+
+@torch.no_grad()
+def measure(model: Tokenizer, sizes: Sequence[tuple[int, int]], repeats: int, device: torch.device,
+            fallback_filter: str) -> list[dict[str, Any]]:
+    """One row per size: peak memory (each size alone), then times in rounds over all sizes.
+
+    Round-robin timing (one warm-up round, then ``repeats`` rounds, every size once per round) keeps the
+    ratios between sizes fair when the machine's load drifts during the run.
+    """
+    rows, cases = [], []
+    for height, width in sizes:
+        images = torch.rand(1, model.encoder.channels, height, width,
+                            generator=torch.Generator().manual_seed(0)).to(device)
+        token_filter, note = pick_filter(model, images, fallback_filter)
+        rows.append(memory_row(model, images, token_filter, note))
+        cases.append((images, token_filter))
+    calls = [timed_calls(model, images, token_filter) for images, token_filter in cases]
+    samples: list[dict[str, list[float]]] = [{name: [] for name in c} for c in calls]
+    for round_ in range(repeats + 1):
+        for case, sample in zip(calls, samples):
+            for name, fn in case.items():
+                elapsed = seconds(fn, device)
+                if round_:  # round 0 warms up
+                    sample[name].append(elapsed)
+    for row, sample in zip(rows, samples):
+        for what in ("encode", "decode"):
+            row[f"{what}_s"] = statistics.median(sample[what])
+            row[f"{what}_best_s"] = min(sample[what])
+        row["stage_s"] = {stage: statistics.median(sample[stage]) for stage in STAGES}
+    return rows
 
 
 def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -264,13 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     sizes = [(s, s) for s in sides] + ([] if args.quick or args.no_photo else [PHOTO])
     model = Tokenizer.from_pretrained(args.model).to(device).eval()
-    rows = []
-    for height, width in sizes:
-        row = measure(model, height, width, repeats, device, args.fallback_filter)
-        rows.append(row)
+    rows = measure(model, sizes, repeats, device, args.fallback_filter)
+    for row in rows:
         stages = "  ".join(f"{k.replace('_tokenizer', '')} {v * 1e3:.1f}" for k, v in row["stage_s"].items())
-        print(f"{height}×{width}: encode {row['encode_s'] * 1e3:.1f} ms ({row['encode_peak_mib']:.0f} MiB peak, "
-              f"+{row['encode_extra_mib']:.0f})  decode {row['decode_s'] * 1e3:.1f} ms "
+        print(f"{row['height']}×{row['width']}: encode {row['encode_s'] * 1e3:.1f} ms ({row['encode_peak_mib']:.0f} MiB "
+              f"peak, +{row['encode_extra_mib']:.0f})  decode {row['decode_s'] * 1e3:.1f} ms "
               f"({row['decode_peak_mib']:.0f} MiB, +{row['decode_extra_mib']:.0f})  | {stages} ms"
               + (f"  [{row['note']}]" if row["note"] else ""), flush=True)
     result = {
