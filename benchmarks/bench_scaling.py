@@ -270,7 +270,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tatok-tiny", help="shipped name or saved directory")
-    parser.add_argument("--sides", type=int, nargs="*", help=f"square sides (default {FULL_SIDES})")
+    parser.add_argument("--sides", type=int, nargs="*", help=f"square sides (default {FULL_SIDES}; none: the photo only)")
     parser.add_argument("--no-photo", action="store_true", help=f"skip the {PHOTO[1]}×{PHOTO[0]} photo")
     parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIDES}, no photo, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sides = args.sides or (QUICK_SIDES if args.quick else FULL_SIDES)
+    sides = args.sides if args.sides is not None else (QUICK_SIDES if args.quick else FULL_SIDES)
     repeats = 1 if args.quick else args.repeats
     sizes = [(s, s) for s in sides] + ([] if args.quick or args.no_photo else [PHOTO])
     model = Tokenizer.from_pretrained(args.model).to(device).eval()
