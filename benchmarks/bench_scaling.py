@@ -138,16 +138,21 @@ def encode_with(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> To
 @torch.no_grad()
 def memory_row(model: Tokenizer, images: torch.Tensor, token_filter: Any, note: str) -> dict[str, Any]:
     """Peak memory of one encode and one decode of ``images``, with nothing else of the benchmark held."""
+    start = time.perf_counter()
     with peak_memory(images.device) as encode_memory:
         tokens = encode_with(model, images, token_filter)
+    encode_once = time.perf_counter() - start
+    start = time.perf_counter()
     with peak_memory(images.device) as decode_memory:
         model.decode(tokens)
+    decode_once = time.perf_counter() - start
     return {
         "height": images.shape[2], "width": images.shape[3], "patches": tokens.num_patches,
         "kept": int(tokens.lengths.sum()), "filter": getattr(token_filter, "label", type(token_filter).__name__),
         "note": note,
         "encode_peak_mib": encode_memory["peak_mib"], "encode_extra_mib": encode_memory["extra_mib"],
         "decode_peak_mib": decode_memory["peak_mib"], "decode_extra_mib": decode_memory["extra_mib"],
+        "encode_once_s": encode_once, "decode_once_s": decode_once,  # the first (cold) call, memory sampled
     }
 
 
@@ -193,6 +198,8 @@ def measure(model: Tokenizer, sizes: Sequence[tuple[int, int]], repeats: int, de
         token_filter, note = pick_filter(model, images, fallback_filter)
         rows.append(memory_row(model, images, token_filter, note))
         cases.append((images, token_filter))
+    if not repeats:  # memory only
+        return rows
     calls = [timed_calls(model, images, token_filter) for images, token_filter in cases]
     samples: list[dict[str, list[float]]] = [{name: [] for name in c} for c in calls]
     for round_ in range(repeats + 1):
@@ -214,7 +221,7 @@ def targets(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     by_size = {(r["height"], r["width"]): r for r in rows}
     out: dict[str, Any] = {}
     small, large = by_size.get((256, 256)), by_size.get((1024, 1024))
-    if small and large:
+    if small and large and "encode_s" in small and "encode_s" in large:
         for what in ("encode", "decode"):
             ratio = large[f"{what}_s"] / small[f"{what}_s"]
             out[f"{what}_1024_over_256"] = {"ratio": ratio, "target": TIME_RATIO_TARGET, "met": ratio <= TIME_RATIO_TARGET}
@@ -241,25 +248,31 @@ def fsq_against_reference(model: Tokenizer, device: torch.device) -> list[dict[s
 def plot(result: dict[str, Any], path: Path) -> None:
     from matplotlib.figure import Figure
 
-    rows = result["rows"]
+    measured = result["rows"]
+    rows = [r for r in measured if "encode_s" in r]  # timed rows
     pixels = [r["height"] * r["width"] for r in rows]
     figure = Figure(figsize=(13, 4), dpi=100, layout="constrained")
     times, stages, memory = figure.subplots(1, 3)
     for what in ("encode", "decode"):
         times.plot(pixels, [r[f"{what}_s"] * 1e3 for r in rows], "o-", label=what)
-    base = rows[0]
-    times.plot(pixels, [base["encode_s"] * 1e3 * p / pixels[0] for p in pixels], ":", color="gray", label="linear")
-    times.set(xscale="log", yscale="log", xlabel="pixels per image", ylabel="ms per image", title="time")
+    if rows:
+        times.plot(pixels, [rows[0]["encode_s"] * 1e3 * p / pixels[0] for p in pixels], ":", color="gray",
+                   label="linear")
+    times.set(xlabel="pixels per image", ylabel="ms per image", title="time")
     times.legend(fontsize=8)
     for stage in STAGES:
         stages.plot(pixels, [r["stage_s"][stage] * 1e3 for r in rows], "o-", label=stage.replace("_tokenizer", ""))
-    stages.set(xscale="log", yscale="log", xlabel="pixels per image", ylabel="ms", title="per stage")
+    stages.set(xlabel="pixels per image", ylabel="ms", title="per stage")
+    if rows:  # log axes need data
+        for axes in (times, stages):
+            axes.set(xscale="log", yscale="log")
     stages.legend(fontsize=7)
+    all_pixels = [r["height"] * r["width"] for r in measured]
     for what in ("encode", "decode"):
-        memory.plot(pixels, [r[f"{what}_peak_mib"] for r in rows], "o-", label=f"{what} peak")
-        memory.plot(pixels, [r[f"{what}_extra_mib"] for r in rows], "x--", label=f"{what} growth")
+        memory.plot(all_pixels, [r[f"{what}_peak_mib"] for r in measured], "o-", label=f"{what} peak")
+        memory.plot(all_pixels, [r[f"{what}_extra_mib"] for r in measured], "x--", label=f"{what} growth")
     memory.axhline(PHOTO_PEAK_TARGET_MIB, color="gray", ls=":", label="4 GiB")
-    memory.set(xscale="log", yscale="log", xlabel="pixels per image", ylabel="MiB", title="peak memory")
+    memory.set(xscale="log", xlabel="pixels per image", ylabel="MiB", title="peak memory")
     memory.legend(fontsize=7)
     env = result["environment"]
     figure.suptitle(f"{result['model']} on {env['device']} ({env['threads']} threads)", fontsize=10)
@@ -273,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sides", type=int, nargs="*", help=f"square sides (default {FULL_SIDES}; none: the photo only)")
     parser.add_argument("--no-photo", action="store_true", help=f"skip the {PHOTO[1]}×{PHOTO[0]} photo")
     parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIDES}, no photo, one repeat")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timing rounds (0: peak memory only)")
     parser.add_argument("--fallback-filter", default="all", help="filter for sizes the model's filter refuses")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -289,10 +302,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = Tokenizer.from_pretrained(args.model).to(device).eval()
     rows = measure(model, sizes, repeats, device, args.fallback_filter)
     for row in rows:
-        stages = "  ".join(f"{k.replace('_tokenizer', '')} {v * 1e3:.1f}" for k, v in row["stage_s"].items())
-        print(f"{row['height']}×{row['width']}: encode {row['encode_s'] * 1e3:.1f} ms ({row['encode_peak_mib']:.0f} MiB "
-              f"peak, +{row['encode_extra_mib']:.0f})  decode {row['decode_s'] * 1e3:.1f} ms "
-              f"({row['decode_peak_mib']:.0f} MiB, +{row['decode_extra_mib']:.0f})  | {stages} ms"
+        encode_s, decode_s = row.get("encode_s", row["encode_once_s"]), row.get("decode_s", row["decode_once_s"])
+        stages = "  ".join(f"{k.replace('_tokenizer', '')} {v * 1e3:.1f}" for k, v in row.get("stage_s", {}).items())
+        print(f"{row['height']}×{row['width']}: encode {encode_s * 1e3:.1f} ms ({row['encode_peak_mib']:.0f} MiB "
+              f"peak, +{row['encode_extra_mib']:.0f})  decode {decode_s * 1e3:.1f} ms "
+              f"({row['decode_peak_mib']:.0f} MiB, +{row['decode_extra_mib']:.0f})"
+              + (f"  | {stages} ms" if stages else "  (one cold call each)")
               + (f"  [{row['note']}]" if row["note"] else ""), flush=True)
     result = {
         "model": args.model,
