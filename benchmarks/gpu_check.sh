@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# GPU check for the Triton DTF kernel: versions, exactness tests on CUDA, benchmark. Total < 5 minutes.
+# GPU check: the Triton DTF kernel (versions, exactness tests on CUDA, benchmark) and the windowed
+# attention / sync-free inference path of issue 14 (equality with the masked attention on CUDA, CUDA's
+# sync detector, torch.compile with inductor, timing). Total < 8 minutes.
 #
 #   OUT_DIR=/some/dir bash benchmarks/gpu_check.sh      (default OUT_DIR: $OUT, else ./runs/gpu_check)
 #
-# Runs from the repository root. Writes $OUT_DIR/pytest.txt, $OUT_DIR/bench.txt, $OUT_DIR/dtf_bench.json.
+# Runs from the repository root. Writes $OUT_DIR/pytest.txt, $OUT_DIR/bench.txt, $OUT_DIR/dtf_bench.json,
+# $OUT_DIR/windows_pytest.txt, $OUT_DIR/windows.json, $OUT_DIR/scaling.json (+ .png), $OUT_DIR/fsq.json.
 # Exit status: 0 when the tests pass and the benchmark ran, else the first non-zero step status.
 set -uo pipefail
 
@@ -44,7 +47,18 @@ bench_rc=${PIPESTATUS[0]}
 timeout -k 10 "${NOCAP_BUDGET_S:-60}" "$PYTHON" benchmarks/bench_dtf.py --mode theta --batch 8 --tokens 16384 65536 --json "$OUT_DIR/dtf_nocap.json" 2>&1 | tee "$OUT_DIR/nocap.txt" | tail -n 4  # beyond the old 8192 cap (exact= column); informational, not in the exit status
 timeout -k 10 "${GEN_BUDGET_S:-150}" "$PYTHON" benchmarks/bench_generation.py --quick --device cuda --no-progress --out-dir "$OUT_DIR" --json "$OUT_DIR/generation.json" 2>&1 | tee "$OUT_DIR/generation.txt" | tail -n 4  # adaptive vs raster priors; informational, not in the exit status
 
+echo "== windowed attention, sync-free inference, compile on CUDA (budget ${WINDOWS_TEST_BUDGET_S:-150}s)"
+TATOK_COMPILE_BACKEND=inductor timeout -k 10 "${WINDOWS_TEST_BUDGET_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider \
+  -rs tests/test_windows.py tests/test_hot_path.py 2>&1 | tee "$OUT_DIR/windows_pytest.txt" | tail -n 12
+windows_rc=${PIPESTATUS[0]}
+timeout -k 10 "${WINDOWS_BENCH_BUDGET_S:-60}" "$PYTHON" benchmarks/bench_windows.py --device cuda \
+  --json "$OUT_DIR/windows.json" 2>&1 | tail -n 8  # masked vs windowed: time, memory, max |diff|
+timeout -k 10 "${SCALING_BUDGET_S:-120}" "$PYTHON" benchmarks/bench_scaling.py --device cuda --sides 256 512 1024 \
+  --json "$OUT_DIR/scaling.json" --png "$OUT_DIR/scaling.png" 2>&1 | tail -n 10  # informational
+timeout -k 10 60 "$PYTHON" benchmarks/bench_fsq.py --device cuda --json "$OUT_DIR/fsq.json" 2>&1 | tail -n 3
+
 echo "== report"
+echo "windowed attention tests: rc=$windows_rc  $(grep -E '(passed|failed|error)' "$OUT_DIR/windows_pytest.txt" | tail -n 1)"
 echo "tests: rc=$test_rc  $(grep -E '(passed|failed|error)' "$OUT_DIR/pytest.txt" | tail -n 1)"
 if [ -f "$OUT_DIR/dtf_bench.json" ]; then
   "$PYTHON" - "$OUT_DIR/dtf_bench.json" <<'EOF'
@@ -68,4 +82,5 @@ fi
 echo "elapsed: $(( $(date +%s) - start ))s"
 
 if [ "$test_rc" -ne 0 ]; then exit "$test_rc"; fi
+if [ "$windows_rc" -ne 0 ]; then exit "$windows_rc"; fi
 exit "$bench_rc"

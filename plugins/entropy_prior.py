@@ -55,11 +55,11 @@ class GlobalConditionalPrior(EntropyEstimator):
         """Per factor, log q over that factor's values: a list of (B, N, L_f)."""
         batch, m = global_vectors.shape[:2]
         m = m if self.condition_on_globals else 0
-        positions, mask = patch_layout(grid, self.width, window=self.window, prefix=m, shift=self.training,
-                                       device=global_vectors.device)
+        positions, windows = patch_layout(grid, self.width, window=self.window, prefix=m, shift=self.training,
+                                          device=global_vectors.device)
         queries = (self.query + positions).expand(batch, -1, -1)  # (B, N, W)
         x = torch.cat([self.global_in(global_vectors[:, :m].detach()), queries], dim=1)  # (B, M + N, W)
-        x = self.transformer(x, mask)
+        x = self.transformer(x, windows=windows)
         logits = self.head(x[:, m:])  # (B, N, ΣL)
         return [F.log_softmax(part.float(), dim=-1) for part in logits.split(self.code_factors, dim=-1)]
 
@@ -72,5 +72,5 @@ class GlobalConditionalPrior(EntropyEstimator):
             bits = nats / math.log(2)
         else:
             bits = -torch.stack([(lq.exp() * lq).sum(-1) for lq in log_q]).sum(0) / math.log(2)
-        return EntropyEstimate(bits=bits.detach().clamp_min(0), loss=loss, metrics={"prior_bits_per_token": float(loss.detach())})
+        return EntropyEstimate(bits=bits.detach().clamp_min(0), loss=loss, metrics={"prior_bits_per_token": loss.detach()})
 

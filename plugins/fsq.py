@@ -16,7 +16,6 @@ codes are only portable between FSQ implementations when every one of them agree
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
@@ -39,19 +38,6 @@ def float32_region(device: torch.device) -> Iterator[None]:
         yield
 
 
-def code_metrics(codes: Tensor, codebook_size: int) -> dict[str, float]:
-    """``codebook_usage`` (fraction of the codebook used in this batch) and ``perplexity`` (exp entropy)."""
-    if codes.is_meta or codes.numel() == 0:
-        return {}
-    with torch.no_grad():
-        _, counts = torch.unique(codes.flatten(), return_counts=True)
-        p = counts.double() / counts.sum()
-        return {
-            "codebook_usage": counts.numel() / codebook_size,
-            "perplexity": math.exp(float(-(p * p.log()).sum())),
-        }
-
-
 class FSQ(Quantizer):
     """Finite scalar quantization: each of ``len(levels)`` channels rounded to one of L_i levels.
 
@@ -72,15 +58,22 @@ class FSQ(Quantizer):
         project = dim != len(levels)
         self.project_in: nn.Module = nn.Linear(dim, len(levels)) if project else nn.Identity()
         self.project_out: nn.Module = nn.Linear(len(levels), dim) if project else nn.Identity()
+        self._constants_by_device: dict[torch.device, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
-    # constants are rebuilt per call (not buffers) so a meta-built module materialises without state to load
+    # constants are built per device on first use (not buffers, so a meta-built module materialises
+    # without state to load) and cached: building them from Python lists copies host → device, which on
+    # CUDA waits for the stream, so rebuilding them per call would be a host sync per call.
     def _constants(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        levels = torch.tensor(self.levels, dtype=torch.float32, device=device)  # (L,)
-        half_l = (levels - 1) * (1 + EPS) / 2
-        offset = torch.where(torch.remainder(levels, 2) == 0, 0.5, 0.0)
-        shift = torch.atanh(offset / half_l)
-        half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=device)
-        return half_l, offset, shift, half_width
+        cached = self._constants_by_device.get(device)
+        if cached is None:
+            with torch.inference_mode(False):  # usable by autograd later even when first built in inference
+                levels = torch.tensor(self.levels, dtype=torch.float32, device=device)  # (L,)
+                half_l = (levels - 1) * (1 + EPS) / 2
+                offset = torch.where(torch.remainder(levels, 2) == 0, 0.5, 0.0)
+                shift = torch.atanh(offset / half_l)
+                half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=device)
+            cached = self._constants_by_device[device] = (half_l, offset, shift, half_width)
+        return cached
 
     def quantize(self, z: Tensor) -> Tensor:
         """Projected z (..., L) float32 → normalised levels (..., L) in [-1, 1], straight-through."""
@@ -99,17 +92,16 @@ class FSQ(Quantizer):
             vectors=self.project_out(levels).to(dtype),  # (..., D), cast back after float32 quantization
             codes=codes,
             aux_loss=x.new_zeros((), dtype=torch.float32),
-            metrics=code_metrics(codes, self.codebook_size),
-        )
+        )  # codebook statistics on request only (Quantized.code_statistics): no host sync here
 
     def codes_to_levels(self, codes: Tensor) -> Tensor:
         """Codes (...) → normalised levels (..., L) in [-1, 1]."""
-        half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=codes.device)
+        half_width = self._constants(codes.device)[3]
         return (self.codes_to_digits(codes).float() - half_width) / half_width
 
     def levels_to_codes(self, levels: Tensor) -> Tensor:
         """Normalised levels (..., L) → codes (...) int64; rounds first (never truncate a float)."""
-        half_width = torch.tensor([lv // 2 for lv in self.levels], dtype=torch.float32, device=levels.device)
+        half_width = self._constants(levels.device)[3]
         digits = torch.round(levels.float() * half_width + half_width).long()  # (..., L) in [0, L_i)
         return self.digits_to_codes(digits)
 

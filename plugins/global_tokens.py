@@ -32,9 +32,10 @@ class LearnedGlobalTokens(GlobalTokenizer):
     def forward(self, patches: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:
         batch = patches.shape[0]
         globals_ = self.tokens.to(patches.dtype).expand(batch, -1, -1)  # (B, M, D)
-        positions, mask = patch_layout(grid, self.dim, window=self.window, prefix=self.num_global,
-                                       shift=self.training, device=patches.device)
-        x = self.transformer(torch.cat([globals_, patches + positions.to(patches.dtype)], dim=1), mask)  # (B, M + N, D)
+        positions, windows = patch_layout(grid, self.dim, window=self.window, prefix=self.num_global,
+                                          shift=self.training, device=patches.device)
+        x = torch.cat([globals_, patches + positions.to(patches.dtype)], dim=1)  # (B, M + N, D)
+        x = self.transformer(x, windows=windows)
         return x[:, : self.num_global], x[:, self.num_global :]
 
 

@@ -38,8 +38,9 @@ class ViTEncoder(Encoder):
         patches = self.embed(images * 2 - 1)  # (B, D, H/p, W/p), pixels centred on 0
         grid = (patches.shape[2], patches.shape[3])
         x = rearrange(patches, "b d gh gw -> b (gh gw) d")  # (B, N, D) raster order
-        positions, mask = patch_layout(grid, self.dim, window=self.window, prefix=0, shift=self.training, device=x.device)
-        return self.transformer(x + positions.to(x.dtype), mask)
+        positions, windows = patch_layout(grid, self.dim, window=self.window, prefix=0, shift=self.training,
+                                          device=x.device)
+        return self.transformer(x + positions.to(x.dtype), windows=windows)
 
 
 class ViTDecoder(Decoder):
@@ -90,11 +91,11 @@ class ViTDecoder(Decoder):
     def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor:
         m = global_vectors.shape[1]
         patches = torch.where(keep[..., None], self.project(patch_vectors), self.mask_token)  # (B, N, W)
-        positions, mask = patch_layout(grid, self.width, window=self.window, prefix=m, shift=self.training,
-                                       device=patches.device)
+        positions, windows = patch_layout(grid, self.width, window=self.window, prefix=m, shift=self.training,
+                                          device=patches.device)
         patches = patches + positions.to(patches.dtype)
         globals_ = self.project(global_vectors) + self.global_position[:m]  # (B, M, W)
-        x = self.transformer(torch.cat([globals_, patches], dim=1), mask)[:, m:]  # (B, N, W)
+        x = self.transformer(torch.cat([globals_, patches], dim=1), windows=windows)[:, m:]  # (B, N, W)
         pixels = rearrange(
             self.to_pixels(x), "b (gh gw) (c p q) -> b c (gh p) (gw q)",
             gh=grid[0], gw=grid[1], p=self.patch_size, q=self.patch_size,

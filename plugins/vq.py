@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from tatok_core.errors import SpecError
 from tatok_core.interfaces import Facts, Quantized, Quantizer
-from tatok_plugins.fsq import code_metrics, float32_region
+from tatok_plugins.fsq import float32_region
 
 
 def _distributed() -> bool:
@@ -44,7 +44,8 @@ class VQ(Quantizer):
     smoothing instead of by gradient), ``decay`` (EMA rate), ``commitment`` (weight of the commitment
     loss), ``restart_dead`` and ``dead_threshold`` (fraction of the mean usage below which a code is dead),
     ``eps`` (Laplace smoothing of the EMA cluster sizes).
-    Metrics: ``codebook_usage``, ``perplexity``, ``dead_codes`` (codes restarted this step).
+    Metrics (training, a 0-d tensor): ``dead_codes`` (codes restarted this step); codebook usage and
+    perplexity on request (:meth:`Quantized.code_statistics`).
     """
 
     def __init__(
@@ -118,14 +119,17 @@ class VQ(Quantizer):
             if not self.ema:
                 aux = aux + F.mse_loss(q, z.detach())  # codebook loss: moves codes toward encoder outputs
             vectors = q.detach() + (z - z.detach())  # (..., d) value exactly q, gradient straight to z
-        metrics = code_metrics(codes, self.codebook_size)
+        metrics = {}
         if self.training and not x.is_meta:
-            metrics["dead_codes"] = float(self._update(flat.detach(), rearrange(codes, "... -> (...)")))
+            metrics["dead_codes"] = self._update(flat.detach(), rearrange(codes, "... -> (...)"))
         return Quantized(vectors=self.project_out(vectors).to(dtype), codes=codes, aux_loss=aux, metrics=metrics)
 
     @torch.no_grad()
-    def _update(self, flat: Tensor, codes: Tensor) -> int:
-        """Training-time state: usage EMA, EMA codebook, dead-code restarts. Returns #codes restarted."""
+    def _update(self, flat: Tensor, codes: Tensor) -> Tensor:
+        """Training-time state: usage EMA, EMA codebook, dead-code restarts. Returns #codes restarted ().
+
+        Without a host sync: every code draws a candidate vector and only the dead ones take it.
+        """
         K = self.codebook_size
         counts = torch.bincount(codes, minlength=K).float()  # (K,)
         sums = torch.zeros_like(self.codebook).index_add_(0, codes, flat) if self.ema else None  # (K, d)
@@ -142,20 +146,18 @@ class VQ(Quantizer):
             new = self.embed_avg / smoothed[:, None]
             self.codebook.copy_(F.normalize(new, dim=-1) if self.l2_normalized else new)
         if not self.restart_dead or flat.shape[0] == 0:
-            return 0
-        dead = (self.usage < self.dead_threshold / K).nonzero().squeeze(-1)  # (k,) same on every rank
-        if dead.numel() == 0:
-            return 0
-        fresh = flat[torch.randint(0, flat.shape[0], (dead.numel(),), device=flat.device)]  # (k, d)
+            return counts.new_zeros((), dtype=torch.int64)
+        dead = self.usage < self.dead_threshold / K  # (K,) same on every rank
+        fresh = flat[torch.randint(0, flat.shape[0], (K,), device=flat.device)]  # (K, d) a candidate per code
         if _distributed():
             dist.broadcast(fresh, src=0)
-        self.codebook[dead] = fresh.to(self.codebook.dtype)
-        self.usage[dead] = 1.0 / K
+        self.codebook.copy_(torch.where(dead[:, None], fresh.to(self.codebook.dtype), self.codebook))
+        self.usage.copy_(torch.where(dead, 1.0 / K, self.usage))
         if self.ema:
             mean_size = self.cluster_size.mean()
-            self.cluster_size[dead] = mean_size
-            self.embed_avg[dead] = fresh * mean_size
-        return int(dead.numel())
+            self.cluster_size.copy_(torch.where(dead, mean_size, self.cluster_size))
+            self.embed_avg.copy_(torch.where(dead[:, None], fresh * mean_size, self.embed_avg))
+        return dead.sum()
 
     def codes_to_vectors(self, codes: Tensor) -> Tensor:
         """Codes (...) → vectors (..., D), bit-identical to ``forward`` in eval mode."""

@@ -13,8 +13,10 @@ Build order: encoder → global_tokenizer → quantizer → entropy → filter �
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import attrs
 import torch
@@ -119,14 +121,37 @@ class GlobalTokenizer(Component):
     def forward(self, patches: Tensor, grid: Grid) -> tuple[Tensor, Tensor]: ...
 
 
-@attrs.frozen
-class Quantized:
-    """A quantizer's output for vectors of shape (..., D)."""
+NO_METRICS: Mapping[str, Tensor] = MappingProxyType({})
+
+
+# The containers on the encode path are NamedTuples, not attrs classes: torch.compile (dynamo) traces
+# NamedTuples holding tensors, so encoder → globals → quantizer → entropy compiles as one graph.
+class Quantized(NamedTuple):
+    """A quantizer's output for vectors of shape (..., D).
+
+    ``metrics`` holds only 0-d tensors computed without a host sync (e.g. VQ's ``dead_codes`` in
+    training); read them (``float``) at log intervals. Codebook statistics are computed on request:
+    :meth:`code_statistics`.
+    """
 
     vectors: Tensor  # (..., D) quantized, straight-through gradient
     codes: Tensor  # (...) int64 in [0, codebook_size)
     aux_loss: Tensor  # () scalar, zero when the quantizer has none
-    metrics: Mapping[str, float] = attrs.field(factory=dict)
+    metrics: Mapping[str, Tensor] = NO_METRICS
+
+    def code_statistics(self, codebook_size: int) -> dict[str, float]:
+        """``codebook_usage`` (share of the codebook these codes use) and ``perplexity`` (exp entropy).
+
+        For training logs and evaluation only: ``torch.unique`` and the conversion to floats wait for
+        the device (a host sync), which is why no forward pass computes them.
+        """
+        if self.codes.is_meta or self.codes.numel() == 0:
+            return {}
+        with torch.no_grad():
+            _, counts = torch.unique(self.codes.flatten(), return_counts=True)
+            p = counts.double() / counts.sum()
+            perplexity = math.exp(float(-(p * p.log()).sum()))
+        return {"codebook_usage": counts.numel() / codebook_size, "perplexity": perplexity}
 
 
 def mixed_radix_digits(codes: Tensor, factors: tuple[int, ...]) -> Tensor:
@@ -178,8 +203,7 @@ class Quantizer(Component):
         return codes
 
 
-@attrs.frozen
-class EntropyContext:
+class EntropyContext(NamedTuple):
     """Everything an entropy estimator may condition on (all tensors of one batch)."""
 
     images: Tensor  # (B, C, H, W), padded to the grid
@@ -191,11 +215,12 @@ class EntropyContext:
     base_reconstruction: Tensor | None = None  # (B, C, H, W) globals-only decode, for estimators that ask
 
 
-@attrs.frozen
-class EntropyEstimate:
+class EntropyEstimate(NamedTuple):
+    """An estimator's output; ``metrics`` as in :class:`Quantized` (0-d tensors, no host sync)."""
+
     bits: Tensor  # (B, N) ≥ 0: information of each patch token not explained by the globals
     loss: Tensor  # () the estimator's own training loss (zero when training-free)
-    metrics: Mapping[str, float] = attrs.field(factory=dict)
+    metrics: Mapping[str, Tensor] = NO_METRICS
 
 
 class EntropyEstimator(Component):

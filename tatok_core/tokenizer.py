@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import safetensors.torch
@@ -25,9 +25,8 @@ SPEC_FILE = "spec.toml"
 WEIGHTS_FILE = "model.safetensors"
 
 
-@attrs.frozen(eq=False)
-class Analysis:
-    """Everything the encoder side computes for a batch, before filtering."""
+class Analysis(NamedTuple):
+    """Everything the encoder side computes for a batch, before filtering (a NamedTuple: dynamo traces it)."""
 
     images: Tensor  # (B, C, H', W') padded to the grid
     image_size: tuple[int, int]  # (H, W) before padding

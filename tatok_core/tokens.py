@@ -62,7 +62,8 @@ class Tokens:
 
     def row_ids(self) -> Tensor:
         """(K,) int64 image index of every packed token."""
-        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.codes.device), self.lengths)
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.codes.device), self.lengths,
+                                       output_size=self.positions.shape[0])  # size known: no host sync
 
     def keep_mask(self) -> Tensor:
         """(B, N) bool: which grid positions each image kept."""
