@@ -53,4 +53,9 @@ def register_commands() -> None:
             cli.add_command(command)
 
 
-register_commands()
+if __name__ == "__main__":  # python -m tatok_cli.main (independent of PATH): run the importable module's group
+    from tatok_cli.main import cli as _importable_cli
+
+    _importable_cli()
+else:
+    register_commands()

@@ -321,7 +321,9 @@ class TokenWriter:
     ``resume=True`` keeps the staged shards of a writer that was killed (or interrupted with Ctrl-C)
     before it closed: :attr:`resumed_sources` lists their images, and the caller writes only what
     follows (:func:`resume_position`). Without it, such leftovers are discarded
-    (:attr:`discarded_images` says how many images they held).
+    (:attr:`discarded_images` says how many images they held). A writer killed while committing had
+    written everything: any next writer finishes that commit, and a resuming one is then
+    :attr:`already_complete` (closing it adds nothing).
     """
 
     def __init__(
@@ -374,6 +376,7 @@ class TokenWriter:
         self._next = 0
         self.resumed_sources: list[tuple[str, int]] = []
         self.discarded_images = 0
+        self.already_complete = False
         self._staging = _staging_dir(self.path, rank)
         self._lock = OutputLock(self.path, "" if rank is None else f".r{rank}")
         self._lock.acquire()
@@ -393,7 +396,11 @@ class TokenWriter:
         if self.path.exists() and not self.path.is_dir():
             raise TokenFileError(f"{self.path}: exists and is not a directory")
         if (self._staging / _manifest_name(self._rank)).is_file():
-            self._commit()  # killed between its first and its last rename: roll forward
+            finished = self._roll_forward()
+            if resume:  # the interrupted run had written everything: resuming it is finishing its commit
+                self.already_complete = True
+                self.resumed_sources = [source for p in finished for source in _Shard(p).index()[3]]
+                return
         existing = _list_shards(self.path)
         if existing and resume and not append and not _list_shards(self._staging):
             raise TokenFileError(f"{self.path}: nothing to resume: it is a finished token set ({len(existing)} shard(s))")
@@ -507,6 +514,12 @@ class TokenWriter:
         """
         if self._closed:
             return
+        if self.already_complete:
+            if self._buffer:
+                raise TokenFileError(f"{self.path}: the resumed write was complete; no images may be added")
+            self._closed = True
+            self._lock.release()
+            return
         try:
             if self._buffer or not (self._entries or self._base or _list_shards(self.path)):
                 self._flush(self._buffer)
@@ -530,6 +543,14 @@ class TokenWriter:
             self.abort(exc)
             raise
         self._lock.release()
+
+    def _roll_forward(self) -> list[Path]:
+        """Finish the commit a killed writer began; returns the shards that commit added."""
+        committed = self.path / _manifest_name(self._rank)
+        before = {e["name"] for e in _read_manifest(committed)["shards"]} if committed.is_file() else set()
+        staged = _read_manifest(self._staging / _manifest_name(self._rank))["shards"]
+        self._commit()
+        return [self.path / e["name"] for e in staged if e["name"] not in before]
 
     def _commit(self) -> None:
         """Move the staged shards, then the staged manifest, into the target; remove the staging folder."""
