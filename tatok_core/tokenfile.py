@@ -4,7 +4,7 @@ Layout
 ------
 A token data set is a directory of shards ``shard-00000.safetensors``, ``shard-00001.safetensors``, …
 (``shard-r{rank}-{i:05d}.safetensors`` when written by one rank of a ``torchrun`` job, so ranks never
-collide), or a single shard file. Image order is shard order — (rank, index), unranked shards first —
+collide) with a manifest, or a single shard file. Image order is shard order — (rank, index), unranked shards first —
 then order within a shard. Every shard is a standard safetensors file, readable by any safetensors
 tool, holding I images in packed ("varlen") form:
 
@@ -33,22 +33,35 @@ Metadata (safetensors ``__metadata__``, string → string):
   (``tau`` or ``budget``) and ``filter`` (``{"name": ..., "options": {...}}``);
 * ``sources`` — JSON list of ``[file name, byte size]``, one per image;
 * ``tool_version`` — the tatok version that wrote the shard (may differ between appended shards);
+* ``weights_digest`` — when the writer was given one: :func:`weights_digest` of the model;
 * ``checksum`` — ``"sha256:" + hex(sha256(H || P))`` with P the tensor payload (every byte after the
   header) and H the canonical JSON of the header with ``checksum`` removed, so it covers the data,
   every tensor's dtype/shape/offsets and all other metadata.
 
-All shards of one data set share ``format_version``, ``spec_digest``, ``tokenizer`` and ``meta``.
+All shards of one data set share ``format_version``, ``spec_digest``, ``tokenizer``, ``meta`` and
+``weights_digest``.
+
+A directory set holds a manifest, ``manifest.json`` (``manifest-r{rank}.json`` per rank): canonical
+JSON with ``format`` = ``"tatok.tokens.manifest"``, ``format_version``, ``spec_digest``,
+``tokenizer``, ``meta``, ``weights_digest``, ``rank``, ``world_size``, ``shards`` (``name``,
+``checksum``, ``images``, ``bytes`` per shard, in order), ``images`` (their total) and ``checksum``
+(SHA-256 of the canonical JSON of the rest).
 
 Guarantees
 ----------
-* Deterministic bytes: the header is canonical JSON (sorted keys, compact, space-padded to 8 bytes;
-  safetensors' own writer orders metadata keys by hash) and nothing depends on time or process, so the
-  same tokens and metadata give identical files.
-* Atomic: a :class:`TokenWriter` writes its shards into a hidden sibling temp directory and moves them
-  into place only at :meth:`TokenWriter.close`; an exception inside its ``with`` block removes the temp
-  directory, leaving the target exactly as it was (no data-set directory is created).
-* Checked: opening reads only headers and checks that each file's size matches its header (catches
-  truncation) and that shards agree. Checksums are verified lazily, once per shard, before any data of
+* Deterministic bytes: headers and manifests are canonical JSON (sorted keys, compact; shard headers
+  space-padded to 8 bytes — safetensors' own writer orders metadata keys by hash) and nothing depends
+  on time or process, so the same tokens and metadata give identical files.
+* One writer per target: a :class:`TokenWriter` holds an :class:`~tatok_core.locking.OutputLock` on
+  it while open; a second writer fails at once, naming the first.
+* Atomic and resumable: full shards are staged (temp file, fsync, rename) in a hidden sibling folder
+  as they fill; :meth:`TokenWriter.close` stages the manifest, then moves the shards and last the
+  manifest into the target. The target is always the previous set or the new one; a kill during the
+  moves is rolled forward by the next writer; ``resume=True`` takes up the staged shards of a killed
+  writer. An exception inside the ``with`` block removes everything staged.
+* Checked: opening reads only headers and manifests and refuses missing, extra, replaced or
+  duplicated shards, a damaged manifest, a lost rank, a half-committed set and (``expect_*``) tokens
+  of another spec or other weights. Checksums are verified lazily, once per shard, before any data of
   that shard is returned — opening a million-image set stays instant, and no byte is served
   unverified. :meth:`TokenDataset.verify` checks every shard up front.
 """
