@@ -7,12 +7,13 @@ from pathlib import Path
 
 import attrs
 import click
+import torch
 
 from tatok_cli.main import console
 from tatok_cli.options import at_least
 from tatok_core.errors import SpecError
 from tatok_core.spec import OptionValue, parse_option_assignment
-from tatok_core.train import Recipe, TrainConfig, World, train as run_training
+from tatok_core.train import CHECKPOINT, Recipe, TrainConfig, World, train as run_training
 
 #: Lower bounds of numeric [train] settings: (bound, whether the bound itself is allowed).
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -44,6 +45,17 @@ def check_train_setting(key: str, value: OptionValue) -> None:
         raise SpecError(f"train.{key}={value!r}: choose one of {', '.join(_CHOICES[key])}")
 
 
+def _check_checkpoint(path: Path) -> None:
+    """A damaged checkpoint is one line naming it, not an unpickling traceback (absent: train decides)."""
+    if not path.is_file():
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises anything from pickle, zipfile or torch itself
+        raise SpecError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+                        "restore it, or delete it to start the run over") from exc
+
+
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--data", default="builtin:photos", show_default=True, help="builtin:photos, or a folder/glob of images")
@@ -70,6 +82,8 @@ def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size:
     config = TrainConfig.from_dict(settings)
     spec = loaded.spec.updated({}, spec_overrides)
     spec.check()
+    if resume:
+        _check_checkpoint(run_dir / CHECKPOINT)
     world = World.from_environment()
     result = run_training(spec, config, data, run_dir, resume=resume, world=world)
     if world.is_main:

@@ -119,9 +119,9 @@ def test_bad_option_values_are_one_line_and_write_nothing(models: dict[str, Path
 
 
 # -- outputs that cannot be written -------------------------------------------------------------------
-@pytest.mark.parametrize("command", ["encode", "decode", "eval", "show", "demo", "compose"])
-def test_output_under_a_regular_file_is_one_line(models: dict[str, Path], images: Path, tmp_path: Path,
-                                                 command: str) -> None:
+@pytest.mark.parametrize("command", ["encode", "decode", "eval", "show", "demo", "compose", "train"])
+def test_output_under_a_regular_file_is_one_line(models: dict[str, Path], images: Path, recipe: Path,
+                                                 tmp_path: Path, command: str) -> None:
     """An output path whose parent is a file cannot be created, even by root."""
     encoded(models, images, tmp_path / "t")
     (tmp_path / "file").write_text("not a folder")
@@ -134,8 +134,9 @@ def test_output_under_a_regular_file_is_one_line(models: dict[str, Path], images
         "show": ["show", images / "crop0.png", "-o", tmp_path / "file/panel.png"],
         "demo": ["demo", "--max-side", "32", "-o", tmp_path / "file/demo.png"],
         "compose": ["compose", "-o", tmp_path / "file/spec.toml"],
+        "train": ["train", recipe, "--data", images, "--out", tmp_path / "file/run", "--steps", "1"],
     }[command]
-    model = None if command == "compose" else models["a"]
+    model = None if command in ("compose", "train") else models["a"]
     one_line_error(invoke(*args, model=model), str(tmp_path / "file"))
     assert listing(tmp_path) == before
 
@@ -205,6 +206,15 @@ def test_show_into_a_read_only_place_leaves_nothing(models: dict[str, Path], ima
     one_line_error(invoke("show", images / "crop0.png", "-o", tmp_path / "p.png", model=models["a"]),
                    "Permission denied", "p.png")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage", b"PK\x03\x04" + bytes(40)])
+def test_a_corrupt_checkpoint_is_one_line(recipe: Path, tmp_path: Path, content: bytes) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(content)
+    one_line_error(invoke("train", recipe, "--out", tmp_path / "run", "--resume", "--steps", "1"),
+                   "checkpoint.pt: not a readable checkpoint", "delete it to start the run over")
+    assert listing(tmp_path) == {"run/checkpoint.pt": content}
 
 
 # -- token sets: whole, unchanged, and made by these weights -------------------------------------------
