@@ -271,9 +271,12 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_bytes())
         body = {k: v for k, v in manifest.items() if k != "checksum"}
-        shards = manifest["shards"]
-        if not all(isinstance(e["name"], str) and isinstance(e["images"], int) for e in shards):
-            raise TypeError("bad shard entry")
+        entry_types = {"name": str, "checksum": str, "images": int, "bytes": int}
+        if not isinstance(manifest["shards"], list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in entry_types.items())
+            for e in manifest["shards"]
+        ):
+            raise TypeError("shard entries need name, checksum, images and bytes")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise TokenFileError(f"{path}: not a readable token-set manifest ({exc})") from exc
     if manifest.get("format") != MANIFEST_FORMAT:
@@ -638,8 +641,8 @@ def _checked_listing(directory: Path) -> list[Path]:
                if any(_MANIFEST_RE.fullmatch(q.name) for q in p.iterdir())] if directory.parent.is_dir() else []
     if staging:
         raise TokenFileError(
-            f"{directory}: a write into it was interrupted while committing ({staging[0].name}); run the same "
-            "`tatok encode ... --resume` (or any writer with append=True) to finish it"
+            f"{directory}: a write into it is committing right now or was interrupted while committing "
+            f"({staging[0].name}); if no writer runs, the same `tatok encode ... --resume` finishes it"
         )
     if not shards and not manifests:
         raise TokenFileError(f"{directory}: no token shards (shard-*.safetensors) found")
@@ -663,7 +666,8 @@ def _check_against_manifests(directory: Path, shards: Sequence[_Shard]) -> None:
             world_sizes.add(manifest["world_size"])
         for entry in manifest["shards"]:
             listed[entry["name"]] = (path.name, entry)
-        if shards and any(manifest.get(k) != shards[0].meta.get(k) for k in ("spec_digest", "tokenizer", "meta")):
+        keys = ("spec_digest", "tokenizer", "meta", "weights_digest")
+        if shards and any(manifest.get(k) != shards[0].meta.get(k) for k in keys):
             raise TokenFileError(f"{path}: the manifest and the shards disagree on the tokenizer or its settings")
     present = {shard.path.name: shard for shard in shards}
     missing = [name for name in listed if name not in present]

@@ -364,6 +364,15 @@ def test_decode_never_overwrites_unless_asked(models: dict[str, Path], images: P
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t"]
 
 
+def test_decode_clears_what_a_killed_decode_left(models: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    encoded(models, images, tmp_path / "t")
+    for stray in (".out.decoding/crop0.png", "..out.decoding.tmp-x1/.crop1.png.abc.tmp", ".out.lock"):
+        (tmp_path / stray).parent.mkdir(exist_ok=True)
+        (tmp_path / stray).write_bytes(b"left by a kill")
+    assert invoke("decode", tmp_path / "t", "-o", tmp_path / "out", model=models["a"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "t"] and sorted(listing(tmp_path / "out")) == NAMES
+
+
 # -- kill -9 at the worst moments, then --resume -----------------------------------------------------------
 KILLER = textwrap.dedent('''
     """Run `tatok encode`, but stop dead (marker file, then sleep) at one chosen moment, to be killed."""
@@ -425,7 +434,7 @@ def test_kill_during_encode_then_resume_equals_an_uninterrupted_run(models: dict
         run.kill()
         run.wait()
     if stage == "during the commit":  # half committed: readers refuse until a writer finishes the commit
-        with pytest.raises(TokenFileError, match="interrupted while committing.*--resume"):
+        with pytest.raises(TokenFileError, match="interrupted while committing.*--resume. finishes it"):
             TokenDataset(out)
     else:  # the previous state: no token set at all
         assert not out.exists()
