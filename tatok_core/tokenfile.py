@@ -360,9 +360,9 @@ class TokenWriter:
         self._single = self.path.suffix == ".safetensors"
         if shard_size < 1 or (rank is not None and rank < 0):
             raise TokenFileError(f"{self.path}: shard_size must be >= 1 and rank >= 0 (got {shard_size}, {rank})")
-        if (rank is None) != (world_size is None) and world_size is not None:
+        if world_size is not None and rank is None:
             raise TokenFileError(f"{self.path}: world_size needs a rank")
-        if world_size is not None and not 0 <= (rank or 0) < world_size:
+        if world_size is not None and rank is not None and not rank < world_size:
             raise TokenFileError(f"{self.path}: rank {rank} outside a world of {world_size}")
         for key in REQUIRED_META:
             value, least = meta.get(key), 0 if key == "num_global" else 1
@@ -427,6 +427,8 @@ class TokenWriter:
             )
         if existing:
             self._check_same_set(existing[0][2])
+            if not any(_MANIFEST_RE.fullmatch(p.name) for p in self.path.iterdir()):
+                raise TokenFileError(f"{self.path}: has no {MANIFEST} (not a complete token set): cannot add to it")
             manifest = self.path / _manifest_name(self._rank)
             self._base = list(_read_manifest(manifest)["shards"]) if manifest.is_file() else []
         staged = [p for _, _, p in _list_shards(self._staging)]

@@ -288,3 +288,45 @@ def test_dataset_pickles_for_dataloader_workers(tmp_path: Path) -> None:
     ds = TokenDataset(tmp_path / "ds")
     _ = ds[0]  # opens the memory map
     assert Tokens.from_images(list(pickle.loads(pickle.dumps(ds)))).equal(t)
+
+
+def test_interrupted_writer_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """Ctrl-C keeps the full staged shards; resume=True continues from them; an error keeps nothing."""
+    gen = torch.Generator().manual_seed(13)
+    batches = [make_tokens(gen, 1, (2, 2)) for _ in range(5)]
+    write(tmp_path / "whole", batches, shard_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        with TokenWriter(tmp_path / "ds", spec_digest=DIGEST, tokenizer="tiny", meta=meta(), shard_size=2) as w:
+            for i, t in enumerate(batches[:3]):
+                w.write(t, sources(1, i))
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.partial", "whole"]  # 1 full shard staged
+    with pytest.raises(TokenFileError, match="no token shards"):
+        TokenDataset(tmp_path / "ds")  # the target is still the previous state: nothing
+    with TokenWriter(tmp_path / "ds", spec_digest=DIGEST, tokenizer="tiny", meta=meta(), shard_size=2,
+                     resume=True) as w:
+        assert w.resumed_sources == sources(2)
+        for i in range(len(w.resumed_sources), len(batches)):
+            w.write(batches[i], sources(1, i))
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == whole
+    with pytest.raises(RuntimeError):
+        with TokenWriter(tmp_path / "ds", spec_digest=DIGEST, tokenizer="tiny", meta=meta(), shard_size=1,
+                         append=True) as w:
+            w.write(make_tokens(gen, 2, (2, 2)), sources(2, 10))
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "whole"]
+
+
+def test_weights_digest_changes_with_any_weight_not_with_mode() -> None:
+    from tatok_core.tokenfile import weights_digest
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert weights_digest(a) != weights_digest(b) and len(weights_digest(a)) == 16
+    before = weights_digest(a)
+    a.eval()
+    assert weights_digest(a) == before
+    with torch.no_grad():
+        a.weight[0, 0] += 1e-6
+    assert weights_digest(a) != before
