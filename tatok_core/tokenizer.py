@@ -56,11 +56,11 @@ RANGE_TOLERANCE = 1 / 255
 def check_images(images: Tensor, like: Tensor) -> Tensor:
     """``images`` (B, C, H, W) as floats in [0, 1] on ``like``'s device and dtype, or a one-line error.
 
-    Conversions are those that cannot change what the image shows: any floating dtype (float16,
-    bfloat16, float64) is cast to the model's, and images move to the model's device. Integer images
-    (uint8 0-255 and the like) are refused rather than guessed at — divide by their maximum; so are
-    NaN/inf values, meta tensors, and values outside [0, 1] by more than :data:`RANGE_TOLERANCE`
-    (a ×255 or [-1, 1] scale), which are clamped to [0, 1] when within it.
+    Converted, because it cannot change what the image shows: any floating dtype (float16, bfloat16,
+    float64) is cast to the model's, images move to the model's device, and an overshoot of at most
+    :data:`RANGE_TOLERANCE` beyond [0, 1] (resampling) is clamped. Refused rather than guessed at:
+    integer images (uint8 0-255 and the like: divide by their maximum), NaN/inf values, meta
+    tensors, and values further outside [0, 1] (a ×255 or [-1, 1] scale).
     """
     if not isinstance(images, Tensor):
         raise TatokError(f"images must be a torch.Tensor (B, C, H, W) in [0, 1], got {type(images).__name__}")
@@ -125,7 +125,7 @@ class Tokenizer(nn.Module):
     # -- pipeline --------------------------------------------------------------------------
     def _pad(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Checked images (see :func:`check_images`) padded to whole patches, and their size before padding."""
-        images = check_images(images, next(self.parameters()))
+        images = check_images(images, next(self.parameters(), torch.empty(0)))
         _, channels, height, width = images.shape
         if channels != self.encoder.channels:
             raise TatokError(f"images have {channels} channels but the encoder expects {self.encoder.channels}")
@@ -201,7 +201,7 @@ class Tokenizer(nn.Module):
             if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
                 raise TatokError(f"cannot decode: {what} codes span [{int(codes.min())}, {int(codes.max())}], outside "
                                  f"this model's codebook [0, {size}): tokens of another tokenizer?")
-        return tokens.to(next(self.parameters()).device)
+        return tokens.to(next(self.parameters(), torch.empty(0)).device)
 
     def sample_tau(self, batch: int, device: torch.device) -> Tensor:
         """τ per image ~ U(train_tau_min, 1), so the decoder learns every budget."""
