@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from tatok_core.errors import TatokError
+from tatok_core.errors import TatokError, TokenFileError
 from tatok_core.locking import OutputLock
 from tatok_core.rate import EncodeReport, decode_tokens, encode_files, output_names, token_meta
 from tatok_core.tokenfile import TokenDataset, TokenWriter, resume_position, weights_digest
@@ -78,12 +78,17 @@ def encode_token_set(
                          "run it again without --resume")
     meta = token_meta(model, tau=tau, budget=budget, filter=filter, filter_options=options)
     inputs = [(name, path.stat().st_size) for path, name in sources]
-    with TokenWriter(output, spec_digest=model.spec.digest(), tokenizer=tokenizer, meta=meta, shard_size=shard_size,
-                     rank=rank, world_size=world_size, append=append, resume=resume,
-                     weights_digest=weights_digest(model)) as writer:
+    writer = TokenWriter(output, spec_digest=model.spec.digest(), tokenizer=tokenizer, meta=meta,
+                         shard_size=shard_size, rank=rank, world_size=world_size, append=append, resume=resume,
+                         weights_digest=weights_digest(model))
+    try:
+        start = resume_position(writer.resumed_sources, inputs)
+    except TokenFileError:
+        writer.abort(keep_staged=True)  # resumed with other inputs: keep the progress for the right ones
+        raise
+    with writer:
         if before_encoding is not None:
             before_encoding()
-        start = resume_position(writer.resumed_sources, inputs)
         todo = sources[start:]
         report = encode_files(
             model, [path for path, _ in todo], writer, tau=tau, budget=budget, batch_size=batch_size, filter=filter,

@@ -300,7 +300,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(_canonical([name, str(t.dtype), list(t.shape)]).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()[:16]
 
 
@@ -579,15 +579,18 @@ class TokenWriter:
         _fsync_dir(self.path)
         shutil.rmtree(self._staging, ignore_errors=True)
 
-    def abort(self, reason: BaseException | None = None) -> None:
+    def abort(self, reason: BaseException | None = None, *, keep_staged: bool | None = None) -> None:
         """Discard what this writer staged, leaving the target as it was, and release the target.
 
         An interruption (Ctrl-C: a ``BaseException`` that is not an ``Exception``) keeps the full
-        staged shards for ``resume=True``, as a kill would; an error removes them.
+        staged shards for ``resume=True``, as a kill would; an error removes them, unless
+        ``keep_staged`` says otherwise (a resume refused before it wrote anything keeps them).
         """
         self._closed = True
         self._buffer.clear()
-        if isinstance(reason, Exception) or reason is None:
+        if keep_staged is None:
+            keep_staged = reason is not None and not isinstance(reason, Exception)
+        if not keep_staged:
             if self._single:
                 self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)
             elif not (self._staging / _manifest_name(self._rank)).is_file():  # never undo a commit under way

@@ -446,9 +446,10 @@ def test_kill_during_encode_then_resume_equals_an_uninterrupted_run(models: dict
     assert sorted(p.name for p in work.iterdir()) == ["t"]  # no staging folder, temp file or lock left
 
 
-def test_a_run_without_resume_discards_the_leftovers(models: dict[str, Path], images: Path, tmp_path: Path,
+def test_a_wrong_resume_keeps_and_a_fresh_run_discards_the_leftovers(models: dict[str, Path], images: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C keeps the full staged shards (as a kill does); the next run without --resume says it drops them."""
+    """Ctrl-C keeps the full staged shards (as a kill does); a --resume with other inputs is refused and
+    keeps them; a run without --resume drops them and says so."""
     from tatok_core import tokenfile
 
     flush, count = tokenfile.TokenWriter._flush, []
@@ -464,6 +465,9 @@ def test_a_run_without_resume_discards_the_leftovers(models: dict[str, Path], im
     assert invoke(*args, model=models["a"]).exit_code != 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".t.partial"]
     monkeypatch.setattr(tokenfile.TokenWriter, "_flush", flush)
+    one_line_error(invoke("encode", images / "crop5.png", *args[2:], "--resume", model=models["a"]),
+                   "cannot resume", "'crop0.png'", "not among these inputs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".t.partial"]  # the progress survives a wrong resume
     result = invoke(*args, model=models["a"])
     assert result.exit_code == 0 and "discarded 4 images left by an interrupted encode" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"] and len(TokenDataset(tmp_path / "t")) == len(NAMES)
