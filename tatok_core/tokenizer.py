@@ -164,7 +164,11 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:
-        """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call."""
+        """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call.
+
+        Images are checked and converted by :func:`check_images` (other float dtypes and devices are
+        converted; integer pixels, NaN, values outside [0, 1] and meta tensors are refused).
+        """
         analysis = self.analyse(images)
         selection = self.token_filter(filter, **filter_options).select(analysis.entropy.bits, tau)
         return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
