@@ -1,7 +1,8 @@
 """The ``tatok`` command: a thin click + rich layer over the library.
 
-User errors (:class:`tatok_core.errors.TatokError`) become one red line and exit status 1; click's own
-usage errors exit with 2. Set ``TATOK_DEBUG=1`` to see the traceback instead.
+User errors (:class:`tatok_core.errors.TatokError`) and failed file operations (``OSError``: a
+read-only or full disk, an output path under a regular file) become one red line and exit status 1;
+click's own usage errors exit with 2. Set ``TATOK_DEBUG=1`` to see the traceback instead.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
-from tatok_core.errors import TatokError
+from tatok_core.errors import TatokError, os_error_message
 
 console = Console()
 err_console = Console(stderr=True)
@@ -25,10 +27,11 @@ class TatokGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except TatokError as exc:
+        except (TatokError, OSError) as exc:
             if os.environ.get("TATOK_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            message = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(1)
 
 
@@ -50,4 +53,9 @@ def register_commands() -> None:
             cli.add_command(command)
 
 
-register_commands()
+if __name__ == "__main__":  # python -m tatok_cli.main (independent of PATH): run the importable module's group
+    from tatok_cli.main import cli as _importable_cli
+
+    _importable_cli()
+else:
+    register_commands()

@@ -18,6 +18,7 @@ from torch import Tensor
 from rich.table import Table
 
 from tatok_cli.main import console, err_console
+from tatok_cli.options import at_least
 from tatok_core.data import ImageSource, fixed_crops
 from tatok_core.errors import ImageReadError, TatokError
 from tatok_core.imageio import read_image
@@ -29,16 +30,13 @@ from tatok_core.rate import (
     cannot_tokenize,
     check_rate,
     check_tau,
-    decode_tokens,
-    encode_files,
     evaluate_rate_distortion,
     save_rate_distortion,
     source_names,
-    token_meta,
 )
+from tatok_core.outputs import decode_token_set, encode_token_set, ignored_rate_option
 from tatok_core.panels import show_panel
 from tatok_core.spec import OptionValue, parse_option_assignment
-from tatok_core.tokenfile import TokenWriter
 from tatok_core.tokenizer import Tokenizer
 from tatok_core.train import World
 
@@ -48,7 +46,8 @@ model_option = click.option(
     "--model", "model_name", default=DEFAULT_MODEL, show_default=True, metavar="NAME|DIR",
     help="shipped tokenizer name or a directory written by save_pretrained / `tatok train`",
 )
-batch_size_option = click.option("--batch-size", default=16, show_default=True, help="images per forward pass")
+batch_size_option = click.option("--batch-size", default=16, show_default=True, callback=at_least(1),
+                                 help="images per forward pass")
 
 
 def _load(name: str, device: torch.device | None = None) -> Tokenizer:
@@ -64,11 +63,6 @@ def _print_skipped(failed: list[tuple[Path, str]]) -> None:
 def _short(threshold: float) -> str:
     """The shortest text that gives back the same float32 (the precision every filter applies)."""
     return np.format_float_positional(np.float32(threshold), trim="-")
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size < 1:
-        raise TatokError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
@@ -96,47 +90,54 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
 @click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE",
               help="filter option, e.g. filter.k=32; filter.min_keep / filter.max_keep are the per-image floor / cap")
 @batch_size_option
+@click.option("--shard-size", default=4096, show_default=True, callback=at_least(1),
+              help="images per shard; each full shard is kept when a run is interrupted")
+@click.option("--resume", is_flag=True, help="continue an encode into -o that was killed or interrupted (same inputs)")
+@click.option("--append", is_flag=True, help="add these images to the existing token set in -o (same model and rate)")
 @click.pass_context
 def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output: Path, tau: float | None,
            theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
-           filter_name: str | None, assignments: tuple[str, ...], batch_size: int) -> None:
+           filter_name: str | None, assignments: tuple[str, ...], batch_size: int, shard_size: int, resume: bool,
+           append: bool) -> None:
     """Tokenize image files, folders or globs into a token file.
 
-    Unreadable files are reported and skipped, the rest written, and the exit status is 1. Under
+    Unreadable files are reported and skipped, the rest written, and the exit status is 1. Full
+    shards are kept as they are written: after a kill or Ctrl-C, the same command with --resume
+    continues where it stopped (a run without --resume discards the leftovers). Under
     `torchrun --nproc_per_node=N` each rank encodes every N-th file into its own shard; a --budget
     is then calibrated over all ranks' images together.
     """
     rate = dict(tau=tau, theta=theta, epsilon=epsilon, budget=budget, budget_mode=budget_mode)
     check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
-    _check_batch_size(batch_size)
     options = _filter_options(assignments)
     world = World.from_environment()
     model = _load(model_name, world.device)
     model.token_filter(filter_name, **options)  # unknown filter or option: fail before reading any image
+    ignored = ignored_rate_option(model, tau=tau, theta=theta, epsilon=epsilon, budget=budget,
+                                  filter=filter_name, filter_options=options)
+    if ignored:
+        raise TatokError(ignored)
     sources = source_names(inputs)[world.rank :: world.size]
-    meta = token_meta(model, filter=filter_name, filter_options=options, **rate)
-    with TokenWriter(output, spec_digest=model.spec.digest(), tokenizer=model.name or model_name, meta=meta,
-                     rank=world.rank if world.size > 1 else None) as writer:
-        if world.size > 1:
-            dist.barrier()  # every rank has checked the target before any rank's shard lands there
-        report = encode_files(
-            model, [path for path, _ in sources], writer, **rate, batch_size=batch_size,
-            filter=filter_name, filter_options=options, names=[name for _, name in sources],
-            distributed=world.size > 1, progress=world.is_main,
-        )
-        if report.failed and not report.encoded:
-            if len(report.failed) == 1:
-                raise TatokError(report.failed[0][1])
-            _print_skipped(report.failed)
-            raise TatokError(f"none of the {len(report.failed)} images could be encoded; nothing written")
+    distributed = world.size > 1
+    run = encode_token_set(
+        model, sources, output, tokenizer=model.name or model_name, **rate, filter=filter_name,
+        filter_options=options, batch_size=batch_size, shard_size=shard_size, append=append, resume=resume,
+        rank=world.rank if distributed else None, world_size=world.size if distributed else None,
+        progress=world.is_main, before_encoding=dist.barrier if distributed else None,
+    )  # the barrier: every rank has checked the target before any rank's shard lands there
+    report = run.report
+    if run.discarded:
+        err_console.print(f"[yellow]discarded[/] {run.discarded} images left by an interrupted encode into {output} "
+                          "(--resume continues such a run)", highlight=False, soft_wrap=True)
     if report.calibration is not None and world.is_main:
         c = report.calibration
         console.print(f"calibrated {c.mode} {_short(c.threshold)}: {c.mean_tokens:.2f} patch tokens per image on average "
                       f"(budget {c.budget:g}, {c.iterations} bisection steps)", highlight=False, soft_wrap=True)
     applied = (f"{report.mode} {_short(report.threshold)}" if report.threshold is not None
-               else f"filter {meta['filter']['name']}")
-    where = f"rank {world.rank}: " if world.size > 1 else ""
-    console.print(f"{where}encoded {report.encoded} images into {output} ({report.mean_tokens:.1f} patch + "
+               else f"filter {filter_name or model.spec.filter.name}")
+    where = f"rank {world.rank}: " if distributed else ""
+    resumed = f" after {run.resumed} kept from the interrupted run" if run.resumed else ""
+    console.print(f"{where}encoded {report.encoded} images{resumed} into {output} ({report.mean_tokens:.1f} patch + "
                   f"{model.num_global} global tokens per image, {applied})", highlight=False, soft_wrap=True)
     _print_skipped(report.failed)
     if report.failed:
@@ -148,13 +149,21 @@ def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output:
 @model_option
 @click.argument("tokens", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="folder for the PNGs (existing files are never overwritten)")
+              help="folder for the PNGs (existing files are kept unless --overwrite)")
 @batch_size_option
-def decode(model_name: str, tokens: Path, output: Path, batch_size: int) -> None:
-    """Decode a token file back into PNGs at the original sizes, named after the source files."""
-    _check_batch_size(batch_size)
+@click.option("--overwrite", is_flag=True, help="replace PNGs of the same names already in the folder")
+@click.option("--allow-foreign-weights", is_flag=True,
+              help="decode tokens that other weights made (same architecture): risks wrong images")
+def decode(model_name: str, tokens: Path, output: Path, batch_size: int, overwrite: bool,
+           allow_foreign_weights: bool) -> None:
+    """Decode a token file back into PNGs at the original sizes, named after the source files.
+
+    The token set must be whole (every shard its manifest lists, nothing else) and made by this very
+    model: tokens of other weights are refused unless --allow-foreign-weights.
+    """
     model = _load(model_name)
-    written = decode_tokens(model, tokens, output, batch_size=batch_size, progress=True)
+    written = decode_token_set(model, tokens, output, batch_size=batch_size, overwrite=overwrite,
+                               allow_foreign_weights=allow_foreign_weights, progress=True)
     console.print(f"decoded {len(written)} images into {output}", highlight=False)
 
 
@@ -181,7 +190,7 @@ def _floats(option: str, text: str) -> list[float]:
 @click.option("--longest-side", type=int, help="with --whole: downscale each image so its longest side is this")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="folder for rate_distortion.json and rate_distortion.png")
-@click.option("--batch-size", default=32, show_default=True, help="images per forward pass")
+@click.option("--batch-size", default=32, show_default=True, callback=at_least(1), help="images per forward pass")
 def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, crop: int | None, count: int | None,
           whole: bool, longest_side: int | None, output: Path | None, batch_size: int) -> None:
     """Rate-distortion: PSNR and SSIM against tokens kept and bits per pixel, at matched mean counts.
@@ -199,7 +208,6 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
     if longest_side is not None and (not whole or longest_side < 1):
         raise TatokError(f"--longest-side takes a side >= 1 and needs --whole (got {longest_side})")
     crop, count = 64 if crop is None else crop, 32 if count is None else count
-    _check_batch_size(batch_size)
     model = _load(model_name)
     skipped: list[tuple[Path, str]] = []
     try:

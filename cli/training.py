@@ -2,14 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import attrs
 import click
+import torch
 
 from tatok_cli.main import console
-from tatok_core.spec import parse_option_assignment
-from tatok_core.train import Recipe, TrainConfig, World, train as run_training
+from tatok_cli.options import at_least
+from tatok_core.errors import SpecError
+from tatok_core.spec import OptionValue, parse_option_assignment
+from tatok_core.train import CHECKPOINT, Recipe, TrainConfig, World, train as run_training
+
+#: Lower bounds of numeric [train] settings: (bound, whether the bound itself is allowed).
+_LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
+    "batch_size": (1, True), "crop": (1, True), "lr": (0, False), "min_lr_ratio": (0, True), "warmup": (0, True),
+    "weight_decay": (0, True), "grad_clip": (0, False), "quantizer_weight": (0, True), "entropy_weight": (0, True),
+    "eval_every": (1, True), "eval_crops": (1, True), "checkpoint_every": (1, True), "threads": (0, True),
+}
+_CHOICES: dict[str, tuple[str, ...]] = {"reconstruction": ("mse", "l1")}
+
+
+def check_train_setting(key: str, value: OptionValue) -> None:
+    """Refuse a ``train.KEY=VALUE`` of the wrong type or range, naming it (TrainConfig's defaults give the types)."""
+    fields = {f.name: f for f in attrs.fields(TrainConfig)}
+    if key not in fields or not isinstance(fields[key].default, (bool, int, float, str)):
+        return  # TrainConfig.from_dict names unknown settings with the known ones
+    kind = type(fields[key].default)
+    ok_type = (int, float) if kind is float else (kind,)
+    if not isinstance(value, ok_type) or (isinstance(value, bool) and kind is not bool):
+        raise SpecError(f"train.{key}={value!r}: expected {'a number' if kind is float else kind.__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"train.{key}={value!r}: expected a finite number")
+    if key in _LOWER_BOUNDS and not isinstance(value, bool):
+        bound, inclusive = _LOWER_BOUNDS[key]
+        if value < bound or (value == bound and not inclusive):
+            raise SpecError(f"train.{key}={value!r}: must be {'>=' if inclusive else '>'} {bound}")
+    if key == "min_lr_ratio" and value > 1:
+        raise SpecError(f"train.{key}={value!r}: must be <= 1")
+    if key in _CHOICES and value not in _CHOICES[key]:
+        raise SpecError(f"train.{key}={value!r}: choose one of {', '.join(_CHOICES[key])}")
+
+
+def _check_checkpoint(path: Path) -> None:
+    """A damaged checkpoint is one line naming it, not an unpickling traceback (absent: train decides)."""
+    if not path.is_file():
+        return
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch.load raises anything from pickle, zipfile or torch itself
+        raise SpecError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+                        "restore it, or delete it to start the run over") from exc
 
 
 @click.command()
@@ -17,7 +61,7 @@ from tatok_core.train import Recipe, TrainConfig, World, train as run_training
 @click.option("--data", default="builtin:photos", show_default=True, help="builtin:photos, or a folder/glob of images")
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run directory")
 @click.option("--steps", type=int, help="override [train] steps")
-@click.option("--batch-size", type=int, help="override [train] batch_size (per process)")
+@click.option("--batch-size", type=int, callback=at_least(1), help="override [train] batch_size (per process)")
 @click.option("--set", "assignments", multiple=True, metavar="train.SETTING=VALUE|KIND.OPTION=VALUE",
               help="override a training setting or a component option")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
@@ -32,10 +76,14 @@ def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size:
             train_overrides[key.removeprefix("train.")] = value
         else:
             spec_overrides[key] = value
-    config = TrainConfig.from_dict({**attrs.asdict(loaded.train),
-                                    **{k: v for k, v in train_overrides.items() if v is not None}})
+    settings = {**attrs.asdict(loaded.train), **{k: v for k, v in train_overrides.items() if v is not None}}
+    for key, value in settings.items():
+        check_train_setting(key, value)
+    config = TrainConfig.from_dict(settings)
     spec = loaded.spec.updated({}, spec_overrides)
     spec.check()
+    if resume:
+        _check_checkpoint(run_dir / CHECKPOINT)
     world = World.from_environment()
     result = run_training(spec, config, data, run_dir, resume=resume, world=world)
     if world.is_main:

@@ -7,6 +7,7 @@ one of these (never a bare ``ValueError``) is how library code reports a *user* 
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
 
 
@@ -55,3 +56,17 @@ class TokenFileError(TatokError):
 
 class GenerationError(TatokError):
     """Tokens a generator cannot model or produced, or a saved prior that cannot be loaded."""
+
+
+class OutputBusyError(TatokError):
+    """An output another process is writing at this moment (names the output and the holder)."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for a failed file operation: the file, what went wrong, and for a full disk what to do."""
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        where = f"{exc.filename} → {exc.filename2}"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    hint = " (disk full: free some space or choose another output)" if exc.errno == errno.ENOSPC else ""
+    return f"{where}: {reason}{hint}"

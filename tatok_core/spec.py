@@ -252,20 +252,38 @@ def parse_option_assignment(text: str) -> tuple[str, OptionValue]:
 
 
 def _construct(cls: type[Component], facts: Facts, kind: str, spec: ComponentSpec) -> Component:
-    accepted = [
-        p.name for p in inspect.signature(cls.__init__).parameters.values()
+    parameters = {
+        p.name: p for p in inspect.signature(cls.__init__).parameters.values()
         if p.kind == inspect.Parameter.KEYWORD_ONLY
-    ]
+    }
+    accepted = list(parameters)
     unknown = [k for k in spec.options if k not in accepted]
     if unknown:
         raise SpecError(
             f"{kind} {spec.name!r} has no option(s) {', '.join(unknown)} (options: {', '.join(accepted) or 'none'})"
         )
     label = f"{kind} {spec.name!r}"
+    for key, value in spec.options.items():
+        _check_option_type(f"{kind}.{key}", label, parameters[key].annotation, value)
     try:
         return cls(attrs.evolve(facts, building=label), **spec.options)
     except (TypeError, ValueError) as exc:
         raise SpecError(str(exc) if label in str(exc) else f"{label}: {exc}") from exc
+    except RuntimeError as exc:  # torch refusing a size the component did not check, e.g. dim=-4
+        given = ", ".join(f"{kind}.{k}={v!r}" for k, v in spec.options.items())
+        raise SpecError(f"{label} cannot be built with {given or 'its defaults'}: {exc}") from exc
+
+
+_SIMPLE_TYPES: dict[str, tuple[type, ...]] = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def _check_option_type(option: str, label: str, annotation: Any, value: OptionValue) -> None:
+    """Refuse a value of the wrong type for an option annotated bool/int/float/str, naming the option."""
+    name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+    expected = _SIMPLE_TYPES.get(name) if isinstance(name, str) else None
+    if expected and (not isinstance(value, expected) or (isinstance(value, bool) and name != "bool")):
+        article = "an" if name == "int" else "a"
+        raise SpecError(f"{option}={value!r}: {label} takes {article} {name} for {option.partition('.')[2]!r}")
 
 
 def build_components(spec: PipelineSpec, registry: Registry | None = None) -> dict[str, Component]:

@@ -4,7 +4,7 @@ Layout
 ------
 A token data set is a directory of shards ``shard-00000.safetensors``, ``shard-00001.safetensors``, …
 (``shard-r{rank}-{i:05d}.safetensors`` when written by one rank of a ``torchrun`` job, so ranks never
-collide), or a single shard file. Image order is shard order — (rank, index), unranked shards first —
+collide) with a manifest, or a single shard file. Image order is shard order — (rank, index), unranked shards first —
 then order within a shard. Every shard is a standard safetensors file, readable by any safetensors
 tool, holding I images in packed ("varlen") form:
 
@@ -33,22 +33,35 @@ Metadata (safetensors ``__metadata__``, string → string):
   (``tau`` or ``budget``) and ``filter`` (``{"name": ..., "options": {...}}``);
 * ``sources`` — JSON list of ``[file name, byte size]``, one per image;
 * ``tool_version`` — the tatok version that wrote the shard (may differ between appended shards);
+* ``weights_digest`` — when the writer was given one: :func:`weights_digest` of the model;
 * ``checksum`` — ``"sha256:" + hex(sha256(H || P))`` with P the tensor payload (every byte after the
   header) and H the canonical JSON of the header with ``checksum`` removed, so it covers the data,
   every tensor's dtype/shape/offsets and all other metadata.
 
-All shards of one data set share ``format_version``, ``spec_digest``, ``tokenizer`` and ``meta``.
+All shards of one data set share ``format_version``, ``spec_digest``, ``tokenizer``, ``meta`` and
+``weights_digest``.
+
+A directory set holds a manifest, ``manifest.json`` (``manifest-r{rank}.json`` per rank): canonical
+JSON with ``format`` = ``"tatok.tokens.manifest"``, ``format_version``, ``spec_digest``,
+``tokenizer``, ``meta``, ``weights_digest``, ``rank``, ``world_size``, ``shards`` (``name``,
+``checksum``, ``images``, ``bytes`` per shard, in order), ``images`` (their total) and ``checksum``
+(SHA-256 of the canonical JSON of the rest).
 
 Guarantees
 ----------
-* Deterministic bytes: the header is canonical JSON (sorted keys, compact, space-padded to 8 bytes;
-  safetensors' own writer orders metadata keys by hash) and nothing depends on time or process, so the
-  same tokens and metadata give identical files.
-* Atomic: a :class:`TokenWriter` writes its shards into a hidden sibling temp directory and moves them
-  into place only at :meth:`TokenWriter.close`; an exception inside its ``with`` block removes the temp
-  directory, leaving the target exactly as it was (no data-set directory is created).
-* Checked: opening reads only headers and checks that each file's size matches its header (catches
-  truncation) and that shards agree. Checksums are verified lazily, once per shard, before any data of
+* Deterministic bytes: headers and manifests are canonical JSON (sorted keys, compact; shard headers
+  space-padded to 8 bytes — safetensors' own writer orders metadata keys by hash) and nothing depends
+  on time or process, so the same tokens and metadata give identical files.
+* One writer per target: a :class:`TokenWriter` holds an :class:`~tatok_core.locking.OutputLock` on
+  it while open; a second writer fails at once, naming the first.
+* Atomic and resumable: full shards are staged (temp file, fsync, rename) in a hidden sibling folder
+  as they fill; :meth:`TokenWriter.close` stages the manifest, then moves the shards and last the
+  manifest into the target. The target is always the previous set or the new one; a kill during the
+  moves is rolled forward by the next writer; ``resume=True`` takes up the staged shards of a killed
+  writer. An exception inside the ``with`` block removes everything staged.
+* Checked: opening reads only headers and manifests and refuses missing, extra, replaced or
+  duplicated shards, a damaged manifest, a lost rank, a half-committed set and (``expect_*``) tokens
+  of another spec or other weights. Checksums are verified lazily, once per shard, before any data of
   that shard is returned — opening a million-image set stays instant, and no byte is served
   unverified. :meth:`TokenDataset.verify` checks every shard up front.
 """
@@ -56,12 +69,12 @@ Guarantees
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -74,13 +87,17 @@ from torch import Tensor
 
 from tatok_core import __version__
 from tatok_core.errors import TokenFileError
+from tatok_core.locking import OutputLock
 from tatok_core.tokens import ImageTokens, Tokens
 
 FORMAT = "tatok.tokens"
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "tatok.tokens.manifest"
 REQUIRED_META = ("codebook_size", "num_global", "patch_size")
 TENSORS = frozenset({"global_codes", "codes", "positions", "cu_seqlens", "grids", "image_sizes"})
 _SHARD_RE = re.compile(r"shard-(?:r(\d+)-)?(\d+)\.safetensors")
+_MANIFEST_RE = re.compile(r"manifest(?:-r(\d+))?\.json")
 _MAX_HEADER = 100_000_000  # safetensors' own limit
 _Index = tuple[list[int], list[tuple[int, int]], list[tuple[int, int]], list[tuple[str, int]]]
 
@@ -225,13 +242,104 @@ class _Shard:
             yield self.image(j, g[j], c[bounds[j] : bounds[j + 1]], p[bounds[j] : bounds[j + 1]])
 
 
+def _write_durably(path: Path, data: bytes) -> None:
+    """``path`` holds ``data`` or what it held before, never a torn file: temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _manifest_name(rank: int | None) -> str:
+    return MANIFEST if rank is None else f"manifest-r{rank}.json"
+
+
+def _manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return (_canonical({**body, "checksum": "sha256:" + hashlib.sha256(_canonical(body).encode()).hexdigest()})
+            + "\n").encode()
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """A manifest whose own checksum holds (so a flipped bit in it is caught like one in a shard)."""
+    try:
+        manifest = json.loads(path.read_bytes())
+        body = {k: v for k, v in manifest.items() if k != "checksum"}
+        entry_types = {"name": str, "checksum": str, "images": int, "bytes": int}
+        if not isinstance(manifest["shards"], list) or not all(
+            isinstance(e, dict) and all(isinstance(e.get(k), t) for k, t in entry_types.items())
+            for e in manifest["shards"]
+        ):
+            raise TypeError("shard entries need name, checksum, images and bytes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TokenFileError(f"{path}: not a readable token-set manifest ({exc})") from exc
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise TokenFileError(f"{path}: not a TaTok token-set manifest (format {manifest.get('format')!r})")
+    if manifest.get("checksum") != "sha256:" + hashlib.sha256(_canonical(body).encode()).hexdigest():
+        raise TokenFileError(f"{path}: checksum mismatch: the manifest was modified or corrupted after it was written")
+    return manifest
+
+
+def _staging_dir(path: Path, rank: int | None) -> Path:
+    return path.parent / (f".{path.name}.partial" + ("" if rank is None else f"-r{rank}"))
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """16 hex digits of SHA-256 over every tensor of ``model.state_dict()`` (names, dtypes, shapes, bytes).
+
+    Token files record it, so tokens are never decoded by weights other than those that made them
+    (two models of one architecture share a spec digest but not this).
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(_canonical([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
+    return digest.hexdigest()[:16]
+
+
+def resume_position(done: Sequence[tuple[str, int]], inputs: Sequence[tuple[str, int]]) -> int:
+    """How many of ``inputs`` (name, byte size) an interrupted write already covered.
+
+    ``done`` are the sources of the images it wrote, in order: a subsequence of the inputs (inputs it
+    skipped as unreadable are not in it). Raises when they do not follow the inputs — other inputs.
+    """
+    position = 0
+    for source in done:
+        while position < len(inputs) and tuple(inputs[position]) != tuple(source):
+            position += 1
+        if position == len(inputs):
+            raise TokenFileError(
+                f"cannot resume: the interrupted output holds {source[0]!r} ({source[1]} bytes), which is not "
+                "among these inputs in this order; resume with the same inputs, or run again without resume"
+            )
+        position += 1
+    return position
+
+
 class TokenWriter:
     """Writes :class:`Tokens` batches into a token data set (see the module docs for the format).
 
-    ``path`` is a directory, or a ``*.safetensors`` file for a single-shard set (no ``append`` or
-    ``rank`` then). Shards appear only at :meth:`close`; images are validated as they are written, so
-    a bad batch raises before anything reaches disk. Under ``torchrun`` every rank opens the same
-    directory with its own ``rank``; a directory that already holds shards needs ``append=True``.
+    ``path`` is a directory, or a ``*.safetensors`` file for a single-shard set (no ``append``,
+    ``rank`` or ``resume`` then). Images are validated as they are written, so a bad batch raises
+    before anything reaches disk. Full shards go into a hidden staging folder beside the target as
+    they fill; :meth:`close` commits them and the manifest into the target. Under ``torchrun`` every
+    rank opens the same directory with its own ``rank`` and the job's ``world_size``. A directory
+    that already holds shards needs ``append=True``. While open, the writer holds a lock on the target
+    (:class:`~tatok_core.locking.OutputLock`): a second writer fails at once.
+
+    ``resume=True`` keeps the staged shards of a writer that was killed (or interrupted with Ctrl-C)
+    before it closed: :attr:`resumed_sources` lists their images, and the caller writes only what
+    follows (:func:`resume_position`). Without it, such leftovers are discarded
+    (:attr:`discarded_images` says how many images they held). A writer killed while committing had
+    written everything: any next writer finishes that commit, and a resuming one is then
+    :attr:`already_complete` (closing it adds nothing).
     """
 
     def __init__(
@@ -244,17 +352,28 @@ class TokenWriter:
         shard_size: int = 4096,
         rank: int | None = None,
         append: bool = False,
+        weights_digest: str | None = None,
+        world_size: int | None = None,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path)
         self._single = self.path.suffix == ".safetensors"
         if shard_size < 1 or (rank is not None and rank < 0):
             raise TokenFileError(f"{self.path}: shard_size must be >= 1 and rank >= 0 (got {shard_size}, {rank})")
+        if world_size is not None and rank is None:
+            raise TokenFileError(f"{self.path}: world_size needs a rank")
+        if world_size is not None and rank is not None and not rank < world_size:
+            raise TokenFileError(f"{self.path}: rank {rank} outside a world of {world_size}")
         for key in REQUIRED_META:
             value, least = meta.get(key), 0 if key == "num_global" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise TokenFileError(f"{self.path}: meta[{key!r}] must be an int >= {least}, got {value!r}")
-        if set(meta) & {"format_version", "spec_digest", "tokenizer"}:
-            raise TokenFileError(f"{self.path}: meta may not redefine format_version, spec_digest or tokenizer")
+        if set(meta) & {"format_version", "spec_digest", "tokenizer", "weights_digest"}:
+            raise TokenFileError(
+                f"{self.path}: meta may not redefine format_version, spec_digest, tokenizer or weights_digest"
+            )
+        if self._single and (append or rank is not None):
+            raise TokenFileError(f"{self.path}: a single-file token set cannot be appended to or split by rank")
         self._meta = dict(meta)
         self._header = {
             "format": FORMAT,
@@ -263,40 +382,79 @@ class TokenWriter:
             "tokenizer": tokenizer,
             "tool_version": __version__,
             "meta": _canonical(self._meta),
+            **({"weights_digest": weights_digest} if weights_digest is not None else {}),
         }
-        self._shard_size, self._rank = shard_size, rank
+        self._shard_size, self._rank, self._world_size = shard_size, rank, world_size
         self._buffer: list[tuple[ImageTokens, tuple[str, int]]] = []
-        self._written: list[str] = []
-        self._tmp: Path | None = None
+        self._entries: list[dict[str, Any]] = []  # staged shards: name, checksum, images, bytes
+        self._base: list[dict[str, Any]] = []  # shards the target's manifest already lists
         self._closed = False
         self._next = 0
-        self._had_shards = False
+        self.resumed_sources: list[tuple[str, int]] = []
+        self.discarded_images = 0
+        self.already_complete = False
+        self._staging = _staging_dir(self.path, rank)
+        self._lock = OutputLock(self.path, "" if rank is None else f".r{rank}")
+        self._lock.acquire()
+        try:
+            self._open(append, resume)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, append: bool, resume: bool) -> None:
+        """With the lock held: finish an interrupted commit, check the target, take up or drop leftovers."""
         if self._single:
-            if append or rank is not None:
-                raise TokenFileError(f"{self.path}: a single-file token set cannot be appended to or split by rank")
+            self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)  # a killed writer's
             if self.path.exists():
                 raise TokenFileError(f"{self.path}: already exists; remove it or choose another name")
             return
         if self.path.exists() and not self.path.is_dir():
             raise TokenFileError(f"{self.path}: exists and is not a directory")
+        if (self._staging / _manifest_name(self._rank)).is_file():
+            finished = self._roll_forward()
+            if resume:  # the interrupted run had written everything: resuming it is finishing its commit
+                self.already_complete = True
+                self.resumed_sources = [source for p in finished for source in _Shard(p).index()[3]]
+                return
         existing = _list_shards(self.path)
+        if existing and resume and not append and not _list_shards(self._staging):
+            raise TokenFileError(f"{self.path}: nothing to resume: it is a finished token set ({len(existing)} shard(s))")
         if existing and not append:
             raise TokenFileError(
-                f"{self.path}: holds {len(existing)} shard(s) already; pass append=True or use a new directory"
+                f"{self.path}: holds {len(existing)} shard(s) already; write a new token set elsewhere or add to "
+                "this one (append=True; `tatok encode --append`)"
             )
         if existing:
             self._check_same_set(existing[0][2])
-        self._had_shards = bool(existing)
-        own = [i for r, i, _ in existing if r == (-1 if rank is None else rank)]
+            if not any(_MANIFEST_RE.fullmatch(p.name) for p in self.path.iterdir()):
+                raise TokenFileError(f"{self.path}: has no {MANIFEST} (not a complete token set): cannot add to it")
+            manifest = self.path / _manifest_name(self._rank)
+            self._base = list(_read_manifest(manifest)["shards"]) if manifest.is_file() else []
+        staged = [p for _, _, p in _list_shards(self._staging)]
+        if staged and resume:
+            for p in staged:
+                shard = _Shard(p)
+                shard.verify()
+                self._check_same_set(p)
+                self._entries.append(_entry(shard))
+                self.resumed_sources.extend((n, b) for n, b in shard.index()[3])
+        elif self._staging.exists():
+            with contextlib.suppress(TokenFileError):  # a damaged leftover is discarded all the same
+                self.discarded_images = sum(_Shard(p).count for p in staged)
+            shutil.rmtree(self._staging)
+        own = [i for r, i, _ in [*existing, *_list_shards(self._staging)] if r == (-1 if self._rank is None else self._rank)]
         self._next = max(own, default=-1) + 1
 
     def _check_same_set(self, shard: Path) -> None:
         found = _Shard(shard).meta
         if found["spec_digest"] != self._header["spec_digest"]:
             raise _digest_mismatch(shard, found["spec_digest"], self._header["spec_digest"])
-        for key in ("tokenizer", "meta"):
-            if found[key] != self._header[key]:
-                raise TokenFileError(f"{shard}: cannot append: {key} is {found[key]} there, {self._header[key]} here")
+        for key in ("tokenizer", "meta", "weights_digest"):
+            if found.get(key) != self._header.get(key):
+                raise TokenFileError(
+                    f"{shard}: cannot add to it: {key} is {found.get(key)} there, {self._header.get(key)} here"
+                )
 
     def update_meta(self, extra: Mapping[str, Any]) -> None:
         """Add ``meta`` keys known only once encoding has begun (a budget's calibrated threshold).
@@ -361,60 +519,127 @@ class TokenWriter:
             "grids": torch.tensor([im.grid for im in images], dtype=torch.int64).reshape(-1, 2),
             "image_sizes": torch.tensor([im.image_size for im in images], dtype=torch.int64).reshape(-1, 2),
         }
-        data = _serialize(tensors, {**self._header, "sources": _canonical([list(s) for _, s in items])})
-        if self._tmp is None:
+        data, checksum = _serialize(tensors, {**self._header, "sources": _canonical([list(s) for _, s in items])})
+        if self._single:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        name = self.path.name if self._single else _shard_name(self._rank, self._next)
-        with open(self._tmp / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        self._written.append(name)
+            _write_durably(self.path, data)
+            return
+        name = _shard_name(self._rank, self._next)
+        entry = {"name": name, "checksum": checksum, "images": len(images), "bytes": len(data)}
+        twin = next((e["name"] for e in [*self._base, *self._entries] if e["checksum"] == entry["checksum"]), None)
+        if twin is not None:
+            raise TokenFileError(f"{self.path}: shard {name} would repeat shard {twin} byte for byte: "
+                                 "these images are in the set already")
+        self._staging.mkdir(parents=True, exist_ok=True)
+        _write_durably(self._staging / name, data)
+        self._entries.append(entry)
         self._next += 1
 
     def close(self) -> None:
-        """Flush the last shard and move every shard into place.
+        """Flush the last shard, then commit every staged shard and the manifest into the target.
 
         A new set that received no images still gets one empty shard, so it exists and records its
-        tokenizer. Each shard appears atomically; they appear one after another.
+        tokenizer. The manifest is staged first and moved last: a kill in between is rolled forward
+        by the next writer, and readers refuse the half-committed set until then.
         """
         if self._closed:
             return
+        if self.already_complete:
+            if self._buffer:
+                raise TokenFileError(f"{self.path}: the resumed write was complete; no images may be added")
+            self._closed = True
+            self._lock.release()
+            return
         try:
-            if self._buffer or not (self._written or self._had_shards):
+            if self._buffer or not (self._entries or self._base or _list_shards(self.path)):
                 self._flush(self._buffer)
             self._buffer.clear()
-            if self._tmp is not None:
-                if not self._single:
-                    self.path.mkdir(parents=True, exist_ok=True)
-                for name in self._written:
-                    os.replace(self._tmp / name, self.path if self._single else self.path / name)
-                self._tmp.rmdir()
+            if not self._single:
+                manifest = {
+                    "format": MANIFEST_FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    **{k: self._header[k] for k in ("spec_digest", "tokenizer", "meta")},
+                    "weights_digest": self._header.get("weights_digest"),
+                    "rank": self._rank,
+                    "world_size": self._world_size,
+                    "shards": [*self._base, *self._entries],
+                    "images": sum(e["images"] for e in [*self._base, *self._entries]),
+                }
+                self._staging.mkdir(parents=True, exist_ok=True)
+                _write_durably(self._staging / _manifest_name(self._rank), _manifest_bytes(manifest))
+                self._commit()
             self._closed = True
-        except BaseException:
-            self.abort()
+        except BaseException as exc:
+            self.abort(exc)
             raise
+        self._lock.release()
 
-    def abort(self) -> None:
-        """Discard everything this writer wrote; the target stays as it was."""
+    def _roll_forward(self) -> list[Path]:
+        """Finish the commit a killed writer began; returns the shards that commit added."""
+        committed = self.path / _manifest_name(self._rank)
+        before = {e["name"] for e in _read_manifest(committed)["shards"]} if committed.is_file() else set()
+        staged = _read_manifest(self._staging / _manifest_name(self._rank))["shards"]
+        self._commit()
+        return [self.path / e["name"] for e in staged if e["name"] not in before]
+
+    def _commit(self) -> None:
+        """Move the staged shards, then the staged manifest, into the target; remove the staging folder."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        for _, _, shard in _list_shards(self._staging):
+            os.replace(shard, self.path / shard.name)
+        os.replace(self._staging / _manifest_name(self._rank), self.path / _manifest_name(self._rank))
+        _fsync_dir(self.path)
+        shutil.rmtree(self._staging, ignore_errors=True)
+
+    def abort(self, reason: BaseException | None = None, *, keep_staged: bool | None = None) -> None:
+        """Discard what this writer staged, leaving the target as it was, and release the target.
+
+        An interruption (Ctrl-C: a ``BaseException`` that is not an ``Exception``) keeps the full
+        staged shards for ``resume=True``, as a kill would; an error removes them, unless
+        ``keep_staged`` says otherwise (a resume refused before it wrote anything keeps them).
+        """
         self._closed = True
         self._buffer.clear()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+        if keep_staged is None:
+            keep_staged = reason is not None and not isinstance(reason, Exception)
+        if not keep_staged:
+            if self._single:
+                self.path.with_name(f".{self.path.name}.tmp").unlink(missing_ok=True)
+            elif not (self._staging / _manifest_name(self._rank)).is_file():  # never undo a commit under way
+                shutil.rmtree(self._staging, ignore_errors=True)
+        self._lock.release()
 
     def __enter__(self) -> TokenWriter:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, *_: Any) -> None:
         if exc_type is None:
             self.close()
         else:
-            self.abort()
+            self.abort(exc)
 
 
-def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with a canonical header (deterministic) carrying the checksum."""
+def _entry(shard: _Shard) -> dict[str, Any]:
+    return {"name": shard.path.name, "checksum": shard.meta["checksum"], "images": shard.count,
+            "bytes": shard.path.stat().st_size}
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames into ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> tuple[bytes, str]:
+    """safetensors bytes with a canonical header (deterministic) carrying the checksum, and that checksum."""
     raw = save({k: v.contiguous() for k, v in tensors.items()})
     n = int.from_bytes(raw[:8], "little")
     header, payload = json.loads(raw[8 : 8 + n]), raw[8 + n :]
@@ -422,7 +647,72 @@ def _serialize(tensors: dict[str, Tensor], metadata: dict[str, str]) -> bytes:
     header["__metadata__"]["checksum"] = _checksum(header, iter([payload]))
     head = _canonical(header).encode()
     head += b" " * (-len(head) % 8)
-    return len(head).to_bytes(8, "little") + head + payload
+    return len(head).to_bytes(8, "little") + head + payload, header["__metadata__"]["checksum"]
+
+
+def _checked_listing(directory: Path) -> list[Path]:
+    """The shard files of a token-set directory, after checking it is not half written."""
+    shards = [p for _, _, p in _list_shards(directory)]
+    manifests = [p for p in directory.iterdir() if _MANIFEST_RE.fullmatch(p.name)] if directory.is_dir() else []
+    staging = [p for p in directory.parent.glob(f".{directory.name}.partial*")
+               if any(_MANIFEST_RE.fullmatch(q.name) for q in p.iterdir())] if directory.parent.is_dir() else []
+    if staging:
+        raise TokenFileError(
+            f"{directory}: a write into it is committing right now or was interrupted while committing "
+            f"({staging[0].name}); if no writer runs, the same `tatok encode ... --resume` finishes it"
+        )
+    if not shards and not manifests:
+        raise TokenFileError(f"{directory}: no token shards (shard-*.safetensors) found")
+    if not manifests:
+        raise TokenFileError(
+            f"{directory}: no {MANIFEST}: not a complete token set (written by an older tatok, or by hand), "
+            "so missing or extra shards cannot be ruled out"
+        )
+    return shards
+
+
+def _check_against_manifests(directory: Path, shards: Sequence[_Shard]) -> None:
+    """Every shard listed exactly once, none missing, none extra, each the very file listed; ranks all there."""
+    listed: dict[str, tuple[str, dict[str, Any]]] = {}
+    world_sizes: set[int] = set()
+    ranks: set[int | None] = set()
+    for path in sorted(p for p in directory.iterdir() if _MANIFEST_RE.fullmatch(p.name)):
+        manifest = _read_manifest(path)
+        ranks.add(manifest.get("rank"))
+        if manifest.get("world_size") is not None:
+            world_sizes.add(manifest["world_size"])
+        for entry in manifest["shards"]:
+            listed[entry["name"]] = (path.name, entry)
+        keys = ("spec_digest", "tokenizer", "meta", "weights_digest")
+        if shards and any(manifest.get(k) != shards[0].meta.get(k) for k in keys):
+            raise TokenFileError(f"{path}: the manifest and the shards disagree on the tokenizer or its settings")
+    present = {shard.path.name: shard for shard in shards}
+    missing = [name for name in listed if name not in present]
+    if missing:
+        raise TokenFileError(
+            f"{directory}: shard(s) {', '.join(sorted(missing)[:3])} listed in {listed[missing[0]][0]} are missing: "
+            f"the token set is incomplete ({len(missing)} of {len(listed)} shards gone)"
+        )
+    extra = [name for name in present if name not in listed]
+    if extra:
+        raise TokenFileError(
+            f"{directory}: shard(s) {', '.join(sorted(extra)[:3])} are in no manifest (copied in, or left by another "
+            "write): remove them or move them to their own set"
+        )
+    seen: dict[str, str] = {}
+    for name, (manifest_name, entry) in listed.items():
+        shard = present[name]
+        if seen.get(entry["checksum"]):
+            raise TokenFileError(f"{directory}: shards {seen[entry['checksum']]} and {name} are identical: "
+                                 "a duplicated shard would give every image in it twice")
+        seen[entry["checksum"]] = name
+        if (shard.meta.get("checksum"), shard.count) != (entry["checksum"], entry["images"]):
+            raise TokenFileError(f"{shard.path}: not the shard {manifest_name} lists (replaced by another file?)")
+    for size in world_sizes:
+        lost = sorted(set(range(size)) - ranks)
+        if lost:
+            raise TokenFileError(f"{directory}: written by {size} ranks, but rank(s) {lost} left no manifest: "
+                                 "their shards are missing")
 
 
 class TokenDataset:
@@ -432,35 +722,48 @@ class TokenDataset:
     safetensors' memory map, per image for indexing and per shard for iteration and :meth:`batches`.
     """
 
-    def __init__(self, path: str | Path, *, expect_spec_digest: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, expect_spec_digest: str | None = None,
+                 expect_weights_digest: str | None = None, allow_foreign_weights: bool = False) -> None:
+        """Open ``path``; ``expect_*`` refuse tokens of another spec / other weights (see the module docs)."""
         self.path = Path(path)
-        files = [self.path] if self.path.is_file() else [p for _, _, p in _list_shards(self.path)]
-        if not files:
-            raise TokenFileError(f"{self.path}: no token shards (shard-*.safetensors) found")
-        self._shards = [_Shard(p) for p in files]
+        if self.path.is_file():
+            self._shards = [_Shard(self.path)]
+        else:
+            self._shards = [_Shard(p) for p in _checked_listing(self.path)]
         first = self._shards[0]
         for shard in self._shards[1:]:
-            for key in ("spec_digest", "tokenizer", "meta"):
-                if shard.meta[key] != first.meta[key]:
+            for key in ("spec_digest", "tokenizer", "meta", "weights_digest"):
+                if shard.meta.get(key) != first.meta.get(key):
                     raise TokenFileError(
-                        f"{self.path}: shards disagree on {key}: {first.path.name} has {first.meta[key]}, "
-                        f"{shard.path.name} has {shard.meta[key]}"
+                        f"{self.path}: shards disagree on {key}: {first.path.name} has {first.meta.get(key)}, "
+                        f"{shard.path.name} has {shard.meta.get(key)}"
                     )
+        if not self.path.is_file():
+            _check_against_manifests(self.path, self._shards)
         if expect_spec_digest is not None and first.meta["spec_digest"] != expect_spec_digest:
             raise _digest_mismatch(first.path, first.meta["spec_digest"], expect_spec_digest)
+        found = first.meta.get("weights_digest")
+        if expect_weights_digest is not None and found != expect_weights_digest and not allow_foreign_weights:
+            made_by = f"weights {found}" if found else "unrecorded weights (the writer gave no weights digest)"
+            raise TokenFileError(
+                f"{self.path}: tokens made by {made_by}, not by this model's weights {expect_weights_digest}: "
+                "decoding them would give wrong images; use the model that encoded them, or accept the risk "
+                "with --allow-foreign-weights (allow_foreign_weights=True)"
+            )
         self._starts = [0]
         for shard in self._shards:
             self._starts.append(self._starts[-1] + shard.count)
 
     @property
     def metadata(self) -> dict[str, Any]:
-        """``format_version``, ``spec_digest``, ``tokenizer`` and the writer's ``meta`` keys."""
+        """``format_version``, ``spec_digest``, ``tokenizer``, ``weights_digest`` and the writer's ``meta`` keys."""
         m = self._shards[0].meta
         return {
             **json.loads(m["meta"]),
             "format_version": int(m["format_version"]),
             "spec_digest": m["spec_digest"],
             "tokenizer": m["tokenizer"],
+            "weights_digest": m.get("weights_digest"),
         }
 
     def verify(self) -> None:

@@ -49,6 +49,39 @@ class TokenizerOutput:
     metrics: Mapping[str, float]
 
 
+#: How far outside [0, 1] pixel values may stray (resampling overshoot) before images are refused.
+RANGE_TOLERANCE = 1 / 255
+
+
+def check_images(images: Tensor, like: Tensor) -> Tensor:
+    """``images`` (B, C, H, W) as floats in [0, 1] on ``like``'s device and dtype, or a one-line error.
+
+    Converted, because it cannot change what the image shows: any floating dtype (float16, bfloat16,
+    float64) is cast to the model's, images move to the model's device, and an overshoot of at most
+    :data:`RANGE_TOLERANCE` beyond [0, 1] (resampling) is clamped. Refused rather than guessed at:
+    integer images (uint8 0-255 and the like: divide by their maximum), NaN/inf values, meta
+    tensors, and values further outside [0, 1] (a ×255 or [-1, 1] scale).
+    """
+    if not isinstance(images, Tensor):
+        raise TatokError(f"images must be a torch.Tensor (B, C, H, W) in [0, 1], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise TatokError(f"images must be a (B, C, H, W) tensor in [0, 1], got shape {tuple(images.shape)}")
+    if images.is_meta:
+        raise TatokError("images are on the meta device (shapes without data): create them on a real device")
+    if not images.is_floating_point():
+        hint = " — e.g. images.float() / 255 for uint8" if images.dtype == torch.uint8 else ""
+        raise TatokError(f"images must be floating point in [0, 1], got {images.dtype}{hint}")
+    if images.numel():
+        finite = torch.isfinite(images)
+        if not bool(finite.all()):
+            raise TatokError(f"images contain {int((~finite).sum())} NaN or infinite values: nothing to encode there")
+        low, high = float(images.min()), float(images.max())
+        if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+            scale = " (0-255 pixels? divide by 255)" if high > 2 else " (a [-1, 1] scale? use (x + 1) / 2)" if low < 0 else ""
+            raise TatokError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]{scale}")
+    return images.to(device=like.device, dtype=like.dtype).clamp(0, 1)
+
+
 class Tokenizer(nn.Module):
     """Images ↔ variable-length :class:`~tatok_core.tokens.Tokens`, built from a :class:`PipelineSpec`."""
 
@@ -91,8 +124,8 @@ class Tokenizer(nn.Module):
 
     # -- pipeline --------------------------------------------------------------------------
     def _pad(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
-        if not isinstance(images, Tensor) or images.dim() != 4 or not images.is_floating_point():
-            raise TatokError(f"images must be a float tensor (B, C, H, W) in [0, 1], got {getattr(images, 'shape', images)}")
+        """Checked images (see :func:`check_images`) padded to whole patches, and their size before padding."""
+        images = check_images(images, next(self.parameters(), torch.empty(0)))
         _, channels, height, width = images.shape
         if channels != self.encoder.channels:
             raise TatokError(f"images have {channels} channels but the encoder expects {self.encoder.channels}")
@@ -135,7 +168,11 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:
-        """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call."""
+        """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call.
+
+        Images are checked and converted by :func:`check_images` (other float dtypes and devices are
+        converted; integer pixels, NaN, values outside [0, 1] and meta tensors are refused).
+        """
         analysis = self.analyse(images)
         selection = self.token_filter(filter, **filter_options).select(analysis.entropy.bits, tau)
         return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
@@ -143,7 +180,12 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decode(self, tokens: Tokens) -> Tensor:
-        """Tokens → images (B, C, H, W) in [0, 1] at their original size."""
+        """Tokens → images (B, C, H, W) in [0, 1] at their original size.
+
+        Refuses tokens this model cannot have made (codes outside its codebook, another number of
+        global tokens) instead of decoding them into garbage; tokens move to the model's device.
+        """
+        tokens = self._check_tokens(tokens)
         grid_codes, keep = tokens.to_grid(fill=0)
         reconstruction = self.decoder(
             self.quantizer.codes_to_vectors(tokens.global_codes),
@@ -153,6 +195,21 @@ class Tokenizer(nn.Module):
         )
         height, width = tokens.image_size
         return reconstruction[..., :height, :width].clamp(0, 1)
+
+    def _check_tokens(self, tokens: Tokens) -> Tokens:
+        if not isinstance(tokens, Tokens):
+            raise TatokError(f"decode takes Tokens, got {type(tokens).__name__}")
+        if tokens.global_codes.is_floating_point() or tokens.codes.is_floating_point():
+            raise TatokError("cannot decode: codes must be integers, got floating-point codes")
+        if tokens.global_codes.shape[-1] != self.num_global:
+            raise TatokError(f"cannot decode: tokens carry {tokens.global_codes.shape[-1]} global codes per image, "
+                             f"this model makes {self.num_global}")
+        size = self.quantizer.codebook_size
+        for what, codes in (("global", tokens.global_codes), ("patch", tokens.codes)):
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
+                raise TatokError(f"cannot decode: {what} codes span [{int(codes.min())}, {int(codes.max())}], outside "
+                                 f"this model's codebook [0, {size}): tokens of another tokenizer?")
+        return tokens.to(next(self.parameters(), torch.empty(0)).device)
 
     def sample_tau(self, batch: int, device: torch.device) -> Tensor:
         """τ per image ~ U(train_tau_min, 1), so the decoder learns every budget."""

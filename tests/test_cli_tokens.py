@@ -190,7 +190,8 @@ def test_torchrun_ranks_write_own_shards_with_one_shared_tau(models: dict[str, P
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["shard-r0-00000.safetensors", "shard-r1-00000.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest-r0.json", "manifest-r1.json",
+                                                     "shard-r0-00000.safetensors", "shard-r1-00000.safetensors"]
     dataset = TokenDataset(out)
     assert [im.source for im in dataset] == [f"crop{i}.png" for i in (0, 2, 4, 1, 3, 5)]
     mean = sum(len(im.codes) for im in dataset) / len(dataset)

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from tatok_core.errors import TokenFileError
 from tatok_core.selection import Selection
-from tatok_core.tokenfile import FORMAT_VERSION, TokenDataset, TokenWriter
+from tatok_core.tokenfile import FORMAT_VERSION, MANIFEST, TokenDataset, TokenWriter
 from tatok_core.tokens import Tokens
 
 DIGEST = "0123456789abcdef"
@@ -118,11 +118,12 @@ def test_multiple_shards_mixed_grids_and_metadata(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     batches = [make_tokens(gen, 4, (2, 3)), make_tokens(gen, 3, (4, 4)), make_tokens(gen, 2, (2, 3))]
     write(tmp_path / "ds", batches, shard_size=3)
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [f"shard-{i:05d}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [MANIFEST, *(f"shard-{i:05d}.safetensors" for i in range(3))]
     ds = TokenDataset(tmp_path / "ds")
     assert len(ds) == 9
     assert all(b.equal(a) for a, b in zip(batches, split_like(ds, batches)))
-    assert ds.metadata == {**meta(), "format_version": FORMAT_VERSION, "spec_digest": DIGEST, "tokenizer": "tiny"}
+    assert ds.metadata == {**meta(), "format_version": FORMAT_VERSION, "spec_digest": DIGEST, "tokenizer": "tiny",
+                           "weights_digest": None}
 
 
 def test_narrow_dtypes_on_disk_and_int64_back(tmp_path: Path) -> None:
@@ -157,10 +158,10 @@ def test_append_continues_numbering_and_rejects_other_tokenizer(tmp_path: Path) 
     gen = torch.Generator().manual_seed(3)
     first, second = make_tokens(gen, 3, (2, 2)), make_tokens(gen, 2, (3, 3))
     write(tmp_path / "ds", [first], shard_size=2)
-    with pytest.raises(TokenFileError, match="append=True"):
+    with pytest.raises(TokenFileError, match="holds 2 shard.*append=True; `tatok encode --append`"):
         write(tmp_path / "ds", [second])
     write(tmp_path / "ds", [second], shard_size=2, append=True)
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [f"shard-{i:05d}.safetensors" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [MANIFEST, *(f"shard-{i:05d}.safetensors" for i in range(3))]
     ds = TokenDataset(tmp_path / "ds")
     assert Tokens.from_images(list(ds)[:3]).equal(first) and Tokens.from_images(list(ds)[3:]).equal(second)
     with pytest.raises(TokenFileError, match=f"another tokenizer.*'{DIGEST}'.*'ffff'") as info:
@@ -207,8 +208,9 @@ def test_rank_shards_never_collide_and_read_in_rank_order(tmp_path: Path) -> Non
     per_rank = {rank: make_tokens(gen, 3, (2, 2)) for rank in (2, 10, 0)}
     for rank, t in per_rank.items():
         write(tmp_path / "ds", [t], rank=rank, shard_size=2, append=rank != 2)
-    names = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    names = sorted(p.name for p in (tmp_path / "ds").glob("shard-*"))
     assert names == [f"shard-r{r}-{i:05d}.safetensors" for r in (0, 10, 2) for i in range(2)]
+    assert sorted(p.name for p in (tmp_path / "ds").glob("manifest*")) == [f"manifest-r{r}.json" for r in (0, 10, 2)]
     images = list(TokenDataset(tmp_path / "ds"))
     for k, rank in enumerate((0, 2, 10)):  # numeric rank order
         assert Tokens.from_images(images[3 * k : 3 * k + 3]).equal(per_rank[rank])
@@ -286,3 +288,45 @@ def test_dataset_pickles_for_dataloader_workers(tmp_path: Path) -> None:
     ds = TokenDataset(tmp_path / "ds")
     _ = ds[0]  # opens the memory map
     assert Tokens.from_images(list(pickle.loads(pickle.dumps(ds)))).equal(t)
+
+
+def test_interrupted_writer_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """Ctrl-C keeps the full staged shards; resume=True continues from them; an error keeps nothing."""
+    gen = torch.Generator().manual_seed(13)
+    batches = [make_tokens(gen, 1, (2, 2)) for _ in range(5)]
+    write(tmp_path / "whole", batches, shard_size=2)
+    with pytest.raises(KeyboardInterrupt):
+        with TokenWriter(tmp_path / "ds", spec_digest=DIGEST, tokenizer="tiny", meta=meta(), shard_size=2) as w:
+            for i, t in enumerate(batches[:3]):
+                w.write(t, sources(1, i))
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ds.partial", "whole"]  # 1 full shard staged
+    with pytest.raises(TokenFileError, match="no token shards"):
+        TokenDataset(tmp_path / "ds")  # the target is still the previous state: nothing
+    with TokenWriter(tmp_path / "ds", spec_digest=DIGEST, tokenizer="tiny", meta=meta(), shard_size=2,
+                     resume=True) as w:
+        assert w.resumed_sources == sources(2)
+        for i in range(len(w.resumed_sources), len(batches)):
+            w.write(batches[i], sources(1, i))
+    whole = {p.name: p.read_bytes() for p in (tmp_path / "whole").iterdir()}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == whole
+    with pytest.raises(RuntimeError):
+        with TokenWriter(tmp_path / "ds", spec_digest=DIGEST, tokenizer="tiny", meta=meta(), shard_size=1,
+                         append=True) as w:
+            w.write(make_tokens(gen, 2, (2, 2)), sources(2, 10))
+            raise RuntimeError
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "whole"]
+
+
+def test_weights_digest_changes_with_any_weight_not_with_mode() -> None:
+    from tatok_core.tokenfile import weights_digest
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    assert weights_digest(a) != weights_digest(b) and len(weights_digest(a)) == 16
+    before = weights_digest(a)
+    a.eval()
+    assert weights_digest(a) == before
+    with torch.no_grad():
+        a.weight[0, 0] += 1e-6
+    assert weights_digest(a) != before
