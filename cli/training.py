@@ -9,31 +9,36 @@ import click
 
 from tatok_cli.main import console
 from tatok_core.spec import parse_option_assignment
-from tatok_core.train import Recipe, TrainConfig, World, train as run_training
+from tatok_core.train import Recipe, TrainConfig, World, resumed_config, train as run_training
 
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", default="builtin:photos", show_default=True, help="builtin:photos, or a folder/glob of images")
+@click.option("--data", default="builtin:photos", show_default=True,
+              help="builtin:photos[:heldout|:all], a folder (recursive) or glob of images, or tar shards "
+                   "such as 'shards/train-{0000..0003}.tar'")
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run directory")
 @click.option("--steps", type=int, help="override [train] steps")
 @click.option("--batch-size", type=int, help="override [train] batch_size (per process)")
+@click.option("--workers", type=int, help="override [train] workers: DataLoader processes per training process")
 @click.option("--set", "assignments", multiple=True, metavar="train.SETTING=VALUE|KIND.OPTION=VALUE",
               help="override a training setting or a component option")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
-def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size: int | None,
+def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size: int | None, workers: int | None,
           assignments: tuple[str, ...], resume: bool) -> None:
     """Train a tokenizer. Under `torchrun --nproc_per_node=N` the same command trains data-parallel."""
     loaded = Recipe.load(recipe)
-    train_overrides = {"steps": steps, "batch_size": batch_size}
+    train_overrides = {"steps": steps, "batch_size": batch_size, "workers": workers}
     spec_overrides = {}
     for key, value in map(parse_option_assignment, assignments):
         if key.startswith("train."):
             train_overrides[key.removeprefix("train.")] = value
         else:
             spec_overrides[key] = value
-    config = TrainConfig.from_dict({**attrs.asdict(loaded.train),
-                                    **{k: v for k, v in train_overrides.items() if v is not None}})
+    given = {k: v for k, v in train_overrides.items() if v is not None}
+    # --resume continues the run's own plan (steps, schedule, …); only options given now change it
+    config = (resumed_config(run_dir, loaded.train, given) if resume
+              else TrainConfig.from_dict({**attrs.asdict(loaded.train), **given}))
     spec = loaded.spec.updated({}, spec_overrides)
     spec.check()
     world = World.from_environment()
@@ -42,6 +47,8 @@ def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size:
         summary = "  ".join(f"{k} {v:.2f}" for k, v in result.final_eval.items() if k != "step")
         console.print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min  {summary}")
         console.print(f"model saved in {result.run_dir / 'final'}")
+    if result.skipped:
+        console.print(f"skipped {result.skipped} unreadable sample(s) on rank {world.rank} (named above)")
 
 
 COMMANDS = [train]
