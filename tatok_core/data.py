@@ -783,7 +783,8 @@ class StreamLoader:
                                world_size=self.world_size, workers=self.workers, cursors=self.cursors,
                                rotation=self.batches % max(1, self.workers))
         loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                            worker_init_fn=_quiet_worker if self.workers else None)
+                            worker_init_fn=_quiet_worker if self.workers else None,
+                            generator=torch.Generator().manual_seed(self.seed))  # leaves the global RNG alone
         for item in loader:
             if "error" in item:
                 raise ImageReadError(item["error"])

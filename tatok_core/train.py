@@ -302,14 +302,18 @@ def available_memory(device: torch.device) -> int:
 def estimate_activation_bytes(spec: PipelineSpec, config: TrainConfig) -> int:
     """Activation memory of one training micro-batch, measured rather than guessed.
 
-    Two probe forwards of a fresh model (batch 1, crops of k and 2k patches a side, RNG untouched)
-    record the bytes autograd saves for backward; a + b·N + c·N² through them (N = patches, a from a
-    third, one-patch probe) extrapolates to the configured crop, so dense and windowed attention are
-    both captured. The result is the batch times that, with a factor 2 for the backward's transients.
+    Probe forwards of a fresh model (batch 1, RNG untouched) record the bytes autograd saves for
+    backward: at the crop itself when it is at most 16 patches a side, else at 1, 8 and 16 patches a
+    side, with a + b·N + c·N² through them (N = patches) extrapolated to the crop, so dense and
+    windowed attention are both captured. The result is the batch times that, with a factor 2 for the
+    backward's transients.
     """
     with torch.random.fork_rng(devices=[]):
         probe = Tokenizer(spec).train()
         patch = probe.patch_size
+        side = math.ceil(config.crop / patch)
+        if side <= 16:  # small enough to measure the crop itself
+            return int(2 * config.batch_size * _saved_bytes(probe, config.crop))
         sizes = (1, 8, 16)
         measured = [_saved_bytes(probe, patch * k) for k in sizes]
     ns = [float(k * k) for k in sizes]
@@ -317,7 +321,7 @@ def estimate_activation_bytes(spec: PipelineSpec, config: TrainConfig) -> int:
     c = ((b2 - b0) / (n2 - n0) - (b1 - b0) / (n1 - n0)) / (n2 - n1)
     b = (b1 - b0) / (n1 - n0) - c * (n1 + n0)
     a = b0 - b * n0 - c * n0 * n0
-    n = math.ceil(config.crop / patch) ** 2
+    n = side**2
     per_image = max(0.0, a) + max(0.0, b) * n + max(0.0, c) * n * n
     return int(2 * config.batch_size * per_image)
 
