@@ -452,7 +452,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     discriminator = d_optimizer = None
     if config.adversarial_weight > 0:
-        discriminator = PatchDiscriminator().to(world.device).train()
+        depth = min(3, max(1, int(math.log2(config.crop)) - 3))  # 3 strided layers at 64² and up, fewer below
+        discriminator = PatchDiscriminator(layers=depth).to(world.device).train()
         d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.discriminator_lr, betas=(0.5, 0.9),
                                         weight_decay=0.0)
     step, history, elapsed = 0, [], 0.0
