@@ -453,8 +453,10 @@ def _split_key(member: str) -> tuple[str, str]:
 
 
 class _ShardUnit(Unit):
-    """One tar shard: samples are webdataset-style groups of members sharing a key (path minus
-    extensions); the image is the member with an image extension. Members are read by offset."""
+    """One tar shard: samples are webdataset-style groups of consecutive members sharing a key (path
+    minus extensions); the image is the group's first member with an image extension (so a ``.seg.png``
+    after a ``.jpg`` is not a sample). Opening indexes the headers once; samples are read by offset,
+    which is what lets a resumed stream start in the middle of a shard."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -466,7 +468,8 @@ class _ShardUnit(Unit):
                     if not member.isfile():
                         continue
                     key, ext = _split_key(member.name)
-                    if ext.rsplit(".", 1)[-1] in _TAR_IMAGE_EXTENSIONS:
+                    is_image = ext.rsplit(".", 1)[-1] in _TAR_IMAGE_EXTENSIONS
+                    if is_image and not (self.samples and self.samples[-1][0] == key):  # first image of a key
                         self.samples.append((key, member.offset_data, member.size))
         except (OSError, tarfile.TarError) as e:
             raise ImageReadError(f"cannot read shard {path}: {' '.join(str(e).split()) or type(e).__name__}") from e
