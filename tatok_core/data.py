@@ -433,7 +433,7 @@ def _read_listing(listing: Path, data: str) -> list[str] | None:
 
 def _write_listing(listing: Path, data: str, paths: list[str]) -> None:
     listing.parent.mkdir(parents=True, exist_ok=True)
-    tmp = listing.with_name(listing.name + ".tmp")
+    tmp = listing.with_name(f"{listing.name}.{os.getpid()}.tmp")
     tmp.write_text(f"# {data}\n" + "".join(p + "\n" for p in paths), encoding="utf-8", errors="surrogateescape")
     os.replace(tmp, listing)
 

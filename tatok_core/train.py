@@ -32,7 +32,7 @@ from tatok_core.data import Augment, StreamLoader, evaluation_images, open_sourc
 from tatok_core.errors import SpecError
 from tatok_core.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
 from tatok_core.metrics import psnr
-from tatok_core.quality import ReconstructionFID, ssim
+from tatok_core.quality import ReconstructionFID, inception_features, ssim
 from tatok_core.spec import PipelineSpec
 from tatok_core.tokenizer import Tokenizer
 
@@ -87,7 +87,7 @@ class TrainConfig:
     eval_data: str = "builtin:photos:heldout"  # "" disables held-out evaluation
     checkpoint_every: int = attrs.field(default=250, validator=_POSITIVE)
     seed: int = 0
-    threads: int = attrs.field(default=0, validator=_NON_NEGATIVE)  # torch CPU threads per process, 0 = cores / processes
+    threads: int = attrs.field(default=0, validator=_NON_NEGATIVE)  # torch CPU threads per process, 0 = idle cores / processes
     workers: int = attrs.field(default=0, validator=_NON_NEGATIVE)  # DataLoader worker processes per process
     augment: str = attrs.field(default="random", validator=_choice("random", "resized"))
     crop_scale_min: float = attrs.field(default=0.8, validator=_at_least(0, above=True))  # for augment = "resized"
@@ -261,7 +261,7 @@ def save_final(model: Tokenizer, run_dir: Path) -> Path:
 
 def remove_temporary_files(run_dir: Path) -> list[Path]:
     """Delete what an interrupted save left behind (``*.tmp`` files and folders); returns them."""
-    stray = sorted(run_dir.glob("*" + TEMPORARY_SUFFIX))
+    stray = sorted([*run_dir.glob("*" + TEMPORARY_SUFFIX), *run_dir.glob("listings/*" + TEMPORARY_SUFFIX)])
     for path in stray:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return stray
@@ -281,11 +281,20 @@ def resumed_config(run_dir: str | Path, recipe_config: TrainConfig, overrides: M
 
 
 def choose_threads(config: TrainConfig, world: World) -> int:
-    """``threads`` if set, else the cores this process may use divided among the node's processes."""
+    """``threads`` if set; else this process's share of the cores that are idle now.
+
+    Share: the cores this process may use divided among the node's processes. Idle: cores minus the
+    1-minute load average, so a run started next to another busy process does not oversubscribe the
+    machine (which made training at torch's default 25× slower). A resumed run reuses the count of
+    the run it continues (floating-point sums depend on it).
+    """
     if config.threads:
         return config.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world.local_size)
+    share = max(1, cores // world.local_size)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = max(1, int(cores - load + 0.5) // world.local_size)
+    return min(share, idle)
 
 
 def available_memory(device: torch.device) -> int:
@@ -299,7 +308,7 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def estimate_activation_bytes(spec: PipelineSpec, config: TrainConfig) -> int:
+def estimate_activation_bytes(spec: PipelineSpec, config: TrainConfig, device: torch.device | None = None) -> int:
     """Activation memory of one training micro-batch, measured rather than guessed.
 
     Probe forwards of a fresh model (batch 1, RNG untouched) record the bytes autograd saves for
@@ -308,14 +317,15 @@ def estimate_activation_bytes(spec: PipelineSpec, config: TrainConfig) -> int:
     windowed attention are both captured. The result is the batch times that, with a factor 2 for the
     backward's transients.
     """
-    with torch.random.fork_rng(devices=[]):
-        probe = Tokenizer(spec).train()
+    device = device or torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        probe = Tokenizer(spec).to(device).train()
         patch = probe.patch_size
         side = math.ceil(config.crop / patch)
         if side <= 16:  # small enough to measure the crop itself
-            return int(2 * config.batch_size * _saved_bytes(probe, config.crop))
+            return int(2 * config.batch_size * _saved_bytes(probe, config.crop, device))
         sizes = (1, 8, 16)
-        measured = [_saved_bytes(probe, patch * k) for k in sizes]
+        measured = [_saved_bytes(probe, patch * k, device) for k in sizes]
     ns = [float(k * k) for k in sizes]
     (n0, n1, n2), (b0, b1, b2) = ns, measured
     c = ((b2 - b0) / (n2 - n0) - (b1 - b0) / (n1 - n0)) / (n2 - n1)
@@ -326,7 +336,7 @@ def estimate_activation_bytes(spec: PipelineSpec, config: TrainConfig) -> int:
     return int(2 * config.batch_size * per_image)
 
 
-def _saved_bytes(model: Tokenizer, side: int) -> int:
+def _saved_bytes(model: Tokenizer, side: int, device: torch.device) -> int:
     """Bytes of the distinct non-parameter tensors autograd saves in one forward at (1, 3, side, side)."""
     parameters = {p.data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -338,13 +348,13 @@ def _saved_bytes(model: Tokenizer, side: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(torch.rand(1, 3, side, side))
+        model(torch.rand(1, 3, side, side, device=device))
     return sum(seen.values())
 
 
 def check_memory(spec: PipelineSpec, config: TrainConfig, device: torch.device) -> int:
     """Refuse a configuration whose estimated activations exceed the memory available; returns the estimate."""
-    estimate, available = estimate_activation_bytes(spec, config), available_memory(device)
+    estimate, available = estimate_activation_bytes(spec, config, device), available_memory(device)
     if estimate > available:
         raise SpecError(
             f"train.crop={config.crop} with train.batch_size={config.batch_size} needs an estimated "
@@ -416,12 +426,17 @@ def train(
             print(f"removed {stray.name} left by an interrupted save", file=sys.stderr, flush=True)
     threads = choose_threads(config, world)
     torch.set_num_threads(threads)
+    state = _load_checkpoint(checkpoint_path, world.device) if resume and checkpoint_path.exists() else None
+    if state is not None and not config.threads and state.get("threads"):
+        threads = int(state["threads"])
+        torch.set_num_threads(threads)
     estimate = check_memory(spec, config, world.device)
     if perceptual is None and config.perceptual_weight > 0:
         perceptual = PerceptualLoss.pretrained()
-    fid = (lambda: ReconstructionFID(fid_features)) if config.eval_fid else None
-    if fid is not None:
-        fid()  # fail now, not at the first evaluation, when the Inception network is missing
+    if config.eval_fid and fid_features is None:
+        fid_features = inception_features()  # fails now, not at the first evaluation, when it is missing
+    if isinstance(fid_features, torch.nn.Module):
+        fid_features = fid_features.to(world.device)
     if world.is_main:
         print(f"threads {threads} per process ({world.local_size} process(es) on this node, {config.workers} "
               f"loader worker(s) each); estimated activations {_gib(estimate)} per process", file=sys.stderr, flush=True)
@@ -429,7 +444,12 @@ def train(
     model = Tokenizer(spec).to(world.device).train()
     ema = ExponentialAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     listings = run_dir / "listings"
-    source = open_source(data, config.crop, listings / (_listing_name(data)))
+    if world.is_main:  # rank 0 lists a folder and caches the listing; the others read that listing
+        source = open_source(data, config.crop, listings / _listing_name(data))
+    if world.size > 1:
+        dist.barrier()
+    if not world.is_main:
+        source = open_source(data, config.crop, listings / _listing_name(data))
     skipped_names: set[str] = set()
 
     def report_skip(message: str) -> None:
@@ -457,8 +477,7 @@ def train(
         d_optimizer = torch.optim.AdamW(discriminator.parameters(), lr=config.discriminator_lr, betas=(0.5, 0.9),
                                         weight_decay=0.0)
     step, history, elapsed = 0, [], 0.0
-    if resume and checkpoint_path.exists():
-        state = _load_checkpoint(checkpoint_path, world.device)
+    if state is not None:
         if state["spec"] != spec.to_dict():
             raise SpecError(f"{checkpoint_path} was written for another spec; cannot resume it with this one")
         model.load_state_dict(state["model"])
@@ -534,13 +553,13 @@ def train(
                 if world.is_main and eval_images is not None and (step % config.eval_every == 0 or step == config.steps):
                     record = {"step": float(step), "seconds": elapsed + time.perf_counter() - start,
                               **evaluate(ema.model if ema is not None else model, eval_images.to(world.device),
-                                         fid=fid() if fid is not None else None)}
+                                         fid=ReconstructionFID(fid_features) if config.eval_fid else None)}
                     history.append(record)
                     _write_text_atomically(run_dir / "history.json", json.dumps(history, indent=2))
                     bar.console.print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in record.items()))
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     _checkpoint({
-                        "step": step, "spec": spec.to_dict(), "config": attrs.asdict(config),
+                        "step": step, "spec": spec.to_dict(), "config": attrs.asdict(config), "threads": threads,
                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "history": history,
                         "elapsed": elapsed + time.perf_counter() - start,

@@ -31,7 +31,9 @@ from tatok_core.train import (
     FINAL,
     Recipe,
     TrainConfig,
+    World,
     check_memory,
+    choose_threads,
     estimate_activation_bytes,
     lr_factor,
     resumed_config,
@@ -214,9 +216,11 @@ def test_kill_during_final_save_leaves_no_partial_final(tmp_path: Path, monkeypa
     assert [r["step"] for r in json.loads((run_dir / "history.json").read_text())] == [1.0, 2.0]
     first_elapsed = torch.load(run_dir / CHECKPOINT, weights_only=False)["elapsed"]
     (run_dir / (CHECKPOINT + ".tmp")).write_bytes(b"half a checkpoint")
+    (run_dir / "listings").mkdir()
+    (run_dir / "listings" / "x.txt.123.tmp").write_text("half a listing")
     monkeypatch.setattr(Tokenizer, "save_pretrained", real_save)
     result = train(small_spec(), config, "builtin:photos", run_dir, resume=True, progress=False)
-    assert not list(run_dir.glob("*.tmp")), "stray temporary files were not cleaned up"
+    assert not list(run_dir.rglob("*.tmp")), "stray temporary files were not cleaned up"
     assert sorted(p.name for p in (run_dir / FINAL).iterdir()) == ["model.safetensors", "spec.toml"]
     assert Tokenizer.from_pretrained(run_dir / FINAL).spec == small_spec()
     assert result.seconds > first_elapsed > 0  # elapsed time accumulates across resumes
@@ -271,3 +275,15 @@ def test_recipes_parse_and_dry_run(name: str, tmp_path: Path) -> None:
     fid_net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(1))
     result = train(spec, config, data, tmp_path / "run", progress=False, perceptual=perceptual, fid_features=fid_net)
     assert result.steps == 2 and math.isfinite(result.final_eval["psnr_all"])
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert choose_threads(TrainConfig(), World()) == 8
+    assert choose_threads(TrainConfig(), World(local_size=2)) == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 0.0, 0.0))  # another job keeps six cores busy
+    assert choose_threads(TrainConfig(), World()) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))
+    assert choose_threads(TrainConfig(), World(local_size=4)) == 1
+    assert choose_threads(TrainConfig(threads=3), World()) == 3
