@@ -3,6 +3,12 @@
 There is no network at run time, so the default data are real photographs that ship inside
 scikit-image and scikit-learn. They are split into train and held-out **by photo** (never by crop),
 so a held-out score measures images the tokenizer has never seen a pixel of.
+
+Training reads every kind of data through one loader: :func:`open_source` turns a ``--data``
+argument into a :class:`Source` (:class:`MemorySource` for the built-in sets, :class:`FileSource`
+for folders and globs, :class:`ShardSource` for webdataset-style tar shards), and
+:class:`StreamLoader` streams its samples through DataLoader workers, split over ranks and workers,
+reproducibly and resumably (the scheme is described above :class:`SampleStream`).
 """
 
 from __future__ import annotations
