@@ -13,7 +13,7 @@ from tatok_cli.main import console
 from tatok_cli.options import at_least
 from tatok_core.errors import SpecError
 from tatok_core.spec import OptionValue, parse_option_assignment
-from tatok_core.train import CHECKPOINT, Recipe, TrainConfig, World, train as run_training
+from tatok_core.train import Recipe, TrainConfig, World, resumed_config, train as run_training
 
 #: Lower bounds of numeric [train] settings: (bound, whether the bound itself is allowed).
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -45,51 +45,45 @@ def check_train_setting(key: str, value: OptionValue) -> None:
         raise SpecError(f"train.{key}={value!r}: choose one of {', '.join(_CHOICES[key])}")
 
 
-def _check_checkpoint(path: Path) -> None:
-    """A damaged checkpoint is one line naming it, not an unpickling traceback (absent: train decides)."""
-    if not path.is_file():
-        return
-    try:
-        torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch.load raises anything from pickle, zipfile or torch itself
-        raise SpecError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
-                        "restore it, or delete it to start the run over") from exc
-
-
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--data", default="builtin:photos", show_default=True, help="builtin:photos, or a folder/glob of images")
+@click.option("--data", default="builtin:photos", show_default=True,
+              help="builtin:photos[:heldout|:all], a folder (recursive) or glob of images, or tar shards "
+                   "such as 'shards/train-{0000..0003}.tar'")
 @click.option("--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="run directory")
 @click.option("--steps", type=int, help="override [train] steps")
 @click.option("--batch-size", type=int, callback=at_least(1), help="override [train] batch_size (per process)")
+@click.option("--workers", type=int, help="override [train] workers: DataLoader processes per training process")
 @click.option("--set", "assignments", multiple=True, metavar="train.SETTING=VALUE|KIND.OPTION=VALUE",
               help="override a training setting or a component option")
 @click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
-def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size: int | None,
+def train(recipe: Path, data: str, run_dir: Path, steps: int | None, batch_size: int | None, workers: int | None,
           assignments: tuple[str, ...], resume: bool) -> None:
     """Train a tokenizer. Under `torchrun --nproc_per_node=N` the same command trains data-parallel."""
     loaded = Recipe.load(recipe)
-    train_overrides = {"steps": steps, "batch_size": batch_size}
+    train_overrides = {"steps": steps, "batch_size": batch_size, "workers": workers}
     spec_overrides = {}
     for key, value in map(parse_option_assignment, assignments):
         if key.startswith("train."):
             train_overrides[key.removeprefix("train.")] = value
         else:
             spec_overrides[key] = value
-    settings = {**attrs.asdict(loaded.train), **{k: v for k, v in train_overrides.items() if v is not None}}
-    for key, value in settings.items():
+    given = {k: v for k, v in train_overrides.items() if v is not None}
+    for key, value in given.items():
         check_train_setting(key, value)
-    config = TrainConfig.from_dict(settings)
+    # --resume continues the run's own plan (steps, schedule, …); only options given now change it
+    config = (resumed_config(run_dir, loaded.train, given) if resume
+              else TrainConfig.from_dict({**attrs.asdict(loaded.train), **given}))
     spec = loaded.spec.updated({}, spec_overrides)
     spec.check()
-    if resume:
-        _check_checkpoint(run_dir / CHECKPOINT)
     world = World.from_environment()
     result = run_training(spec, config, data, run_dir, resume=resume, world=world)
     if world.is_main:
         summary = "  ".join(f"{k} {v:.2f}" for k, v in result.final_eval.items() if k != "step")
         console.print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min  {summary}")
         console.print(f"model saved in {result.run_dir / 'final'}")
+    if result.skipped:
+        console.print(f"skipped {result.skipped} unreadable sample(s) on rank {world.rank} (named above)")
 
 
 COMMANDS = [train]

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from tatok_core.data import (
     BUILTIN_PHOTOS,
     HELDOUT_PHOTOS,
     TRAIN_PHOTOS,
+    Augment,
     ImageSource,
     RandomCrops,
+    SampleStream,
+    ShardSource,
+    StreamLoader,
+    evaluation_images,
+    open_source,
     batches,
     fixed_crops,
     load_builtin_photo,
@@ -327,3 +335,141 @@ def test_fixed_crops_identical_and_round_robin() -> None:
     consts = [torch.full((3, 20, 20), v) for v in (0.1, 0.5, 0.9)]
     means = fixed_crops(consts, 8, 6).mean(dim=(1, 2, 3))
     assert torch.allclose(means, torch.tensor([0.1, 0.5, 0.9] * 2))
+
+
+# ---- streaming sources and the resumable loader ------------------------------------------------
+
+
+def _solid(value: int, h: int = 12, w: int = 16) -> np.ndarray:
+    return np.full((h, w, 3), value, np.uint8)
+
+
+def _labels(batch: torch.Tensor) -> list[int]:
+    """The solid value of each image of a batch (the tests' files are one colour each)."""
+    return [round(float(v) * 255) for v in batch[:, 0].flatten(1).mean(1)]
+
+
+@pytest.fixture()
+def solid_folder(tmp_path: Path) -> Path:
+    """Twelve one-colour PNGs (value = 10·i), some nested, and one corrupt file."""
+    root = tmp_path / "solid"
+    (root / "sub").mkdir(parents=True)
+    for i in range(12):
+        Image.fromarray(_solid(10 * i)).save(root / ("sub" if i % 3 == 0 else "") / f"{i:02d}.png")
+    (root / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def _tar(path: Path, values: list[int], corrupt: tuple[int, ...] = ()) -> Path:
+    with tarfile.open(path, "w") as archive:
+        for i, value in enumerate(values):
+            buf = io.BytesIO()
+            Image.fromarray(_solid(value)).save(buf, "PNG")
+            members = {f"s{i:04d}.png": buf.getvalue() if i not in corrupt else b"garbage", f"s{i:04d}.cls": b"7"}
+            for name, payload in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+    return path
+
+
+CENTER = Augment(12, mode="center", flip=False)
+
+
+def test_streams_deal_units_without_overlap_or_loss(solid_folder: Path) -> None:
+    (solid_folder / "broken.png").unlink()
+    source = open_source(str(solid_folder), 12)  # 12 units
+    seen: list[int] = []
+    for rank in range(2):
+        for logical in range(3):  # 2 ranks × 3 workers = 6 streams; two units each = one epoch
+            stream = SampleStream(source, CENTER, 1, seed=5, rank=rank, world_size=2, workers=3)
+            batches_ = stream.batches(logical)
+            seen += [v for _ in range(2) for v in _labels(next(batches_)["images"])]
+    assert sorted(seen) == [10 * i for i in range(12)]  # every file once: no overlap, no loss
+    assert sorted(stream.unit_at(p) for p in range(12, 24)) == list(range(12))  # the next epoch likewise
+    assert [stream.unit_at(p) for p in range(12)] != [stream.unit_at(p) for p in range(12, 24)]  # reshuffled
+
+
+def test_loader_workers_resume_exactly(solid_folder: Path) -> None:
+    source = open_source(str(solid_folder), 8)
+    augment = Augment(8, mode="resized", scale_min=0.5)
+    reference = StreamLoader(source, augment, 3, seed=1, workers=2)
+    it = iter(reference)
+    full = [next(it) for _ in range(7)]
+    it.close()
+    first = StreamLoader(source, augment, 3, seed=1, workers=2)
+    it = iter(first)
+    head = [next(it) for _ in range(3)]
+    it.close()
+    state = first.state_dict()
+    assert state["batches"] == 3 and len(state["cursors"]) == 2
+    resumed = StreamLoader(source, augment, 3, seed=1, workers=2)
+    resumed.load_state_dict(state)
+    it = iter(resumed)
+    tail = [next(it) for _ in range(4)]
+    it.close()
+    assert all(torch.equal(a, b) for a, b in zip(full, head + tail))
+    single = StreamLoader(source, augment, 3, seed=1, workers=0)
+    one = StreamLoader(source, augment, 3, seed=1, workers=1)
+    assert torch.equal(next(iter(single)), next(iter(one)))  # 0 and 1 workers: the same single stream
+    with pytest.raises(ImageReadError, match="number of loader workers"):
+        single.load_state_dict(state)
+
+
+def test_tar_shards_brace_pattern_skip_bad_shards_and_members(tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _tar(shards / "train-0000.tar", [10, 20, 30], corrupt=(1,))
+    _tar(shards / "train-0001.tar", [40, 50])
+    (shards / "train-0002.tar").write_bytes(b"")  # empty shard
+    source = open_source(str(shards / "train-{0000..0002}.tar"), 12)
+    assert isinstance(source, ShardSource) and len(source) == 3
+    messages: list[str] = []
+    loader = StreamLoader(source, CENTER, 4, workers=0, on_skip=messages.append)
+    it = iter(loader)
+    labels = [v for _ in range(4) for v in _labels(next(it))]
+    it.close()
+    assert set(labels) == {10, 30, 40, 50}
+    assert loader.skipped == len(messages) >= 2
+    assert any("train-0002.tar" in m for m in messages) and any("train-0000.tar:s0001" in m for m in messages)
+    with pytest.raises(ImageReadError, match=r"1 of 4 shard\(s\).*train-0003.tar"):
+        open_source(str(shards / "train-{0000..0003}.tar"), 12)
+    with pytest.raises(ImageReadError, match="matches no files"):
+        open_source(str(shards / "val-*.tar"), 12)
+
+
+def test_folder_listing_cached_and_bad_folders(solid_folder: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "listing.txt"
+    first = open_source(str(solid_folder), 12, listing)
+    Image.fromarray(_solid(255)).save(solid_folder / "late.png")
+    again = open_source(str(solid_folder), 12, listing)
+    assert len(again) == len(first) == 13 and again.fingerprint() == first.fingerprint()
+    assert len(open_source(str(solid_folder), 12)) == 14  # without the cache: listed afresh
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ImageReadError, match="contains no images"):
+        open_source(str(empty), 12)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"{i}.png").write_bytes(b"junk")
+    with pytest.raises(ImageReadError, match="no readable image") as e:
+        next(iter(StreamLoader(open_source(str(broken), 12), CENTER, 2)))
+    assert "\n" not in str(e.value)
+
+
+def test_augment_modes_and_evaluation_images(solid_folder: Path) -> None:
+    ramp = torch.linspace(0, 1, 40).expand(3, 20, 40)  # (3, 20, 40)
+    g = torch.Generator().manual_seed(0)
+    center = Augment(10, mode="center")(ramp, g)
+    assert center.shape == (3, 10, 10)
+    assert torch.allclose(center, F.interpolate(ramp[None], size=(10, 20), mode="bicubic", antialias=True,
+                                                align_corners=False)[0].clamp(0, 1)[:, :, 5:15])
+    assert Augment(16, mode="resized")(ramp, g).shape == (3, 16, 16)
+    flips = {bool(Augment(8, flip=True)(ramp, torch.Generator().manual_seed(s))[0, 0, 0] >
+                  Augment(8, flip=True)(ramp, torch.Generator().manual_seed(s))[0, 0, -1]) for s in range(16)}
+    assert flips == {True, False}
+    images = evaluation_images(str(solid_folder), 12, 5)
+    assert images.shape == (5, 3, 12, 12) and _labels(images) == [10, 20, 40, 50, 70]  # listing order, centre crops
+    assert torch.equal(evaluation_images("builtin:photos:heldout", 16, 3),
+                       fixed_crops(ImageSource("builtin:photos:heldout").images, 16, 3))

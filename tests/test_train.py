@@ -2,26 +2,47 @@
 
 from __future__ import annotations
 
+import io
+import json
+import math
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 import safetensors.torch
 import torch
+from PIL import Image
 
 from tatok_core.data import ImageSource, fixed_crops
+from tatok_core.errors import SpecError, TatokError
+from tatok_core.losses import PerceptualLoss
 from tatok_core.metrics import psnr
 from tatok_core.spec import PipelineSpec
 from tatok_core.tokenizer import Tokenizer
-from tatok_core.train import CHECKPOINT, FINAL, TrainConfig, lr_factor, train
+from tatok_core.train import (
+    CHECKPOINT,
+    FINAL,
+    Recipe,
+    TrainConfig,
+    World,
+    check_memory,
+    choose_threads,
+    estimate_activation_bytes,
+    lr_factor,
+    resumed_config,
+    train,
+)
 from tests.helpers import small_spec
 
 TATOK = shutil.which("tatok") or "tatok"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_recipe(path: Path, steps: int, checkpoint_every: int) -> Path:
@@ -68,13 +89,30 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert factors[-1] == pytest.approx(0.1, abs=1e-3)
 
 
-def test_killed_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+def write_shards(folder: Path, count: int = 4, per_shard: int = 6) -> str:
+    """webdataset-style shards of built-in photo crops; returns their brace pattern."""
+    folder.mkdir()
+    crops = fixed_crops(ImageSource("builtin:photos").images, 24, count * per_shard, seed=3)
+    for s in range(count):
+        with tarfile.open(folder / f"train-{s:04d}.tar", "w") as archive:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                pixels = (crops[s * per_shard + i] * 255).round().byte().permute(1, 2, 0).numpy()
+                Image.fromarray(pixels).save(buf, "PNG")
+                info = tarfile.TarInfo(f"sample{s:02d}{i:02d}.png")
+                info.size = len(buf.getvalue())
+                archive.addfile(info, io.BytesIO(buf.getvalue()))
+    return str(folder / f"train-{{0000..{count - 1:04d}}}.tar")
+
+
+def test_killed_run_with_workers_resumes_bit_for_bit(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "recipe.toml", steps=12, checkpoint_every=3)
-    straight = run_tatok("train", str(recipe), "--out", str(tmp_path / "straight"))
+    data = ["--data", write_shards(tmp_path / "shards"), "--workers", "2"]
+    straight = run_tatok("train", str(recipe), "--out", str(tmp_path / "straight"), *data)
     assert straight.returncode == 0, straight.stderr
 
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen([TATOK, "train", str(recipe), "--out", str(run_dir)],
+    process = subprocess.Popen([TATOK, "train", str(recipe), "--out", str(run_dir), *data],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
@@ -89,7 +127,7 @@ def test_killed_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     assert 6 <= step < 12, "the run must be killed mid-way for this test to mean anything"
     assert not (run_dir / FINAL).exists()
 
-    resumed = run_tatok("train", str(recipe), "--out", str(run_dir), "--resume")
+    resumed = run_tatok("train", str(recipe), "--out", str(run_dir), "--resume", *data)
     assert resumed.returncode == 0, resumed.stderr
     a, b = weights(tmp_path / "straight"), weights(run_dir)
     assert a.keys() == b.keys()
@@ -113,8 +151,8 @@ def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "parameters agree across 2 ranks" in result.stdout
     checkpoint = torch.load(tmp_path / "ddp" / CHECKPOINT, weights_only=False)
-    assert checkpoint["step"] == 4 and len(checkpoint["streams"]) == 2
-    assert checkpoint["streams"][0]["rank"] == 0 and checkpoint["streams"][1]["rank"] == 1
+    assert checkpoint["step"] == 4 and len(checkpoint["loaders"]) == 2
+    assert checkpoint["loaders"][0]["rank"] == 0 and checkpoint["loaders"][1]["rank"] == 1
     assert len(list((tmp_path / "ddp").glob("*.pt"))) == 1
     assert PipelineSpec.load(tmp_path / "ddp" / "spec.toml") == small_spec()
 
@@ -125,3 +163,127 @@ def test_bf16_autocast_training_runs(tmp_path: Path) -> None:
     assert result.steps == 3
     trained = Tokenizer.from_pretrained(tmp_path / "run" / FINAL)
     assert all(torch.isfinite(p).all() for p in trained.parameters())
+
+
+# ---- settings, resources, crash safety ------------------------------------------------------------
+
+
+def test_bad_settings_refused_in_one_line(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "recipe.toml", steps=2, checkpoint_every=1)
+    result = run_tatok("train", str(recipe), "--out", str(tmp_path / "run"), "--steps", "0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: train.steps must be ≥ 1, got 0"]
+    assert not (tmp_path / "run").exists()
+    for settings, words in [({"steps": -5}, "train.steps must be ≥ 1"), ({"lr": "abc"}, "train.lr must be float"),
+                            ({"lr": -1.0}, "train.lr must be > 0"), ({"reconstruction": "l3"}, "'mse', 'l1'"),
+                            ({"batch_size": 0}, "train.batch_size"), ({"ema_decay": 1.0}, "ema_decay must be < 1")]:
+        with pytest.raises(SpecError, match=words):
+            TrainConfig.from_dict(settings)
+
+
+def test_memory_estimate_refuses_a_crop_that_cannot_fit() -> None:
+    with pytest.raises(SpecError, match=r"train.crop=5000 .* needs an estimated [\d.]+ GiB .* available") as e:
+        check_memory(small_spec(), TrainConfig(crop=5000), torch.device("cpu"))
+    assert "\n" not in str(e.value)
+    small = estimate_activation_bytes(small_spec(), TrainConfig(crop=16, batch_size=4))
+    assert 0 < small < estimate_activation_bytes(small_spec(), TrainConfig(crop=16, batch_size=8))
+    assert check_memory(small_spec(), TrainConfig(crop=16, batch_size=4), torch.device("cpu")) == small
+
+
+def test_resume_keeps_the_runs_plan(tmp_path: Path) -> None:
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 7, "warmup": 3, "lr": 0.002}))
+    recipe = TrainConfig(steps=100, warmup=10)
+    assert resumed_config(tmp_path, recipe, {}) == TrainConfig(steps=7, warmup=3, lr=0.002)
+    assert resumed_config(tmp_path, recipe, {"steps": 9}).steps == 9
+    assert resumed_config(tmp_path / "none", recipe, {}) == recipe
+
+
+def test_kill_during_final_save_leaves_no_partial_final(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = TrainConfig(steps=2, batch_size=2, crop=16, warmup=1, eval_every=1, eval_crops=2, checkpoint_every=1,
+                         threads=1, log_every=1)
+    run_dir = tmp_path / "run"
+    real_save = Tokenizer.save_pretrained
+
+    def dies_half_way(self: Tokenizer, directory: Path) -> Path:
+        (Path(directory)).mkdir(parents=True)
+        (Path(directory) / "spec.toml").write_text(self.spec.to_toml())
+        raise KeyboardInterrupt  # as a kill between the two files would
+
+    monkeypatch.setattr(Tokenizer, "save_pretrained", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_spec(), config, "builtin:photos", run_dir, progress=False)
+    assert not (run_dir / FINAL).exists() and (run_dir / (FINAL + ".tmp")).is_dir()
+    assert [r["step"] for r in json.loads((run_dir / "history.json").read_text())] == [1.0, 2.0]
+    first_elapsed = torch.load(run_dir / CHECKPOINT, weights_only=False)["elapsed"]
+    (run_dir / (CHECKPOINT + ".tmp")).write_bytes(b"half a checkpoint")
+    (run_dir / "listings").mkdir()
+    (run_dir / "listings" / "x.txt.123.tmp").write_text("half a listing")
+    monkeypatch.setattr(Tokenizer, "save_pretrained", real_save)
+    result = train(small_spec(), config, "builtin:photos", run_dir, resume=True, progress=False)
+    assert not list(run_dir.rglob("*.tmp")), "stray temporary files were not cleaned up"
+    assert sorted(p.name for p in (run_dir / FINAL).iterdir()) == ["model.safetensors", "spec.toml"]
+    assert Tokenizer.from_pretrained(run_dir / FINAL).spec == small_spec()
+    assert result.seconds > first_elapsed > 0  # elapsed time accumulates across resumes
+
+
+def test_perceptual_adversarial_ema_and_accumulation_plumbing(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    features = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    perceptual = PerceptualLoss(TapsNetwork(features), [4])
+    fid_net = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 4, 4), torch.nn.Flatten(1), torch.nn.LazyLinear(5))
+    config = TrainConfig(steps=3, batch_size=2, crop=16, warmup=1, eval_every=3, eval_crops=4, checkpoint_every=3,
+                         threads=1, accumulate=2, ema_decay=0.5, perceptual_weight=1.0, adversarial_weight=0.1,
+                         discriminator_start=1, eval_fid=True, log_every=1)
+    result = train(small_spec(), config, "builtin:photos", tmp_path / "run", progress=False,
+                   perceptual=perceptual, fid_features=fid_net)
+    state = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    assert state["discriminator"] is not None and state["d_optimizer"]["state"], "the critic never stepped"
+    assert state["loaders"][0]["batches"] == 6  # 3 steps × 2 micro-batches
+    saved = weights(tmp_path / "run")
+    assert all(torch.equal(saved[k], state["ema"][k].cpu()) for k in saved)  # final/ holds the EMA weights
+    assert not all(torch.equal(saved[k], state["model"][k].cpu()) for k in saved)
+    assert result.final_eval["rfid_all"] >= 0 and math.isfinite(result.final_eval["rfid_all"])
+    with pytest.raises(TatokError, match="perceptual_weight > 0 needs pretrained weights"):
+        train(small_spec(), attrs.evolve(config, steps=1), "builtin:photos", tmp_path / "other", progress=False)
+
+
+class TapsNetwork(torch.nn.Module):
+    """A feature network returning one feature map, as PerceptualLoss expects (a list)."""
+
+    def __init__(self, body: torch.nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.body(x)]
+
+
+SHRINK = {"encoder.dim": 32, "encoder.depth": 1, "encoder.heads": 2, "global_tokenizer.depth": 1,
+          "global_tokenizer.heads": 2, "global_tokenizer.num_global": 4, "entropy.width": 32, "entropy.heads": 2,
+          "entropy.depth": 1, "decoder.depth": 1, "decoder.heads": 2, "decoder.refine": 8}
+
+
+@pytest.mark.parametrize("name", ["tiny.toml", "imagenet256.toml"])
+def test_recipes_parse_and_dry_run(name: str, tmp_path: Path) -> None:
+    recipe = Recipe.load(ROOT / "recipes" / name)
+    recipe.spec.check()
+    spec = recipe.spec.updated({}, SHRINK)  # the recipe's composition and [train] table, a tiny width
+    data = write_shards(tmp_path / "shards", count=2, per_shard=4)
+    config = attrs.evolve(recipe.train, steps=2, batch_size=2, crop=32, workers=1, warmup=1, eval_every=2,
+                          eval_crops=2, eval_data=data, checkpoint_every=2, threads=1, discriminator_start=1)
+    perceptual = PerceptualLoss(TapsNetwork(torch.nn.Conv2d(3, 2, 3)), [2])
+    fid_net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(1))
+    result = train(spec, config, data, tmp_path / "run", progress=False, perceptual=perceptual, fid_features=fid_net)
+    assert result.steps == 2 and math.isfinite(result.final_eval["psnr_all"])
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert choose_threads(TrainConfig(), World()) == 8
+    assert choose_threads(TrainConfig(), World(local_size=2)) == 4
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 0.0, 0.0))  # another job keeps six cores busy
+    assert choose_threads(TrainConfig(), World()) == 2
+    monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))
+    assert choose_threads(TrainConfig(), World(local_size=4)) == 1
+    assert choose_threads(TrainConfig(threads=3), World()) == 3
