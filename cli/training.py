@@ -7,7 +7,6 @@ from pathlib import Path
 
 import attrs
 import click
-import torch
 
 from tatok_cli.main import console
 from tatok_cli.options import at_least
