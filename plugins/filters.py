@@ -27,7 +27,8 @@ class DynamicTokenFilter(TokenFilter):
     CUDA tensors when it is importable and the reference otherwise. Both agree bit for bit.
     """
 
-    def __init__(self, facts: Facts, *, tau: float = 0.9, min_keep: int = 1, max_keep: int = -1, backend: str = "auto") -> None:
+    def __init__(self, facts: Facts | None = None, *, tau: float = 0.9, min_keep: int = 1, max_keep: int = -1,
+                 backend: str = "auto") -> None:
         super().__init__(facts)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -59,7 +60,7 @@ class DynamicTokenFilter(TokenFilter):
 class KeepAll(TokenFilter):
     """Keep every patch token (the fixed-rate tokenizer)."""
 
-    def __init__(self, facts: Facts) -> None:
+    def __init__(self, facts: Facts | None = None) -> None:
         super().__init__(facts)
 
     def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
@@ -73,7 +74,7 @@ class FixedCountFilter(TokenFilter):
     The baselines DTF is measured against at a matched mean token count; τ is ignored.
     """
 
-    def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1) -> None:
+    def __init__(self, facts: Facts | None = None, *, k: int = 16, min_keep: int = 0, max_keep: int = -1) -> None:
         super().__init__(facts)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer ≥ 0, got {k!r}")
@@ -102,7 +103,8 @@ class TopKFilter(FixedCountFilter):
 class RandomKFilter(FixedCountFilter):
     """Keep k tokens chosen uniformly at random; ``seed`` makes every call reproducible."""
 
-    def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1, seed: int = 0) -> None:
+    def __init__(self, facts: Facts | None = None, *, k: int = 16, min_keep: int = 0, max_keep: int = -1,
+                 seed: int = 0) -> None:
         super().__init__(facts, k=k, min_keep=min_keep, max_keep=max_keep)
         self.seed = seed
 

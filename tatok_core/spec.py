@@ -242,7 +242,8 @@ def parse_option_assignment(text: str) -> tuple[str, OptionValue]:
     return key.strip(), _option_value(key.strip(), value)
 
 
-def _construct(cls: type[Component], facts: Facts, kind: str, spec: ComponentSpec) -> Component:
+def _construct(cls: type[Component], facts: Facts | None, kind: str, spec: ComponentSpec) -> Component:
+    """Build ``cls`` with ``spec.options``, checked by name; ``facts`` None builds it standalone."""
     accepted = [
         p.name for p in inspect.signature(cls.__init__).parameters.values()
         if p.kind == inspect.Parameter.KEYWORD_ONLY
@@ -254,9 +255,21 @@ def _construct(cls: type[Component], facts: Facts, kind: str, spec: ComponentSpe
         )
     label = f"{kind} {spec.name!r}"
     try:
-        return cls(attrs.evolve(facts, building=label), **spec.options)
+        return cls(attrs.evolve(facts or Facts(standalone=True), building=label), **spec.options)
     except (TypeError, ValueError) as exc:
         raise SpecError(str(exc) if label in str(exc) else f"{label}: {exc}") from exc
+
+
+def create(kind: str, name: str, *, facts: Facts | None = None, registry: Registry | None = None,
+           **options: Any) -> Component:
+    """The ``kind`` component registered as ``name`` (built-in or from a plugin package), built from options.
+
+    ``create("quantizer", "fsq", levels=[8, 5, 5, 3])`` is ``FSQ(levels=[8, 5, 5, 3])`` found by name;
+    options are checked by name (unknown ones list the known ones). Without ``facts`` the component is
+    standalone and takes the upstream values it needs (``dim`` …) from ``options``.
+    """
+    cls = (registry or get_registry()).get(kind, name)
+    return _construct(cls, facts, kind, ComponentSpec(name, options))
 
 
 def build_components(spec: PipelineSpec, registry: Registry | None = None) -> dict[str, Component]:
