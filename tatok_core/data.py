@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from tatok_core.errors import ImageReadError
+from tatok_core.errors import ImageReadError, MissingExtraError
+from tatok_core.extras import missing_extra_message
 from tatok_core.imageio import list_images, read_image
 
 
@@ -37,9 +38,9 @@ class BuiltinPhoto:
     @property
     def path(self) -> Path:
         """Location in the installed package, found without importing it."""
-        spec = importlib.util.find_spec(self.package)
+        spec = importlib.util.find_spec(self.package)  # a top-level name: found, not imported
         if spec is None or spec.origin is None:
-            raise ImageReadError(f"built-in photo {self.name!r} needs package {self.package!r}")
+            raise MissingExtraError(missing_extra_message(self.package, f"built-in photo {self.name!r}"))
         return Path(spec.origin).parent / self.relpath
 
 

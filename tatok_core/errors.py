@@ -55,3 +55,11 @@ class TokenFileError(TatokError):
 
 class GenerationError(TatokError):
     """Tokens a generator cannot model or produced, or a saved prior that cannot be loaded."""
+
+
+class WeightsFileError(TatokError):
+    """A weights file that is missing, empty, truncated, corrupt, or made for another architecture (names it)."""
+
+
+class MissingExtraError(TatokError, ImportError):
+    """An optional feature whose dependencies are not installed (names the ``tatok[extra]`` to install)."""

@@ -530,7 +530,9 @@ def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 def plot_rate_distortion(points: Sequence[RDPoint], path: str | os.PathLike[str]) -> Path:
     """PNG of PSNR against mean patch tokens, one curve per filter (``all`` is a single point)."""
-    from matplotlib.figure import Figure  # imported here: matplotlib costs ~0.5 s that encode need not pay
+    from tatok_core.extras import require
+
+    Figure = require("matplotlib.figure", "plotting rate-distortion").Figure  # imported here: ~0.5 s encode need not pay
 
     figure = Figure(figsize=(6.4, 4.4), dpi=100, layout="constrained")
     axes = figure.add_subplot()
