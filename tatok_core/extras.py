@@ -38,6 +38,13 @@ def require(module: str, purpose: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        if importlib.util.find_spec(module.partition(".")[0]) is not None:
+        if _installed(module.partition(".")[0]):
             raise  # installed but broken: the real error is more useful than advice to install it
-        raise MissingExtraError(missing_extra_message(module, purpose)) from exc
+        raise MissingExtraError(missing_extra_message(module, purpose)) from None
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # e.g. sys.modules[package] is None: blocked, so not usable
+        return False

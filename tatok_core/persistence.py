@@ -106,8 +106,8 @@ def load_weights(path: Path, recorded: Mapping[str, Any] | None) -> dict[str, Te
 def fit_state(module: nn.Module, state: Mapping[str, Tensor], path: Path, what: str) -> None:
     """Load ``state`` into ``module`` exactly; weights of another architecture name the first differences."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
     reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
     problems = [f"{label} {', '.join(items[:3])}{' …' if len(items) > 3 else ''}"
