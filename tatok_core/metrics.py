@@ -3,10 +3,10 @@
 SSIM is scikit-image's definition (``structural_similarity(..., gaussian_weights=True, sigma=1.5,
 use_sample_covariance=False, data_range=1)``, mean over RGB) computed in torch: a Gaussian window of
 radius 5 (truncate 3.5σ) with scipy's ``reflect`` (edge-including) borders, then the mean over the
-pixels at least one radius from the border. For sides below the 11-pixel window, where
-scikit-image's default raises, the border left out shrinks to ``(side − 1) // 2`` (the same Gaussian,
-borders reflected as often as needed) — exactly scikit-image with ``win_size`` = the largest odd
-number ≤ the side — so every image of at least one pixel has a score. ``benchmarks/bench_ssim.py`` measures it against scikit-image, pytorch-msssim and torchmetrics.
+pixels at least one radius from the border. For images under the 11-pixel window, where
+scikit-image's default raises, the border left out shrinks to ``(shorter side − 1) // 2`` (the same
+Gaussian, borders reflected as often as needed) — exactly scikit-image with ``win_size`` = the largest
+odd number ≤ the shorter side — so every image of at least one pixel has a score. ``benchmarks/bench_ssim.py`` measures it against scikit-image, pytorch-msssim and torchmetrics.
 """
 
 from __future__ import annotations
@@ -63,10 +63,10 @@ def ssim(reconstruction: Tensor, target: Tensor) -> Tensor:
     x = reconstruction.clamp(0, 1).float()
     y = target.to(x.device).float()
     h, w = x.shape[2:]
-    rh, rw = min(SSIM_RADIUS, (h - 1) // 2), min(SSIM_RADIUS, (w - 1) // 2)  # border left out of the mean
+    r = min(SSIM_RADIUS, (min(h, w) - 1) // 2)  # border left out of the mean (one window size, as scikit-image)
     moments = _filter(torch.cat([x, y, x * x, y * y, x * y]), SSIM_RADIUS).chunk(5)  # each (B, C, H, W)
     mx, my, xx, yy, xy = moments
     vx, vy, cxy = xx - mx * mx, yy - my * my, xy - mx * my
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))  # (B, C, H, W)
-    return s[..., rh : h - rh, rw : w - rw].flatten(1).double().mean(1)
+    return s[..., r : h - r, r : w - r].flatten(1).double().mean(1)
