@@ -104,7 +104,7 @@ class Component(nn.Module, abc.ABC):
     """Base of every component; ``kind`` names the registry namespace it lives in.
 
     Built with ``facts`` (composed into a pipeline) or without (standalone: ``FSQ(levels=[8, 5, 5, 3])``).
-    ``options`` holds the keyword-only arguments it was built with (defaults included) and ``facts_in``
+    ``options`` holds the arguments it was built with (defaults included, ``facts`` aside) and ``facts_in``
     the upstream values it was built on; both show in its ``repr``.
     """
 
