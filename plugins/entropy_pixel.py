@@ -15,13 +15,14 @@ class PixelHistogramEntropy(EntropyEstimator):
     busyness, not information the global tokens fail to explain.
     """
 
-    def __init__(self, facts: Facts, *, bins: int = 16) -> None:
+    def __init__(self, facts: Facts | None = None, *, bins: int = 16, patch_size: int | None = None,
+                 channels: int | None = None) -> None:
         super().__init__(facts)
         if bins < 2:
             raise ValueError(f"bins must be ≥ 2, got {bins}")
         self.bins = bins
-        self.patch_size = facts.need("patch_size", self.label)
-        self.channels = facts.need("channels", self.label)
+        self.patch_size = self.need("patch_size", patch_size)
+        self.channels = self.need("channels", channels, default=3)
 
     def forward(self, context: EntropyContext) -> EntropyEstimate:
         images = context.images.detach().float()

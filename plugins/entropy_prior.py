@@ -29,7 +29,7 @@ class GlobalConditionalPrior(EntropyEstimator):
 
     def __init__(
         self,
-        facts: Facts,
+        facts: Facts | None = None,
         *,
         width: int = 128,
         depth: int = 2,
@@ -37,14 +37,16 @@ class GlobalConditionalPrior(EntropyEstimator):
         measure: str = "surprisal",
         condition_on_globals: bool = True,
         window: int = 0,
+        code_factors: tuple[int, ...] | None = None,
+        dim: int | None = None,
     ) -> None:
         super().__init__(facts)
         self.window = check_window(window, self.label)
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
         check_heads(width, heads, self.label)
-        self.code_factors = tuple(facts.need("code_factors", self.label))
-        dim = facts.need("dim", self.label)
+        self.code_factors = tuple(self.need("code_factors", code_factors))
+        dim = self.need("dim", dim)
         self.measure, self.width, self.condition_on_globals = measure, width, condition_on_globals
         self.global_in = nn.Linear(dim, width)
         self.query = init_tokens(width)

@@ -34,7 +34,7 @@ class DynamicTokenFilter(TokenFilter):
     when it is importable and the reference otherwise. Both agree bit for bit.
     """
 
-    def __init__(self, facts: Facts, *, tau: float = 0.9, mode: str = "tau", theta: float = 8.0,
+    def __init__(self, facts: Facts | None = None, *, tau: float = 0.9, mode: str = "tau", theta: float = 8.0,
                  epsilon: float = 256.0, min_keep: int = 1, max_keep: int = -1, backend: str = "auto") -> None:
         super().__init__(facts)
         if backend not in BACKENDS:
@@ -75,7 +75,7 @@ class DynamicTokenFilter(TokenFilter):
 class KeepAll(TokenFilter):
     """Keep every patch token (the fixed-rate tokenizer)."""
 
-    def __init__(self, facts: Facts) -> None:
+    def __init__(self, facts: Facts | None = None) -> None:
         super().__init__(facts)
 
     def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
@@ -89,7 +89,7 @@ class FixedCountFilter(TokenFilter):
     The baselines DTF is measured against at a matched mean token count; τ is ignored.
     """
 
-    def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1) -> None:
+    def __init__(self, facts: Facts | None = None, *, k: int = 16, min_keep: int = 0, max_keep: int = -1) -> None:
         super().__init__(facts)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise ValueError(f"k must be an integer ≥ 0, got {k!r}")
@@ -120,7 +120,8 @@ class RandomKFilter(FixedCountFilter):
 
     positions_from_count = True  # a decoder with the seed knows the positions from k alone
 
-    def __init__(self, facts: Facts, *, k: int = 16, min_keep: int = 0, max_keep: int = -1, seed: int = 0) -> None:
+    def __init__(self, facts: Facts | None = None, *, k: int = 16, min_keep: int = 0, max_keep: int = -1,
+                 seed: int = 0) -> None:
         super().__init__(facts, k=k, min_keep=min_keep, max_keep=max_keep)
         self.seed = seed
 

@@ -43,12 +43,15 @@ class FSQ(Quantizer):
 
     Options: ``levels`` (per-channel level counts, default (8, 8, 8, 5, 5, 5) ≈ 2^16 codes). A linear
     projection maps the model width to ``len(levels)`` channels and back only when they differ.
+    ``dim`` is the encoder's width when composed; standalone it defaults to ``len(levels)`` (no
+    projection), as in ``vector_quantize_pytorch.FSQ``.
     """
 
-    def __init__(self, facts: Facts, *, levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)) -> None:
+    def __init__(self, facts: Facts | None = None, *, levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5),
+                 dim: int | None = None) -> None:
         super().__init__(facts)
-        dim = facts.need("dim", self.label)
         levels = tuple(int(level) for level in levels)
+        dim = self.need("dim", dim, default=len(levels))
         if not levels or min(levels) < 2:
             raise SpecError(f"{self.label}: levels must be a non-empty tuple of integers >= 2, got {levels}")
         self.levels = levels

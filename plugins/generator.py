@@ -155,23 +155,29 @@ class _TokenPrior(Generator):
 
     def __init__(
         self,
-        facts: Facts,
+        facts: Facts | None = None,
         *,
         width: int = 128,
         depth: int = 4,
         heads: int = 4,
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
+        code_factors: tuple[int, ...] | None = None,
+        num_global: int | None = None,
+        grid: tuple[int, int] | None = None,
+        patch_size: int | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__(facts)
         check_heads(width, heads, self.label)
         if num_classes < 0:
             raise ValueError(f"num_classes must be ≥ 0, got {num_classes}")
-        self.code_factors = tuple(facts.need("code_factors", self.label))
-        self.num_global = int(facts.need("num_global", self.label))
-        self.grid: Grid = tuple(facts.need("grid", self.label))  # type: ignore[assignment]
-        self.patch_size = int(facts.need("patch_size", self.label))
-        self.trained_image_size = tuple(facts.need("image_size", self.label))
+        self.code_factors = tuple(self.need("code_factors", code_factors))
+        self.num_global = int(self.need("num_global", num_global))
+        self.grid: Grid = tuple(self.need("grid", grid))  # type: ignore[assignment]
+        self.patch_size = int(self.need("patch_size", patch_size))
+        full = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        self.trained_image_size = tuple(self.need("image_size", image_size, default=full))
         self.width, self.num_classes = width, num_classes
         self.bos = init_tokens(width)
         self.classes = nn.Embedding(num_classes, width) if num_classes else None

@@ -17,14 +17,14 @@ class LearnedGlobalTokens(GlobalTokenizer):
     the "mutual enhancement" of the paper.
     """
 
-    def __init__(self, facts: Facts, *, num_global: int = 8, depth: int = 2, heads: int = 4, mlp_ratio: float = 4.0,
-                 window: int = 0) -> None:
+    def __init__(self, facts: Facts | None = None, *, num_global: int = 8, depth: int = 2, heads: int = 4,
+                 mlp_ratio: float = 4.0, window: int = 0, dim: int | None = None) -> None:
         super().__init__(facts)
         self.window = check_window(window, self.label)
         if num_global < 1:
             raise ValueError(f"num_global must be ≥ 1 (use global_tokenizer 'none' for none), got {num_global}")
-        self.dim = facts.need("dim", self.label)
-        check_heads(self.dim, heads, f"{self.label} ({facts.describe('dim')})")
+        self.dim = self.need("dim", dim)
+        check_heads(self.dim, heads, f"{self.label} ({self.facts_in.describe('dim')})")
         self.num_global = num_global
         self.tokens = init_tokens(num_global, self.dim)
         self.transformer = Transformer(self.dim, depth, heads, mlp_ratio)
@@ -44,7 +44,7 @@ class NoGlobalTokens(GlobalTokenizer):
 
     num_global = 0
 
-    def __init__(self, facts: Facts) -> None:
+    def __init__(self, facts: Facts | None = None) -> None:
         super().__init__(facts)
 
     def forward(self, patches: Tensor, grid: Grid) -> tuple[Tensor, Tensor]:

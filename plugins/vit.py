@@ -15,7 +15,7 @@ class ViTEncoder(Encoder):
 
     def __init__(
         self,
-        facts: Facts,
+        facts: Facts | None = None,
         *,
         patch_size: int = 4,
         dim: int = 128,
@@ -53,7 +53,7 @@ class ViTDecoder(Decoder):
 
     def __init__(
         self,
-        facts: Facts,
+        facts: Facts | None = None,
         *,
         width: int = 0,
         depth: int = 4,
@@ -61,15 +61,19 @@ class ViTDecoder(Decoder):
         mlp_ratio: float = 4.0,
         refine: int = 32,
         window: int = 0,
+        dim: int | None = None,
+        patch_size: int | None = None,
+        num_global: int | None = None,
+        channels: int | None = None,
     ) -> None:
         super().__init__(facts)
         self.window = check_window(window, self.label)
-        dim = facts.need("dim", self.label)
-        self.patch_size = facts.need("patch_size", self.label)
-        self.channels = facts.need("channels", self.label)
-        self.num_global = facts.need("num_global", self.label)
+        dim = self.need("dim", dim)
+        self.patch_size = self.need("patch_size", patch_size)
+        self.channels = self.need("channels", channels, default=3)
+        self.num_global = self.need("num_global", num_global)
         self.width = width or dim
-        check_heads(self.width, heads, self.label if width else f"{self.label} ({facts.describe('dim')})")
+        check_heads(self.width, heads, self.label if width else f"{self.label} ({self.facts_in.describe('dim')})")
         self.project = nn.Linear(dim, self.width)
         self.mask_token = init_tokens(self.width)
         self.global_position = init_tokens(max(self.num_global, 1), self.width)

@@ -50,7 +50,7 @@ class VQ(Quantizer):
 
     def __init__(
         self,
-        facts: Facts,
+        facts: Facts | None = None,
         *,
         codebook_size: int = 1024,
         codebook_dim: int = 8,
@@ -61,9 +61,10 @@ class VQ(Quantizer):
         restart_dead: bool = True,
         dead_threshold: float = 0.01,
         eps: float = 1e-5,
+        dim: int | None = None,
     ) -> None:
         super().__init__(facts)
-        dim = facts.need("dim", self.label)
+        dim = self.need("dim", dim, default=codebook_dim)  # standalone default: no projection
         if codebook_size < 1 or codebook_dim < 1:
             raise SpecError(f"{self.label}: codebook_size and codebook_dim must be >= 1")
         if not 0.0 <= decay < 1.0 or not 0.0 <= dead_threshold < 1.0 or commitment < 0 or eps <= 0:

@@ -1,22 +1,30 @@
 """TaTok core: the contract every component plugs into.
 
 Interfaces (:mod:`tatok_core.interfaces`), the registry and plugin hook (:mod:`tatok_core.registry`,
-:mod:`tatok_core.hooks`), value types (:class:`Selection`, :class:`Tokens`), pipeline specs
-(:class:`PipelineSpec`), the :class:`Tokenizer` pipeline and the DTF reference (:mod:`tatok_core.dtf`).
+:mod:`tatok_core.hooks`), the factory :func:`create` (any registered component by name, from plain
+keyword arguments), value types (:class:`Selection`, :class:`Tokens`, :class:`Quantized` …), pipeline
+specs (:class:`PipelineSpec`), the :class:`Tokenizer` pipeline and the functional DTF
+(:func:`dtf_select`, the reference every kernel matches).
 """
 
+from tatok_core.dtf import dtf_select
 from tatok_core.errors import (
     CompositionError,
     FilterInputError,
+    GenerationError,
     ImageReadError,
+    MissingExtraError,
     PluginError,
     SpecError,
     TatokError,
     TokenFileError,
     UnknownComponentError,
+    WeightsFileError,
 )
 from tatok_core.hooks import hookimpl
 from tatok_core.interfaces import (
+    PIPELINE_KINDS,
+    Component,
     Decoder,
     Encoder,
     EntropyContext,
@@ -25,19 +33,22 @@ from tatok_core.interfaces import (
     Facts,
     Generator,
     GlobalTokenizer,
+    Grid,
     Quantized,
     Quantizer,
     TokenFilter,
 )
 from tatok_core.registry import KINDS, Registry, get_registry
 from tatok_core.selection import Selection
-from tatok_core.spec import ComponentSpec, PipelineSpec
+from tatok_core.spec import ComponentSpec, PipelineSpec, create
 from tatok_core.tokens import ImageTokens, Tokens
 
 __version__ = "0.1.0"
 
 __all__ = [
     "KINDS",
+    "PIPELINE_KINDS",
+    "Component",
     "ComponentSpec",
     "CompositionError",
     "Decoder",
@@ -47,10 +58,13 @@ __all__ = [
     "EntropyEstimator",
     "Facts",
     "FilterInputError",
+    "GenerationError",
     "Generator",
     "GlobalTokenizer",
+    "Grid",
     "ImageReadError",
     "ImageTokens",
+    "MissingExtraError",
     "PipelineSpec",
     "PluginError",
     "Quantized",
@@ -64,6 +78,9 @@ __all__ = [
     "Tokenizer",
     "Tokens",
     "UnknownComponentError",
+    "WeightsFileError",
+    "create",
+    "dtf_select",
     "get_registry",
     "hookimpl",
 ]

@@ -35,7 +35,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from tatok_core.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN
-from tatok_core.errors import ImageReadError
+from tatok_core.errors import ImageReadError, MissingExtraError
+from tatok_core.extras import missing_extra_message
 from tatok_core.imageio import IMAGE_EXTENSIONS, _to_tensor, list_images, read_image
 
 
@@ -50,9 +51,9 @@ class BuiltinPhoto:
     @property
     def path(self) -> Path:
         """Location in the installed package, found without importing it."""
-        spec = importlib.util.find_spec(self.package)
+        spec = importlib.util.find_spec(self.package)  # a top-level name: found, not imported
         if spec is None or spec.origin is None:
-            raise ImageReadError(f"built-in photo {self.name!r} needs package {self.package!r}")
+            raise MissingExtraError(missing_extra_message(self.package, f"built-in photo {self.name!r}"))
         return Path(spec.origin).parent / self.relpath
 
 

@@ -70,3 +70,11 @@ def os_error_message(exc: OSError) -> str:
     reason = exc.strerror or str(exc) or type(exc).__name__
     hint = " (disk full: free some space or choose another output)" if exc.errno == errno.ENOSPC else ""
     return f"{where}: {reason}{hint}"
+
+
+class WeightsFileError(TatokError):
+    """A weights file that is missing, empty, truncated, corrupt, or made for another architecture (names it)."""
+
+
+class MissingExtraError(TatokError, ImportError):
+    """An optional feature whose dependencies are not installed (names the ``tatok[extra]`` to install)."""

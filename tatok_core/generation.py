@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import safetensors.torch
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
@@ -37,6 +36,9 @@ from torch import Tensor
 from tatok_core import __version__
 from tatok_core.errors import GenerationError
 from tatok_core.interfaces import Facts, Generator, Grid
+from tatok_core.extras import require
+from tatok_core.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+                                    push_folder, save_weights)
 from tatok_core.registry import Registry, get_registry
 from tatok_core.spec import ComponentSpec, _construct
 from tatok_core.tokenfile import StoredImageTokens, TokenDataset
@@ -288,7 +290,11 @@ def _json_value(value: Any) -> Any:
 
 
 def save_prior(generator: Generator, directory: str | Path, training: Mapping[str, Any] | None = None) -> Path:
-    """Write ``prior.safetensors`` and ``prior.json`` into ``directory``, each file replaced atomically."""
+    """Write ``prior.safetensors`` and ``prior.json`` into ``directory``, each file replaced atomically.
+
+    ``prior.json`` is written last and records the weights' size, sha256 and digest, which
+    :func:`load_prior` verifies (a damaged or foreign weights file is a :class:`WeightsFileError`).
+    """
     spec: ComponentSpec | None = getattr(generator, "component_spec", None)
     if spec is None:
         raise GenerationError("only a generator made by build_generator() records its name and options to save")
@@ -302,18 +308,31 @@ def save_prior(generator: Generator, directory: str | Path, training: Mapping[st
         "facts": {k: _json_value(v) for k, v in _facts(generator).items()},
         "training": dict(training or {}),
     }
-    state = {k: v.detach().contiguous().cpu() for k, v in generator.state_dict().items()}
-    weights, tmp_weights = directory / WEIGHTS_FILE, directory / f".{WEIGHTS_FILE}.tmp"
-    safetensors.torch.save_file(state, str(tmp_weights), metadata={"format": FORMAT})
-    os.replace(tmp_weights, weights)
-    tmp_record = directory / f".{PRIOR_FILE}.tmp"
-    tmp_record.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_record, directory / PRIOR_FILE)
+    record["weights"] = save_weights(directory / WEIGHTS_FILE, cpu_state(generator), {"format": FORMAT})
+    atomic_write(directory / PRIOR_FILE, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())  # last: it vouches for the weights
     return directory
 
 
-def load_prior(directory: str | Path, registry: Registry | None = None, map_location: str | torch.device = "cpu") -> Generator:
-    """A prior saved by :func:`save_prior`, in eval mode on ``map_location``."""
+def push_prior_to_hub(generator: Generator, repo_id: str, *, training: Mapping[str, Any] | None = None,
+                      commit_message: str = "Upload TaTok prior", **hub: Any) -> Any:
+    """Save the prior into a temporary folder and upload it to Hub repository ``repo_id`` (``tatok[hub]``).
+
+    ``hub`` takes huggingface_hub's ``private``, ``token``, ``branch`` and ``create_pr``; returns its
+    ``CommitInfo``. :func:`load_prior` loads it back by repository id.
+    """
+    require("huggingface_hub", "push_prior_to_hub")  # fail before saving anything
+    with tempfile.TemporaryDirectory() as folder:
+        save_prior(generator, folder, training)
+        return push_folder(Path(folder), repo_id, commit_message=commit_message, **hub)
+
+
+def load_prior(directory: str | Path, registry: Registry | None = None, map_location: str | torch.device = "cpu",
+               **hub: Any) -> Generator:
+    """A prior saved by :func:`save_prior` (a folder, or an ``owner/name`` Hub repository id), in eval mode
+    on ``map_location``. ``hub`` takes huggingface_hub's ``revision``, ``cache_dir``, ``token`` and
+    ``local_files_only`` for repository ids; local folders never touch the network."""
+    if is_repo_id(str(directory)):
+        directory = hub_snapshot(str(directory), [PRIOR_FILE, WEIGHTS_FILE], **hub)
     directory = Path(directory)
     try:
         record = json.loads((directory / PRIOR_FILE).read_text())
@@ -331,13 +350,6 @@ def load_prior(directory: str | Path, registry: Registry | None = None, map_loca
         tokenizer=facts.get("tokenizer"), spec_digest=facts.get("spec_digest"), source=f"prior {directory}",
     )
     generator = build_generator(name, built, registry, **options)
-    try:
-        state = safetensors.torch.load_file(str(directory / WEIGHTS_FILE))
-    except (OSError, safetensors.SafetensorError) as exc:
-        raise GenerationError(f"{directory}: cannot read {WEIGHTS_FILE}: {exc}") from exc
-    missing, unexpected = generator.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise GenerationError(
-            f"{directory}: weights do not match generator {name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    state = load_weights(directory / WEIGHTS_FILE, record.get("weights"))  # checksum verified when recorded
+    fit_state(generator, state, directory / WEIGHTS_FILE, f"generator {name!r} of {directory / PRIOR_FILE}")
     return generator.to(map_location).eval()

@@ -1,11 +1,12 @@
 """The six component contracts of a TaTok pipeline (see DESIGN.md, "Data flow").
 
-Every component is a ``torch.nn.Module`` built as ``cls(facts, **options)``. ``facts`` holds what the
-components upstream of it provide (patch size, width, number of global tokens, code factors); a
-component reads what it needs with :meth:`Facts.need`, checks what it insists on with
-:meth:`Facts.agree`, and adds what it provides in :meth:`Component.provides`. So a composition is
-checked when it is built (on the meta device, before any tensor flows), and a mismatch names both
-components involved.
+Every component is a ``torch.nn.Module`` built as ``cls(facts, **options)`` when composed, or as
+``cls(**options)`` on its own (``FSQ(levels=[8, 5, 5, 3])``). ``facts`` holds what the components
+upstream of it provide (patch size, width, number of global tokens, code factors); a component reads
+what it needs with :meth:`Component.need`, which takes the upstream value when composed (a keyword
+argument given as well must agree with it) and the keyword argument (or a default) when standalone.
+It adds what it provides in :meth:`Component.provides`. So a composition is checked when it is built
+(on the meta device, before any tensor flows), and a mismatch names both components involved.
 
 Build order: encoder → global_tokenizer → quantizer → entropy → filter → decoder.
 """
@@ -13,8 +14,10 @@ Build order: encoder → global_tokenizer → quantizer → entropy → filter �
 from __future__ import annotations
 
 import abc
+import functools
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -38,6 +41,7 @@ class Facts:
     values: Mapping[str, Any] = attrs.field(factory=dict)
     providers: Mapping[str, str] = attrs.field(factory=dict)
     building: str = ""  # label of the component being built with these facts, e.g. "decoder 'vit'"
+    standalone: bool = False  # built on its own: upstream values come from the component's keyword arguments
 
     def need(self, fact: str, who: str) -> Any:
         """The value of ``fact``; a clear error when nothing upstream provides it."""
@@ -65,24 +69,96 @@ class Facts:
         for fact, value in new.items():
             values[fact] = value
             providers[fact] = who
-        return Facts(values, providers, self.building)
+        return attrs.evolve(self, values=values, providers=providers)
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Fact equality that does not tell a list from a tuple (options arrive as either)."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def _recording_options(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a component ``__init__`` so the instance remembers the arguments it was built with (``options``).
+
+    Every named argument but ``self`` and ``facts`` counts. The outermost ``__init__`` of a subclass chain
+    finishes last, so its complete set of options wins.
+    """
+    signature = inspect.signature(init)
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    recorded = [p.name for p in list(signature.parameters.values())[1:] if p.kind in named and p.name != "facts"]
+
+    @functools.wraps(init)
+    def __init__(self: Component, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:  # a signature init accepted but bind cannot map: record nothing
+            return
+        bound.apply_defaults()
+        self.options = {name: bound.arguments[name] for name in recorded}
+
+    return __init__
 
 
 class Component(nn.Module, abc.ABC):
-    """Base of every component; ``kind`` names the registry namespace it lives in."""
+    """Base of every component; ``kind`` names the registry namespace it lives in.
+
+    Built with ``facts`` (composed into a pipeline) or without (standalone: ``FSQ(levels=[8, 5, 5, 3])``).
+    ``options`` holds the arguments it was built with (defaults included, ``facts`` aside) and ``facts_in``
+    the upstream values it was built on; both show in its ``repr``.
+    """
 
     kind: ClassVar[str]
+    options: dict[str, Any]
 
-    def __init__(self, facts: Facts, **options: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_options(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    def __init__(self, facts: Facts | None = None, **options: Any) -> None:
         super().__init__()
         if options:
             raise TypeError(f"unexpected options: {', '.join(sorted(options))}")
-        self.facts_in = facts
-        self.label = facts.building or f"{self.kind} {type(self).__name__!r}"  # e.g. "decoder 'vit'", for errors
+        self.options = {}
+        self.needed: dict[str, Any] = {}  # the upstream facts read through need(), for the repr
+        self.facts_in = facts if facts is not None else Facts(standalone=True)
+        self.label = self.facts_in.building or f"{self.kind} {type(self).__name__!r}"  # e.g. "decoder 'vit'", for errors
+
+    def need(self, fact: str, given: Any = None, *, default: Any = None) -> Any:
+        """The upstream value ``fact`` (``dim``, ``patch_size`` …) this component is built on.
+
+        Composed: what upstream provides; ``given`` (the component's keyword argument of that name),
+        when not ``None``, must agree with it. Standalone: ``given``, else ``default``; with neither,
+        a ``TypeError`` naming the keyword. Standalone values are recorded in ``facts_in`` too.
+        """
+        facts = self.facts_in
+        if not facts.standalone:
+            have = facts.need(fact, self.label)
+            if given is not None and not _same(given, have):
+                raise CompositionError(
+                    f"{self.label} was given {fact}={given!r} but {facts.providers[fact]} provides {fact}={have!r}"
+                )
+            self.needed[fact] = have
+            return have
+        value = given if given is not None else default
+        if value is None:
+            raise TypeError(f"{self.label} built without facts needs the keyword argument {fact}=...")
+        self.facts_in = facts.extended({fact: value}, f"{self.label} (keyword {fact})")
+        self.needed[fact] = value
+        return value
 
     def provides(self) -> dict[str, Any]:
         """Facts this component adds for the components built after it."""
         return {}
+
+    def extra_repr(self) -> str:
+        """Options and upstream facts, e.g. ``levels=(8, 5, 5, 3), dim=4`` (what ``print(model)`` shows)."""
+        shown = {name: value for name, value in self.options.items() if value is not None}
+        shown.update({fact: value for fact, value in self.needed.items() if fact not in shown})
+        return ", ".join(f"{name}={value!r}" for name, value in shown.items())
 
 
 class Encoder(Component):

@@ -67,7 +67,9 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
 
 def draw_panels(shown: Sequence[Shown], path: str | os.PathLike[str], *, error_map: bool = True) -> Path:
     """PNG with one row per image: original | bits of kept patches (dropped grey) | reconstruction | error."""
-    import matplotlib  # imported here: matplotlib costs ~0.5 s that encoding need not pay
+    from tatok_core.extras import require
+
+    matplotlib = require("matplotlib", "drawing panels")  # imported here: ~0.5 s that encoding need not pay
     from matplotlib.figure import Figure
 
     columns = 4 if error_map else 3

@@ -774,7 +774,9 @@ def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 def plot_rate_distortion(points: Sequence[RDPoint], path: str | os.PathLike[str]) -> Path:
     """PNG of PSNR and SSIM against mean patch tokens and against bits per pixel, one curve per method."""
-    from matplotlib.figure import Figure  # imported here: matplotlib costs ~0.5 s that encode need not pay
+    from tatok_core.extras import require
+
+    Figure = require("matplotlib.figure", "plotting rate-distortion").Figure  # imported here: ~0.5 s encode need not pay
 
     figure = Figure(figsize=(11, 8), dpi=100, layout="constrained")
     grid = figure.subplots(2, 2)

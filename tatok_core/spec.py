@@ -251,7 +251,8 @@ def parse_option_assignment(text: str) -> tuple[str, OptionValue]:
     return key.strip(), _option_value(key.strip(), value)
 
 
-def _construct(cls: type[Component], facts: Facts, kind: str, spec: ComponentSpec) -> Component:
+def _construct(cls: type[Component], facts: Facts | None, kind: str, spec: ComponentSpec) -> Component:
+    """Build ``cls`` with ``spec.options``, checked by name and simple type; ``facts`` None builds it standalone."""
     parameters = {
         p.name: p for p in inspect.signature(cls.__init__).parameters.values()
         if p.kind == inspect.Parameter.KEYWORD_ONLY
@@ -266,7 +267,7 @@ def _construct(cls: type[Component], facts: Facts, kind: str, spec: ComponentSpe
     for key, value in spec.options.items():
         _check_option_type(f"{kind}.{key}", label, parameters[key].annotation, value)
     try:
-        return cls(attrs.evolve(facts, building=label), **spec.options)
+        return cls(attrs.evolve(facts or Facts(standalone=True), building=label), **spec.options)
     except (TypeError, ValueError) as exc:
         raise SpecError(str(exc) if label in str(exc) else f"{label}: {exc}") from exc
     except RuntimeError as exc:  # torch refusing a size the component did not check, e.g. dim=-4
@@ -284,6 +285,18 @@ def _check_option_type(option: str, label: str, annotation: Any, value: OptionVa
     if expected and (not isinstance(value, expected) or (isinstance(value, bool) and name != "bool")):
         article = "an" if name == "int" else "a"
         raise SpecError(f"{option}={value!r}: {label} takes {article} {name} for {option.partition('.')[2]!r}")
+
+
+def create(kind: str, name: str, *, facts: Facts | None = None, registry: Registry | None = None,
+           **options: Any) -> Component:
+    """The ``kind`` component registered as ``name`` (built-in or from a plugin package), built from options.
+
+    ``create("quantizer", "fsq", levels=[8, 5, 5, 3])`` is ``FSQ(levels=[8, 5, 5, 3])`` found by name;
+    options are checked by name (unknown ones list the known ones). Without ``facts`` the component is
+    standalone and takes the upstream values it needs (``dim`` …) from ``options``.
+    """
+    cls = (registry or get_registry()).get(kind, name)
+    return _construct(cls, facts, kind, ComponentSpec(name, options))
 
 
 def build_components(spec: PipelineSpec, registry: Registry | None = None) -> dict[str, Component]:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import attrs
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tatok_core.errors import SpecError, TatokError, UnknownComponentError
+from tatok_core.errors import CompositionError, SpecError, TatokError, UnknownComponentError
+from tatok_core.extras import require
 from tatok_core.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
 from tatok_core.interfaces import PIPELINE_KINDS
+from tatok_core.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+                                    push_folder, save_weights, state_digest)
 from tatok_core.registry import Registry, get_registry
 from tatok_core.selection import Selection
 from tatok_core.spec import ComponentSpec, PipelineSpec, _construct, build_components
@@ -23,6 +26,9 @@ from tatok_core.tokens import Tokens
 
 SPEC_FILE = "spec.toml"
 WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"  # the manifest: format, name, spec digest, weights checksum (huggingface_hub's name)
+FORMAT = "tatok"
+FORMAT_VERSION = 1
 
 
 class Analysis(NamedTuple):
@@ -261,37 +267,169 @@ class Tokenizer(nn.Module):
         }
         return TokenizerOutput(reconstruction, losses, selection, tau, metrics)
 
+    # -- swapping components -------------------------------------------------------------------
+    def with_component(self, kind: str, name: str, **options: Any) -> Tokenizer:
+        """A copy with the ``kind`` component replaced by ``name`` (built with ``options``), the rest kept.
+
+        The spec records the change (so ``save_pretrained`` → ``from_pretrained`` rebuilds the new
+        model); every other component keeps its weights. Replacing a component by one of the same
+        name keeps its other options. A component downstream whose inputs change (e.g. a new encoder
+        width) cannot keep its weights: that is a :class:`CompositionError` naming it.
+        """
+        return self._replaced({kind: ComponentSpec(name, options)})
+
+    def _replaced(self, changes: Mapping[str, ComponentSpec]) -> Tokenizer:
+        """A copy with several components replaced at once (``from_pretrained(overrides=…)``)."""
+        for kind in changes:
+            self.spec.component(kind)  # unknown kinds fail here, naming the known ones
+        spec = self.spec.updated({k: c.name for k, c in changes.items()}, {k: dict(c.options) for k, c in changes.items()})
+        model = type(self)(spec, self._registry, name=self.name)
+        for kind in PIPELINE_KINDS:
+            if kind in changes:
+                continue
+            old, new = getattr(self, kind), getattr(model, kind)
+            state = old.state_dict()
+            if not state:
+                continue  # nothing to keep (a filter, the pixel estimator)
+            # the upstream facts it read (built-ins record them); else every fact it was given
+            read = old.needed or old.facts_in.values
+            changed = sorted(f for f in read if old.facts_in.values.get(f) != new.facts_in.values.get(f))
+            if changed:
+                fact = changed[0]
+                raise CompositionError(
+                    f"{old.label} cannot keep its weights: its input {fact} changes from "
+                    f"{old.facts_in.values.get(fact)!r} to {new.facts_in.values.get(fact)!r}; replace it too"
+                )
+            try:
+                new.load_state_dict(state)
+            except RuntimeError as exc:
+                raise CompositionError(f"{old.label} cannot keep its weights in the new composition: "
+                                       f"{str(exc).splitlines()[-1].strip()}") from exc
+        reference = next(iter(self.parameters()), None)
+        if reference is not None:
+            model.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        return model.train(self.training)
+
     # -- persistence ---------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``spec.toml`` and ``model.safetensors`` (weights + buffers) into ``directory``."""
+    def weights_digest(self) -> str:
+        """sha256 (hex) of the weights and buffers themselves, as recorded by :meth:`save_pretrained`.
+
+        Independent of device and file format; two tokenizers decode tokens identically only if their
+        specs and weights digests agree (token files record both).
+        """
+        return state_digest(self.state_dict())
+
+    def save_pretrained(self, directory: str | Path, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_to_hub_kwargs: Any) -> Path:
+        """Write ``spec.toml``, ``model.safetensors`` and ``config.json`` into ``directory``, each atomically.
+
+        ``config.json`` (written last) records the format, the name, the spec digest and the weights'
+        size, sha256 and :meth:`weights_digest`; :meth:`from_pretrained` verifies the sha256. With
+        ``push_to_hub`` the folder is then uploaded as :meth:`push_to_hub` does (``repo_id`` defaults to
+        the folder name), following huggingface_hub's ``save_pretrained``.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / SPEC_FILE).write_text(self.spec.to_toml())
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        metadata = {"format": "tatok", "spec_digest": self.spec.digest(), "name": json.dumps(self.name)}
-        safetensors.torch.save_file(state, str(directory / WEIGHTS_FILE), metadata=metadata)
+        weights = save_weights(directory / WEIGHTS_FILE, cpu_state(self), {"format": FORMAT})
+        atomic_write(directory / SPEC_FILE, self.spec.to_toml().encode())
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "tatok_version": _version(), "name": self.name,
+                  "spec_digest": self.spec.digest(), "weights": weights}
+        atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        if push_to_hub:
+            self.push_to_hub(repo_id or directory.name, **push_to_hub_kwargs)
         return directory
 
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload TaTok tokenizer", private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None) -> Any:
+        """Save into a temporary folder and upload it to Hub repository ``repo_id`` (needs ``tatok[hub]``).
+
+        Returns huggingface_hub's ``CommitInfo``; load it back with ``from_pretrained(repo_id)``.
+        """
+        require("huggingface_hub", "push_to_hub")  # fail before saving anything
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return push_folder(Path(folder), repo_id, commit_message=commit_message, private=private, token=token,
+                               branch=branch, create_pr=create_pr)
+
     @classmethod
-    def from_pretrained(cls, name_or_dir: str | Path, registry: Registry | None = None, map_location: str = "cpu") -> Tokenizer:
-        """Load a directory written by :meth:`save_pretrained` or a shipped name such as ``tatok-tiny``."""
-        directory = Path(name_or_dir)
-        name: str | None = None
-        if not (directory / SPEC_FILE).is_file():
-            shipped = (registry or get_registry()).pretrained()
-            if str(name_or_dir) not in shipped:
-                if directory.exists():
-                    raise SpecError(f"{directory} holds no {SPEC_FILE}: not a saved tokenizer")
-                raise UnknownComponentError("pretrained tokenizer", str(name_or_dir), shipped)
-            name = str(name_or_dir)
-            directory = Path(shipped[name][0])
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        registry: Registry | None = None,
+        map_location: str | torch.device = "cpu",
+        *,
+        overrides: Mapping[str, str | Mapping[str, Any] | ComponentSpec] | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> Tokenizer:
+        """Load a folder written by :meth:`save_pretrained`, a shipped name (``tatok-tiny``) or a Hub repository id.
+
+        Local folders and shipped names never touch the network; an ``owner/name`` that is neither is
+        fetched from the Hugging Face Hub (``tatok[hub]``; ``revision``, ``cache_dir``, ``token`` and
+        ``local_files_only`` as in huggingface_hub). The weights' recorded sha256 is verified. The model
+        is returned in eval mode on ``map_location``. ``overrides`` replaces components as
+        :meth:`with_component` does, one entry per kind: a name, or a table ``{"name": …, "options": {…}}``
+        as in ``spec.toml`` (``{"filter": {"name": "dtf", "options": {"tau": 0.5}}}``).
+        """
+        directory, name = _locate(name_or_dir, registry, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only)
         spec = PipelineSpec.load(directory / SPEC_FILE)
+        config = _read_config(directory)
         model = cls(spec, registry, name=name or directory.name)
-        weights = directory / WEIGHTS_FILE
-        if not weights.is_file():
-            raise SpecError(f"{directory} holds no {WEIGHTS_FILE}")
-        state = safetensors.torch.load_file(str(weights), device=map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise SpecError(f"weights in {weights} do not match the spec: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        return model.eval()
+        state = load_weights(directory / WEIGHTS_FILE, config.get("weights") if config else None)
+        fit_state(model, state, directory / WEIGHTS_FILE, f"the spec in {directory / SPEC_FILE}")
+        if overrides:
+            model = model._replaced({kind: _component_spec(kind, value) for kind, value in overrides.items()})
+        return model.to(map_location).eval()
+
+
+def _version() -> str:
+    from tatok_core import __version__
+
+    return __version__
+
+
+def _component_spec(kind: str, value: str | Mapping[str, Any] | ComponentSpec) -> ComponentSpec:
+    if isinstance(value, ComponentSpec):
+        return value
+    if isinstance(value, str):
+        return ComponentSpec(value)
+    if isinstance(value, Mapping) and "name" in value and set(value) <= {"name", "options"}:
+        return ComponentSpec(str(value["name"]), value.get("options", {}))
+    raise SpecError(f"override for {kind!r} must be a name or a table {{'name': …, 'options': {{…}}}}, got {value!r}")
+
+
+def _locate(name_or_dir: str | Path, registry: Registry | None, **hub: Any) -> tuple[Path, str | None]:
+    """(folder holding ``spec.toml``, shipped or Hub name or None) for a folder, shipped name or Hub id."""
+    directory = Path(name_or_dir)
+    if (directory / SPEC_FILE).is_file():
+        return directory, None
+    shipped = (registry or get_registry()).pretrained()
+    if str(name_or_dir) in shipped:
+        return Path(shipped[str(name_or_dir)][0]), str(name_or_dir)
+    if directory.exists():
+        raise SpecError(f"{directory} holds no {SPEC_FILE}: not a saved tokenizer")
+    if is_repo_id(str(name_or_dir)):
+        folder = hub_snapshot(str(name_or_dir), [SPEC_FILE, WEIGHTS_FILE, CONFIG_FILE], **hub)
+        if not (folder / SPEC_FILE).is_file():
+            raise SpecError(f"Hub repository {name_or_dir!r} holds no {SPEC_FILE}: not a TaTok tokenizer")
+        return folder, str(name_or_dir)
+    raise UnknownComponentError("pretrained tokenizer", str(name_or_dir), shipped)
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    """``config.json`` of a saved tokenizer (None for folders saved before it existed)."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise SpecError(f"{path}: not a TaTok tokenizer config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise SpecError(f"{path}: format version {config['format_version']} is newer than this tatok reads ({FORMAT_VERSION})")
+    return config

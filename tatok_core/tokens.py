@@ -1,8 +1,14 @@
-"""Variable-length image tokens: what a tokenizer produces and what users keep."""
+"""Variable-length image tokens: what a tokenizer produces and what users keep.
+
+``Tokens`` compare by value (``==`` and :meth:`Tokens.equal`), print compactly, convert to plain
+lists (:meth:`Tokens.to_list` / :meth:`Tokens.from_list`) and load with ``torch.load(...,
+weights_only=True)`` once ``tatok_core`` is imported (they pickle as their tensors and two tuples).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import attrs
 import torch
@@ -22,8 +28,13 @@ class ImageTokens:
     grid: Grid
     image_size: tuple[int, int]  # (H, W) before padding to the grid
 
+    def __repr__(self) -> str:
+        n = self.grid[0] * self.grid[1]
+        return (f"ImageTokens(globals={self.global_codes.numel()}, kept={self.codes.numel()}/{n}, "
+                f"grid={self.grid}, image_size={self.image_size})")
 
-@attrs.frozen(eq=False)
+
+@attrs.frozen(eq=False, repr=False)
 class Tokens:
     """A batch of variable-length tokens in packed layout (FlashAttention "varlen").
 
@@ -146,11 +157,57 @@ class Tokens:
         )
 
     def equal(self, other: Tokens) -> bool:
+        """Same grid, image size and codes, positions and offsets (on any devices)."""
         return (
-            self.grid == other.grid
+            isinstance(other, Tokens)
+            and self.grid == other.grid
             and self.image_size == other.image_size
             and all(
                 torch.equal(getattr(self, f).cpu(), getattr(other, f).cpu())
                 for f in ("global_codes", "codes", "positions", "cu_seqlens")
             )
         )
+
+    __eq__ = equal  # value equality; tensors inside are mutable, so Tokens are not hashable
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        lengths = self.lengths.tolist()
+        shown = ", ".join(map(str, lengths[:8])) + (f", … ({len(lengths)} images)" if len(lengths) > 8 else "")
+        return (f"Tokens(batch={self.batch_size}, globals={self.global_codes.shape[1]}, kept=[{shown}] of "
+                f"{self.num_patches}, grid={self.grid}, image_size={self.image_size}, device={self.codes.device})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the constructor and its fields: what ``torch.load(weights_only=True)`` accepts."""
+        return (Tokens, (self.global_codes, self.codes, self.positions, self.cu_seqlens, tuple(self.grid),
+                         tuple(self.image_size)))
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """Plain Python, one dict per image: ``{"global_codes": [c, …], "patches": [(position, code), …]}``.
+
+        Grid and image size are batch-wide (:attr:`grid`, :attr:`image_size`); :meth:`from_list` inverts it.
+        """
+        return [
+            {"global_codes": image.global_codes.tolist(),
+             "patches": list(zip(image.positions.tolist(), image.codes.tolist()))}
+            for image in self.per_image()
+        ]
+
+    @classmethod
+    def from_list(cls, images: Sequence[Mapping[str, Any]], grid: Grid, image_size: tuple[int, int]) -> Tokens:
+        """Tokens from :meth:`to_list`'s form; positions must increase inside the grid."""
+        n = grid[0] * grid[1]
+        unpacked = []
+        for i, image in enumerate(images):
+            pairs = [tuple(pair) for pair in image["patches"]]
+            positions = torch.tensor([p for p, _ in pairs], dtype=torch.int64)
+            if positions.numel() and (bool((positions[1:] <= positions[:-1]).any()) or positions[0] < 0
+                                      or positions[-1] >= n):
+                raise ValueError(f"image {i}: positions must increase inside the {n} grid positions, got {positions.tolist()}")
+            unpacked.append(ImageTokens(torch.tensor(image["global_codes"], dtype=torch.int64).reshape(-1),
+                                        torch.tensor([c for _, c in pairs], dtype=torch.int64), positions,
+                                        tuple(grid), tuple(image_size)))  # type: ignore[arg-type]
+        return cls.from_images(unpacked)
+
+
+torch.serialization.add_safe_globals([Tokens])

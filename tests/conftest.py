@@ -1,15 +1,26 @@
-"""Shared fixtures: fake installed plugin packages (real entry points) and small images."""
+"""Shared fixtures: fake installed plugin packages (real entry points) and small images; hypothesis profiles.
+
+Hypothesis runs **derandomised** by default (profile ``ci``): every run draws the same examples, so the
+suite's duration and verdict do not depend on luck. ``HYPOTHESIS_PROFILE=explore`` searches with fresh
+random examples each run, when hunting for new counterexamples.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tatok_core import registry as registry_module
+
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

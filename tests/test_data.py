@@ -121,12 +121,19 @@ def test_tiff_webp_cmyk(tmp_path: Path) -> None:
     assert torch.equal(t[:, 0, 0], torch.tensor([1.0, 0.0, 0.0]))
 
 
-def test_exif_orientation_applied(tmp_path: Path) -> None:
-    im = Image.fromarray(_rgb(4, 6))  # 6 wide, 4 tall
+@pytest.mark.parametrize(("orientation", "display"), [
+    (3, lambda a: np.rot90(a, 2)),  # upside down
+    (6, lambda a: np.rot90(a, -1)),  # rotate 90° clockwise to display
+    (8, lambda a: np.rot90(a, 1)),  # rotate 90° counter-clockwise to display
+    (2, lambda a: a[:, ::-1]),  # mirrored
+])
+def test_exif_orientation_applied(tmp_path: Path, orientation: int, display) -> None:
+    stored = _rgb(4, 6)  # 6 wide, 4 tall, distinct pixels
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise to display
-    im.save(tmp_path / "o.jpg", exif=exif)
-    _check(read_image(tmp_path / "o.jpg"), 6, 4)
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "o.png", exif=exif)  # lossless: the exact pixels must land right
+    expected = torch.from_numpy(np.ascontiguousarray(display(stored))).permute(2, 0, 1).float() / 255
+    assert torch.equal(read_image(tmp_path / "o.png"), expected)
 
 
 @pytest.mark.parametrize(

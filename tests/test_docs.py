@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -108,11 +109,16 @@ DOC_PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 
 
 @pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A scratch working directory, with the example plugin's source importable (installed or not)."""
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A scratch working directory, with the example plugin's source importable (installed or not), and a
+    process registry of its own (components a page registers do not leak into other tests)."""
+    from tatok_core.registry import reset_registry
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
-    return tmp_path
+    previous = reset_registry()
+    yield tmp_path
+    reset_registry(previous)
 
 
 def test_readme_python_usage_runs(in_tmp: Path) -> None:

@@ -19,13 +19,23 @@ def bits(batch: int = 6, n: int = 40, seed: int = 0) -> torch.Tensor:
     return values
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "auto"])
-def test_dtf_backends_agree_exactly(backend: str) -> None:
+@pytest.mark.parametrize(("backend", "runs"), [("torch", "reference"), ("triton", "kernel"), ("auto", "reference")])
+def test_dtf_backends_dispatch_and_agree_exactly(backend: str, runs: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # which implementation ran is the behaviour under test: on CPU tensors "auto" must pick the reference
+    # (the values of the reference itself are held to the definition in test_dtf_properties.py)
     if backend == "triton":
         pytest.importorskip("triton", reason="the triton backend needs the 'triton' package")
+    import tatok_plugins.dtf_triton as kernel
+    import tatok_plugins.filters as filters
+
+    ran: list[str] = []
+    monkeypatch.setattr(filters, "dtf_select", lambda *a: ran.append("reference") or dtf_select(*a))
+    real_kernel = kernel.dtf_select_triton
+    monkeypatch.setattr(kernel, "dtf_select_triton", lambda *a: ran.append("kernel") or real_kernel(*a))
     h = bits()
     tau = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0, 0.75])
     chosen = DynamicTokenFilter(NO_FACTS, min_keep=2, max_keep=30, backend=backend).select(h, tau)
+    assert ran == [runs]
     assert chosen.equal(dtf_select(h, tau, min_keep=2, max_keep=30))
 
 

@@ -32,7 +32,8 @@ class ConvEncoder(Encoder):
     contract), so every built-in downstream component composes with it.
     """
 
-    def __init__(self, facts: Facts, *, patch_size: int = 4, dim: int = 64, depth: int = 2, channels: int = 3) -> None:
+    def __init__(self, facts: Facts | None = None, *, patch_size: int = 4, dim: int = 64, depth: int = 2,
+                 channels: int = 3) -> None:
         super().__init__(facts)
         for option, value, least in (("patch_size", patch_size, 1), ("dim", dim, 1), ("depth", depth, 0), ("channels", channels, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:

@@ -28,7 +28,8 @@ class ThresholdFilter(TokenFilter):
     the bits are validated to.
     """
 
-    def __init__(self, facts: Facts, *, bits_above: float = 1.0, min_keep: int = 1, max_keep: int = -1) -> None:
+    def __init__(self, facts: Facts | None = None, *, bits_above: float = 1.0, min_keep: int = 1,
+                 max_keep: int = -1) -> None:
         super().__init__(facts)
         if isinstance(bits_above, bool) or not isinstance(bits_above, (int, float)) or not math.isfinite(bits_above) or bits_above < 0:
             raise ValueError(f"bits_above must be a finite number ≥ 0, got {bits_above!r}")
