@@ -33,7 +33,7 @@ from tatok_core.data import ImageSource, fixed_crops
 from tatok_core.imageio import tile_images, write_image
 from tatok_core.rate import token_meta
 from tatok_core.tokenfile import TokenDataset, TokenWriter
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.tokens import Tokens
 
 PRIORS = {"adaptive": None, "raster": "all"}  # generator → filter its tokens are encoded with (None: the model's)
@@ -150,7 +150,7 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_generation", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tatok-tiny", help="tokenizer: a shipped name or a saved directory")
+    p.add_argument("--model", default=DEFAULT_PRETRAINED, help="tokenizer: a shipped name or a saved directory")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--quick", action="store_true", help=f"small run: {QUICK} (default: {FULL})")
     for key in QUICK:

@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 from tatok_core.errors import TatokError
 from tatok_core.interfaces import EntropyContext
 from tatok_core.selection import Selection
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.tokens import Tokens
 
 FULL_SIDES = (64, 128, 256, 512, 768, 1024)
@@ -282,7 +282,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="tatok-tiny", help="shipped name or saved directory")
+    parser.add_argument("--model", default=DEFAULT_PRETRAINED, help="shipped name or saved directory")
     parser.add_argument("--sides", type=int, nargs="*", help=f"square sides (default {FULL_SIDES}; none: the photo only)")
     parser.add_argument("--no-photo", action="store_true", help=f"skip the {PHOTO[1]}×{PHOTO[0]} photo")
     parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIDES}, no photo, one repeat")

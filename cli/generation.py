@@ -14,7 +14,7 @@ from tatok_core.errors import GenerationError
 from tatok_core.imageio import tile_images, write_image
 from tatok_core.spec import parse_option_assignment
 from tatok_core.tokenfile import TokenDataset
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 
 def _device() -> torch.device:
@@ -69,7 +69,7 @@ def train_prior(tokens: Path, out_dir: Path, name: str, steps: int, batch_size: 
 
 @click.command()
 @click.argument("prior", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--model", default="tatok-tiny", show_default=True,
+@click.option("--model", default=DEFAULT_PRETRAINED, show_default=True,
               help="tokenizer that decodes the samples: a shipped name or a saved directory")
 @click.option("-n", "count", default=16, show_default=True, help="number of images")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),

@@ -1,7 +1,7 @@
 """``tatok encode | decode | eval | show``: images ↔ token files, rate-distortion curves, one image up close.
 
 The tokenizer is the ``--model`` option (a shipped name or a directory written by ``save_pretrained``,
-default ``tatok-tiny``), not a leading positional argument: in ``tatok encode [MODEL] INPUTS…`` a
+default ``tatok-small``), not a leading positional argument: in ``tatok encode [MODEL] INPUTS…`` a
 model directory and an image folder could not be told apart.
 """
 
@@ -37,10 +37,10 @@ from tatok_core.rate import (
 from tatok_core.outputs import decode_token_set, encode_token_set, ignored_rate_option
 from tatok_core.panels import show_panel
 from tatok_core.spec import OptionValue, parse_option_assignment
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.train import World
 
-DEFAULT_MODEL = "tatok-tiny"
+DEFAULT_MODEL = DEFAULT_PRETRAINED
 
 model_option = click.option(
     "--model", "model_name", default=DEFAULT_MODEL, show_default=True, metavar="NAME|DIR",

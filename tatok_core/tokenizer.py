@@ -24,6 +24,7 @@ from tatok_core.selection import Selection
 from tatok_core.spec import ComponentSpec, PipelineSpec, _construct, build_components
 from tatok_core.tokens import Tokens
 
+DEFAULT_PRETRAINED = "tatok-small"  # what `tatok demo`, the CLI and from_pretrained() load by default
 SPEC_FILE = "spec.toml"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # the manifest: format, name, spec digest, weights checksum (huggingface_hub's name)
@@ -354,7 +355,7 @@ class Tokenizer(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        name_or_dir: str | Path,
+        name_or_dir: str | Path = DEFAULT_PRETRAINED,
         registry: Registry | None = None,
         map_location: str | torch.device = "cpu",
         *,
