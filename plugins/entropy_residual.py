@@ -23,12 +23,12 @@ class GlobalsResidualEntropy(EntropyEstimator):
 
     needs_base_reconstruction = True
 
-    def __init__(self, facts: Facts, *, distortion: float = 1e-3) -> None:
+    def __init__(self, facts: Facts | None = None, *, distortion: float = 1e-3, patch_size: int | None = None) -> None:
         super().__init__(facts)
         if not distortion > 0:
             raise ValueError(f"{self.label}: distortion must be > 0, got {distortion}")
         self.distortion = float(distortion)
-        self.patch_size = facts.need("patch_size", self.label)
+        self.patch_size = self.need("patch_size", patch_size)
 
     def forward(self, context: EntropyContext) -> EntropyEstimate:
         base = context.base_reconstruction

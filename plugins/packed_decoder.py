@@ -143,8 +143,12 @@ class PackedDecoder(Decoder):
 
     def __init__(
         self,
-        facts: Facts,
+        facts: Facts | None = None,
         *,
+        dim: int | None = None,
+        patch_size: int | None = None,
+        channels: int | None = None,
+        num_global: int | None = None,
         width: int = 0,
         depth: int = 4,
         heads: int = 4,
@@ -156,10 +160,10 @@ class PackedDecoder(Decoder):
         refine: int = 32,
     ) -> None:
         super().__init__(facts)
-        dim = facts.need("dim", self.label)
-        self.patch_size = facts.need("patch_size", self.label)
-        self.channels = facts.need("channels", self.label)
-        self.num_global = facts.need("num_global", self.label)
+        dim = self.need("dim", dim)
+        self.patch_size = self.need("patch_size", patch_size)
+        self.channels = self.need("channels", channels, default=3)
+        self.num_global = self.need("num_global", num_global)
         if window < 1 or layout < 0 or depth < 0 or fill_depth < 1:
             raise ValueError(f"{self.label}: need window ≥ 1, layout ≥ 0, depth ≥ 0, fill_depth ≥ 1")
         self.width, self.fill_width, self.window, self.layout = width or dim, fill_width, window, layout

@@ -461,7 +461,7 @@ class TokenWriter:
 
         Only before the first image is written, so every shard of the set carries the same meta.
         """
-        if self._buffer or self._written or self._had_shards or self._closed:
+        if self._buffer or self._entries or self._base or self.resumed_sources or self._closed:
             raise TokenFileError(f"{self.path}: meta can change only before the first image is written")
         if set(extra) & (set(REQUIRED_META) | {"format_version", "spec_digest", "tokenizer"}):
             raise TokenFileError(f"{self.path}: update_meta may not change {sorted(set(extra) & set(REQUIRED_META))}")

@@ -78,11 +78,12 @@ def check_images(images: Tensor, like: Tensor) -> Tensor:
     if not images.is_floating_point():
         hint = " — e.g. images.float() / 255 for uint8" if images.dtype == torch.uint8 else ""
         raise TatokError(f"images must be floating point in [0, 1], got {images.dtype}{hint}")
-    if images.numel():
+    if images.numel():  # ONE host sync for all value checks: the only one on the analysis path
         finite = torch.isfinite(images)
-        if not bool(finite.all()):
-            raise TatokError(f"images contain {int((~finite).sum())} NaN or infinite values: nothing to encode there")
-        low, high = float(images.min()), float(images.max())
+        clean = images.float().nan_to_num(0.5, 0.5, 0.5)  # the range of the finite values
+        nonfinite, low, high = torch.stack([(~finite).sum().float(), clean.amin(), clean.amax()]).tolist()
+        if nonfinite:
+            raise TatokError(f"images contain {int(nonfinite)} NaN or infinite values: nothing to encode there")
         if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
             scale = " (0-255 pixels? divide by 255)" if high > 2 else " (a [-1, 1] scale? use (x + 1) / 2)" if low < 0 else ""
             raise TatokError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]{scale}")
@@ -212,10 +213,14 @@ class Tokenizer(nn.Module):
             raise TatokError(f"cannot decode: tokens carry {tokens.global_codes.shape[-1]} global codes per image, "
                              f"this model makes {self.num_global}")
         size = self.quantizer.codebook_size
-        for what, codes in (("global", tokens.global_codes), ("patch", tokens.codes)):
-            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
-                raise TatokError(f"cannot decode: {what} codes span [{int(codes.min())}, {int(codes.max())}], outside "
-                                 f"this model's codebook [0, {size}): tokens of another tokenizer?")
+        present = [(what, codes) for what, codes in (("global", tokens.global_codes), ("patch", tokens.codes))
+                   if codes.numel()]
+        if present:  # ONE host sync reads every range: the only wait in decode
+            spans = torch.stack([torch.stack([c.min(), c.max()]).long().cpu() for _, c in present]).tolist()
+            for (what, _), (low, high) in zip(present, spans):
+                if low < 0 or high >= size:
+                    raise TatokError(f"cannot decode: {what} codes span [{low}, {high}], outside this model's "
+                                     f"codebook [0, {size}): tokens of another tokenizer?")
         return tokens.to(next(self.parameters(), torch.empty(0)).device)
 
     def sample_tau(self, batch: int, device: torch.device) -> Tensor:

@@ -213,7 +213,7 @@ def test_a_corrupt_checkpoint_is_one_line(recipe: Path, tmp_path: Path, content:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "checkpoint.pt").write_bytes(content)
     one_line_error(invoke("train", recipe, "--out", tmp_path / "run", "--resume", "--steps", "1"),
-                   "checkpoint.pt: not a readable checkpoint", "delete it to start the run over")
+                   "checkpoint.pt is unreadable", "delete it to start over")
     assert listing(tmp_path) == {"run/checkpoint.pt": content}
 
 

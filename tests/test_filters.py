@@ -29,9 +29,9 @@ def test_dtf_backends_dispatch_and_agree_exactly(backend: str, runs: str, monkey
     import tatok_plugins.filters as filters
 
     ran: list[str] = []
-    monkeypatch.setattr(filters, "dtf_select", lambda *a: ran.append("reference") or dtf_select(*a))
+    monkeypatch.setattr(filters, "select_by_rule", lambda *a: ran.append("reference") or select_by_rule(*a))
     real_kernel = kernel.dtf_select_triton
-    monkeypatch.setattr(kernel, "dtf_select_triton", lambda *a: ran.append("kernel") or real_kernel(*a))
+    monkeypatch.setattr(kernel, "dtf_select_triton", lambda *a, **k: ran.append("kernel") or real_kernel(*a, **k))
     h = bits()
     tau = torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0, 0.75])
     chosen = DynamicTokenFilter(NO_FACTS, min_keep=2, max_keep=30, backend=backend).select(h, tau)

@@ -73,35 +73,43 @@ def test_host_sync_counter_catches_syncs() -> None:
 
 @pytest.mark.parametrize("model", ["tatok-tiny", "small-vq"])
 def test_inference_path_has_no_host_sync(model: str) -> None:
-    """encoder → globals → quantizer → entropy and the decoder never wait for the device; encode waits
-    only where the filter checks its input and sizes the packed output."""
+    """encoder → globals → quantizer → entropy and the decoder never wait for the device (apart from one
+    read of the input's NaN count and range); encode waits only where the filter checks its input and
+    sizes the packed output."""
     torch.manual_seed(0)
     tokenizer = Tokenizer.from_pretrained(model) if model == "tatok-tiny" else Tokenizer(windowed_spec("vq")).eval()
     images = torch.rand(2, 3, 44, 60)  # partial windows
     with torch.no_grad(), HostSyncs() as analysis_syncs:
         analysis = tokenizer.analyse(images)
-    assert not analysis_syncs.calls, dict(analysis_syncs.calls)
+    # the one allowed wait: check_images reads NaN count, min and max together to refuse bad input
+    assert analysis_syncs.files() <= {"tatok_core/tokenizer.py"} and sum(analysis_syncs.calls.values()) <= 1, \
+        dict(analysis_syncs.calls)
     with torch.no_grad(), HostSyncs() as encode_syncs:
         tokens = tokenizer.encode(images)
-    assert encode_syncs.files() <= SIZING_FILES, dict(encode_syncs.calls)
+    assert encode_syncs.files() <= SIZING_FILES | {"tatok_core/tokenizer.py"}, dict(encode_syncs.calls)
     with torch.no_grad(), HostSyncs() as decode_syncs:
         tokenizer.decode(tokens)
-    assert not decode_syncs.calls, dict(decode_syncs.calls)
+    # the one allowed wait: decode reads the codes' range once to refuse codes outside the codebook
+    assert decode_syncs.files() <= {"tatok_core/tokenizer.py"} and sum(decode_syncs.calls.values()) <= 1, \
+        dict(decode_syncs.calls)
     assert analysis.patches.code_statistics(tokenizer.quantizer.codebook_size)["codebook_usage"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
 def test_inference_path_has_no_host_sync_on_cuda() -> None:
-    """CUDA's own sync detector agrees: it raises on any synchronising call in analyse and decode."""
+    """CUDA's own sync detector agrees: it raises on any synchronising call in the encoder → globals →
+    quantizer → entropy graph and the decoder (the boundary checks' one read each is outside it)."""
     tokenizer = Tokenizer.from_pretrained("tatok-tiny").cuda()
     images = torch.rand(2, 3, 44, 60, device="cuda")
     tokens = tokenizer.encode(images)
+    grid_codes, keep = tokens.to("cuda").to_grid(fill=0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.no_grad():
-            tokenizer.analyse(images)
-            tokenizer.decode(tokens)
+            encode_graph(tokenizer, images, tokens.grid)
+            tokenizer.decoder(tokenizer.quantizer.codes_to_vectors(tokens.global_codes.cuda()),
+                              tokenizer.quantizer.codes_to_vectors(grid_codes), keep, tokens.grid)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -109,7 +117,8 @@ def test_inference_path_has_no_host_sync_on_cuda() -> None:
 def test_encode_containers_are_named_tuples_with_the_same_fields() -> None:
     assert Quantized._fields == ("vectors", "codes", "aux_loss", "metrics")
     assert EntropyEstimate._fields == ("bits", "loss", "metrics")
-    assert EntropyContext._fields == ("images", "grid", "global_vectors", "global_codes", "patch_vectors", "patch_codes")
+    assert EntropyContext._fields == ("images", "grid", "global_vectors", "global_codes", "patch_vectors", "patch_codes",
+                                      "base_reconstruction")
     q = Quantized(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(()))
     assert dict(q.metrics) == {}
 

@@ -60,7 +60,7 @@ def test_digest_changes_with_options() -> None:
     ("options", "message"),
     [
         ({"encoder.depht": 3}, "encoder 'vit' has no option(s) depht (options: patch_size, dim, depth"),
-        ({"filter.tau": 1.5}, "filter 'dtf': tau must lie in [0, 1], got 1.5"),
+        ({"filter.tau": 1.5}, "filter 'dtf': tau must be a number in [0, 1], got 1.5"),
         ({"encoder.dim": 136, "encoder.heads": 8, "decoder.heads": 16},
          "decoder 'vit' (dim 136 from encoder 'vit'): width 136 must be divisible by heads (16)"),
         ({"dim": 3}, "option 'dim' must look like KIND.OPTION"),

@@ -23,12 +23,15 @@ STANDALONE: dict[tuple[str, str], dict] = {
     ("quantizer", "vq"): {"codebook_size": 16},
     ("entropy", "prior"): {"code_factors": [4, 4], "dim": 8, "width": 16, "depth": 1, "heads": 2},
     ("entropy", "pixel"): {"patch_size": 4},
+    ("entropy", "residual"): {"patch_size": 4},
     ("filter", "dtf"): {"tau": 0.9},
     ("filter", "all"): {},
     ("filter", "topk"): {"k": 3},
     ("filter", "random"): {"k": 3},
     ("filter", "raster"): {"k": 3},
     ("decoder", "vit"): {"dim": 8, "patch_size": 4, "num_global": 2, "depth": 1, "heads": 2, "refine": 0},
+    ("decoder", "packed"): {"dim": 8, "patch_size": 4, "num_global": 2, "depth": 1, "heads": 2, "fill_width": 8,
+                            "layout": 2, "refine": 0},
     ("generator", "adaptive"): {"code_factors": [4, 4], "num_global": 2, "grid": [2, 2], "patch_size": 4,
                                 "width": 16, "depth": 1, "heads": 2},
     ("generator", "raster"): {"code_factors": [4, 4], "num_global": 2, "grid": [2, 2], "patch_size": 4,
@@ -85,9 +88,9 @@ def test_missing_upstream_values_name_the_keyword() -> None:
 def test_create_checks_names_and_options() -> None:
     with pytest.raises(UnknownComponentError, match="did you mean 'fsq'"):
         create("quantizer", "fsqq")
-    with pytest.raises(SpecError, match=r"filter 'dtf' has no option\(s\) taux \(options: tau, min_keep"):
+    with pytest.raises(SpecError, match=r"filter 'dtf' has no option\(s\) taux \(options: tau, mode, theta, epsilon, min_keep"):
         create("filter", "dtf", taux=0.5)
-    with pytest.raises(SpecError, match="tau must lie in"):
+    with pytest.raises(SpecError, match="tau must be a number in"):
         create("filter", "dtf", tau=1.5)
 
 
@@ -114,7 +117,7 @@ def test_create_resolves_third_party_components_through_the_registry() -> None:
 
 def test_reprs_show_options_and_upstream_values() -> None:
     # regression: DynamicTokenFilter(Facts(), tau=0.9) printed as "DynamicTokenFilter()"
-    assert repr(DynamicTokenFilter(Facts(), tau=0.9)) == "DynamicTokenFilter(tau=0.9, min_keep=1, max_keep=-1, backend='auto')"
+    assert repr(DynamicTokenFilter(Facts(), tau=0.9)) == "DynamicTokenFilter(tau=0.9, mode='tau', theta=8.0, epsilon=256.0, min_keep=1, max_keep=-1, backend='auto')"
     text = repr(FSQ(levels=[8, 5, 5, 3]))
     assert "levels=[8, 5, 5, 3]" in text and "dim=4" in text
     assert "patch_size=16, dim=256" in ViTEncoder(patch_size=16, dim=256).extra_repr()

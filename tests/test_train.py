@@ -228,7 +228,7 @@ def test_kill_during_final_save_leaves_no_partial_final(tmp_path: Path, monkeypa
     monkeypatch.setattr(Tokenizer, "save_pretrained", real_save)
     result = train(small_spec(), config, "builtin:photos", run_dir, resume=True, progress=False)
     assert not list(run_dir.rglob("*.tmp")), "stray temporary files were not cleaned up"
-    assert sorted(p.name for p in (run_dir / FINAL).iterdir()) == ["model.safetensors", "spec.toml"]
+    assert sorted(p.name for p in (run_dir / FINAL).iterdir()) == ["config.json", "model.safetensors", "spec.toml"]
     assert Tokenizer.from_pretrained(run_dir / FINAL).spec == small_spec()
     assert result.seconds > first_elapsed > 0  # elapsed time accumulates across resumes
 
