@@ -40,7 +40,9 @@ class HostSyncs(TorchDispatchMode):
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
         unsized_repeat = name == "repeat_interleave" and (kwargs or {}).get("output_size") is None
         if name in SYNC_OPS or bool_index or unsized_repeat:
-            frames = [f for f in traceback.extract_stack() if f.filename.startswith(str(REPO)) and f.filename != __file__]
+            frames = [f for f in traceback.extract_stack()
+                      if Path(f.filename).is_relative_to(REPO) and "site-packages" not in f.filename
+                      and f.filename != __file__]
             where = frames[-1] if frames else None
             location = f"{Path(where.filename).relative_to(REPO)}:{where.lineno}" if where else "torch"
             self.calls[(name, location)] += 1
