@@ -9,12 +9,12 @@ import click
 from rich.table import Table
 
 from tatok_cli.main import console
-from tatok_core.demo import DEFAULT_MODEL, run_demo
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.demo import run_demo
+from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 
 @click.command()
-@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="shipped name or saved directory")
+@click.option("--model", default=DEFAULT_PRETRAINED, show_default=True, help="shipped name or saved directory")
 @click.option("--tau", type=float, default=None, help="DTF threshold (default: the model's)")
 @click.option("--max-side", default=256, show_default=True, help="downscale photos so the longest side fits")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("tatok-demo.png"),

@@ -40,10 +40,8 @@ from tatok_core.spec import OptionValue, parse_option_assignment
 from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.train import World
 
-DEFAULT_MODEL = DEFAULT_PRETRAINED
-
 model_option = click.option(
-    "--model", "model_name", default=DEFAULT_MODEL, show_default=True, metavar="NAME|DIR",
+    "--model", "model_name", default=DEFAULT_PRETRAINED, show_default=True, metavar="NAME|DIR",
     help="shipped tokenizer name or a directory written by save_pretrained / `tatok train`",
 )
 batch_size_option = click.option("--batch-size", default=16, show_default=True, callback=at_least(1),

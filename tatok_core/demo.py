@@ -12,9 +12,7 @@ import torch
 from tatok_core.data import HELDOUT_PHOTOS, load_builtin_photo
 from tatok_core.imageio import fit_longest_side
 from tatok_core.panels import Shown, draw_panels, tokenize_for_display
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
-
-DEFAULT_MODEL = DEFAULT_PRETRAINED
+from tatok_core.tokenizer import Tokenizer
 
 
 @attrs.frozen

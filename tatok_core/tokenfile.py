@@ -88,6 +88,7 @@ from torch import Tensor
 from tatok_core import __version__
 from tatok_core.errors import TokenFileError
 from tatok_core.locking import OutputLock
+from tatok_core.persistence import atomic_write
 from tatok_core.tokens import ImageTokens, Tokens
 
 FORMAT = "tatok.tokens"
@@ -243,17 +244,9 @@ class _Shard:
 
 
 def _write_durably(path: Path, data: bytes) -> None:
-    """``path`` holds ``data`` or what it held before, never a torn file: temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """``path`` holds ``data`` or what it held before, never a torn file; the temporary file has the fixed
+    name ``.NAME.tmp``, which the writer removes after a killed run."""
+    atomic_write(path, data, tmp=path.with_name(f".{path.name}.tmp"))
 
 
 def _manifest_name(rank: int | None) -> str:
