@@ -49,7 +49,8 @@ from tatok_core.tokens import Tokens
 FULL_SIDES = (64, 128, 256, 512, 768, 1024)
 QUICK_SIDES = (64, 128, 256)
 PHOTO = (1536, 2048)  # (H, W) of a 3-megapixel photo
-STAGES = ("encoder", "global_tokenizer", "quantizer", "entropy", "filter", "decoder")
+STAGES = ("encoder", "global_tokenizer", "quantizer", "base_decode", "entropy", "filter", "decoder")
+# base_decode: the globals-only decode an estimator may ask for (0 when the model's does not)
 TIME_RATIO_TARGET = 20.0  # 1024² vs 256², encode and decode each
 PHOTO_PEAK_TARGET_MIB = 4096.0
 
@@ -166,8 +167,11 @@ def timed_calls(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> di
     m = global_features.shape[1]
     joint = torch.cat([global_features, patch_features], dim=1)  # (1, M + N, D)
     quantized = model.quantizer(joint)
+    nothing_kept = torch.zeros(quantized.codes[:, m:].shape, dtype=torch.bool, device=padded.device)  # (1, N)
+    base_decode = lambda: model.decoder(quantized.vectors[:, :m], quantized.vectors[:, m:], nothing_kept, grid)  # noqa: E731
+    base = base_decode() if model.entropy.needs_base_reconstruction else None  # (1, C, H', W')
     context = EntropyContext(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
-                             quantized.vectors[:, m:], quantized.codes[:, m:])
+                             quantized.vectors[:, m:], quantized.codes[:, m:], base)
     bits = model.entropy(context).bits  # (1, N)
     keep = token_filter.select(bits).keep
     tokens = encode_with(model, images, token_filter)
@@ -177,6 +181,7 @@ def timed_calls(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> di
         "encoder": lambda: model.encoder(padded),
         "global_tokenizer": lambda: model.global_tokenizer(features, grid),
         "quantizer": lambda: model.quantizer(joint),
+        "base_decode": base_decode if base is not None else lambda: None,
         "entropy": lambda: model.entropy(context),
         "filter": lambda: token_filter.select(bits),
         "decoder": lambda: model.decoder(quantized.vectors[:, :m], quantized.vectors[:, m:], keep, grid),

@@ -19,12 +19,14 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tatok_core.errors import SpecError
 from tatok_core.interfaces import Facts, Quantized, Quantizer
 
 EPS = 1e-3  # the reference's margin: keeps the extreme levels reachable without saturating tanh
+ACTIVE_RANGE = 2.0  # |z + shift| beyond this sits where tanh' < 0.08: every level is reachable below it
 
 
 @contextlib.contextmanager
@@ -41,15 +43,24 @@ def float32_region(device: torch.device) -> Iterator[None]:
 class FSQ(Quantizer):
     """Finite scalar quantization: each of ``len(levels)`` channels rounded to one of L_i levels.
 
-    Options: ``levels`` (per-channel level counts, default (8, 8, 8, 5, 5, 5) ≈ 2^16 codes). A linear
-    projection maps the model width to ``len(levels)`` channels and back only when they differ.
+    Options: ``levels`` (per-channel level counts, default (8, 8, 8, 5, 5, 5) ≈ 2^16 codes);
+    ``bound_penalty`` (default 0: off), the weight of a training-only hinge ``mean(relu(|z + shift| − 2)²)``
+    returned as ``aux_loss``. Why: once a channel's pre-tanh value drifts past ~2, tanh's gradient
+    vanishes and the channel sticks at its extreme level — measured on tatok-small, one channel put 81 %
+    of tokens on one level and 4608 tokens used 333 codes of 12 800. The hinge is zero inside the range
+    where every level is reachable, so it does not pull codes towards the centre (a plain L2 on z does,
+    and collapsed the codebook). A linear projection maps the model width to ``len(levels)`` channels
+    and back only when they differ.
     ``dim`` is the encoder's width when composed; standalone it defaults to ``len(levels)`` (no
     projection), as in ``vector_quantize_pytorch.FSQ``.
     """
 
     def __init__(self, facts: Facts | None = None, *, levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5),
-                 dim: int | None = None) -> None:
+                 dim: int | None = None, bound_penalty: float = 0.0) -> None:
         super().__init__(facts)
+        if bound_penalty < 0:
+            raise SpecError(f"{self.label}: bound_penalty must be >= 0, got {bound_penalty}")
+        self.bound_penalty = float(bound_penalty)
         levels = tuple(int(level) for level in levels)
         dim = self.need("dim", dim, default=len(levels))
         if not levels or min(levels) < 2:
@@ -91,11 +102,17 @@ class FSQ(Quantizer):
         with float32_region(x.device):
             levels = self.quantize(z.float())  # (..., L) float32
             codes = self.levels_to_codes(levels)  # (...)
+            aux_loss = self.saturation_loss(z.float()) if self.training and self.bound_penalty else z.new_zeros((), dtype=torch.float32)
         return Quantized(
             vectors=self.project_out(levels).to(dtype),  # (..., D), cast back after float32 quantization
             codes=codes,
-            aux_loss=x.new_zeros((), dtype=torch.float32),
+            aux_loss=aux_loss,
         )  # codebook statistics on request only (Quantized.code_statistics): no host sync here
+
+    def saturation_loss(self, z: Tensor) -> Tensor:
+        """``bound_penalty`` · mean hinge² of projected z (..., L) beyond the active range of tanh."""
+        shift = self._constants(z.device)[2]
+        return self.bound_penalty * F.relu((z + shift).abs() - ACTIVE_RANGE).square().mean()
 
     def codes_to_levels(self, codes: Tensor) -> Tensor:
         """Codes (...) → normalised levels (..., L) in [-1, 1]."""

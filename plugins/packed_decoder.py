@@ -9,7 +9,8 @@ learns nothing about filling holes on purpose. Here
    w×w window (alternately shifted by w/2, Swin-style) plus to the *prefix* (globals + layout tokens);
    the prefix attends to every kept token of its image. Cost O(K·(w² + P)).
 2. **Fill stage** (``fill_depth`` blocks, ``fill_width``): every grid position — the heavy output where
-   a token was kept, a learned mask token where it was dropped — attends inside its window plus to the
+   a token was kept, a learned mask token where it was dropped (plus, with ``fill_spread``, the mean of
+   the nearest kept positions: the fill starts from the neighbours' guess) — attends inside its window plus to the
    prefix, then a linear head makes pixels and a small conv smooths the seams. Cost O(N·(w² + P)) at a
    small width: the light part.
 
@@ -40,6 +41,41 @@ def relative_embedding(rows: Tensor, cols: Tensor, grid: Grid, dim: int) -> Tens
     freqs = math.pi * (2.0 ** torch.linspace(0, 4, quarter, device=rows.device))  # (D/4,) 1 … 16 cycles
     y, x = y[:, None] * freqs, x[:, None] * freqs  # (N, D/4)
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+
+
+def scatter_packed(tokens: Tensor, where: Tensor) -> Tensor:
+    """Packed (K, C) → dense (B, N, C), zeros where ``where`` (B, N) is False; a view when all are True
+    (K = B·N is known from the shapes, so no host sync decides it)."""
+    if tokens.shape[0] == where.numel():
+        return tokens.reshape(*where.shape, -1)
+    dense = tokens.new_zeros(*where.shape, tokens.shape[1])
+    dense[where] = tokens
+    return dense
+
+
+def gather_packed(dense: Tensor, where: Tensor, count: int) -> Tensor:
+    """Dense (B, N, C) → packed (K = ``count``, C) of the positions where ``where`` is True (row-major)."""
+    return dense.reshape(count, -1) if count == where.numel() else dense[where]
+
+
+def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> Tensor:
+    """Fill dropped positions with the mean of their nearest kept ones, ``steps`` 3×3 rings at most.
+
+    dense (B, N, C) is read only where ``keep`` (B, N); the result (B, N, C) equals it there and is zero
+    where no kept position lies within ``steps``. Why: a dropped patch is best guessed from
+    its kept neighbours (averaging them beats a mask token by several dB), so the fill stage starts from
+    that guess and learns only the correction. Cost O(steps · N · C).
+    """
+    batch, n, channels = dense.shape
+    value = dense.transpose(1, 2).reshape(batch, channels, *grid) * keep.reshape(batch, 1, *grid)  # (B, C, gh, gw)
+    known = keep.reshape(batch, 1, *grid).to(dense.dtype)  # (B, 1, gh, gw)
+    for _ in range(steps):
+        total = F.avg_pool2d(value * known, 3, stride=1, padding=1, count_include_pad=False)  # (B, C, gh, gw)
+        weight = F.avg_pool2d(known, 3, stride=1, padding=1, count_include_pad=False)  # (B, 1, gh, gw)
+        fresh = (known == 0) & (weight > 0)  # (B, 1, gh, gw) reached for the first time
+        value = torch.where(fresh, total / weight.clamp_min(1e-6), value)
+        known = torch.where(fresh, torch.ones_like(known), known)
+    return value.reshape(batch, channels, n).transpose(1, 2)
 
 
 class WindowLayout:
@@ -83,29 +119,33 @@ class PrefixWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.sink = init_tokens(2, dim)  # one key and one value
 
-    def forward(self, patches: Tensor, prefix: Tensor, is_key: Tensor, layout: WindowLayout) -> tuple[Tensor, Tensor]:
-        """patches (B, N, W), prefix (B, P, W), is_key (B, N) bool → updated (patches, prefix)."""
-        batch, n, width = patches.shape
+    def forward(self, tokens: Tensor, prefix: Tensor, where: Tensor, layout: WindowLayout) -> tuple[Tensor, Tensor]:
+        """tokens (K, W) packed, prefix (B, P, W), ``where`` (B, N) bool: the grid positions the tokens fill
+        (row-major) and the only positions read as keys → updated (tokens (K, W), prefix (B, P, W)).
+
+        The projections run on the K packed tokens only; the grid is dense just for the window gather."""
+        batch, width = where.shape[0], tokens.shape[1]
         h, g = self.heads, layout.num_windows
-        q, k, v = self.qkv(patches).chunk(3, dim=-1)  # (B, N, W) each
+        q, k, v = (scatter_packed(t, where) for t in self.qkv(tokens).chunk(3, dim=-1))  # (B, N, W) each
         pq, pk, pv = self.qkv(prefix).chunk(3, dim=-1)  # (B, P, W)
         sink_k, sink_v = (self.sink[i].expand(batch, 1, width) for i in range(2))  # (B, 1, W)
         pk, pv = torch.cat([sink_k, pk], 1), torch.cat([sink_v, pv], 1)  # (B, 1 + P, W)
         split = lambda t: rearrange(t, "b s (h d) -> b h s d", h=h)  # noqa: E731
         # patches → window keys + prefix keys
         wq, wk, wv = (layout.to_windows(t) for t in (q, k, v))  # (B·G, w², W)
-        wmask = layout.to_windows(is_key[..., None].to(q.dtype))[..., 0] > 0  # (B·G, w²) padded slots → False
+        wmask = layout.to_windows(where[..., None].to(q.dtype))[..., 0] > 0  # (B·G, w²) padded slots → False
         ek, ev = (t.repeat_interleave(g, dim=0) for t in (pk, pv))  # (B·G, 1 + P, W)
         keys, values = torch.cat([ek, wk], 1), torch.cat([ev, wv], 1)  # (B·G, 1 + P + w², W)
         mask = torch.cat([wmask.new_ones(wmask.shape[0], ek.shape[1]), wmask], 1)[:, None, None]  # (B·G, 1, 1, S)
         out = F.scaled_dot_product_attention(split(wq), split(keys), split(values), attn_mask=mask)
-        patches_out = layout.from_windows(rearrange(out, "b h s d -> b s (h d)"), batch)  # (B, N, W)
+        tokens_out = gather_packed(layout.from_windows(rearrange(out, "b h s d -> b s (h d)"), batch), where,
+                                   tokens.shape[0])  # (K, W)
         # prefix → prefix + every key position of the image
         keys, values = torch.cat([pk, k], 1), torch.cat([pv, v], 1)  # (B, 1 + P + N, W)
-        mask = torch.cat([is_key.new_ones(batch, pk.shape[1]), is_key], 1)[:, None, None]  # (B, 1, 1, S)
+        mask = torch.cat([where.new_ones(batch, pk.shape[1]), where], 1)[:, None, None]  # (B, 1, 1, S)
         prefix_out = F.scaled_dot_product_attention(split(pq), split(keys), split(values), attn_mask=mask)
         prefix_out = rearrange(prefix_out, "b h s d -> b s (h d)")  # (B, P, W)
-        return self.proj(patches_out), self.proj(prefix_out)
+        return self.proj(tokens_out), self.proj(prefix_out)
 
 
 class PackedBlock(nn.Module):
@@ -118,14 +158,10 @@ class PackedBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
 
-    def forward(self, tokens: Tensor, prefix: Tensor, where: Tensor, grid_shape: tuple[int, int],
-                layout: WindowLayout) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, prefix: Tensor, where: Tensor, layout: WindowLayout) -> tuple[Tensor, Tensor]:
         """tokens (K, W) packed; ``where`` (B, N) bool says which grid positions they fill (row-major)."""
-        batch, n = grid_shape
-        dense = tokens.new_zeros(batch, n, tokens.shape[1])
-        dense[where] = self.norm1(tokens)  # (B, N, W): only kept positions are read as keys
-        patches, prefix_update = self.attn(dense, self.norm1(prefix), where, layout)
-        tokens = tokens + patches[where]  # (K, W)
+        update, prefix_update = self.attn(self.norm1(tokens), self.norm1(prefix), where, layout)
+        tokens = tokens + update  # (K, W)
         prefix = prefix + prefix_update  # (B, P, W)
         tokens = tokens + self.mlp(self.norm2(tokens))
         prefix = prefix + self.mlp(self.norm2(prefix))
@@ -138,7 +174,8 @@ class PackedDecoder(Decoder):
     Options: ``width`` (heavy width, 0 = the encoder's), ``depth``, ``heads``, ``fill_width``,
     ``fill_depth``, ``window`` (patches per window side), ``layout`` (a layout×layout grid of learned
     tokens at image-relative positions that gather the coarse picture), ``refine`` (conv channels, 0 =
-    none).
+    none), ``fill_spread`` (3×3 rings over which a dropped position takes the mean of the nearest kept
+    ones before the fill stage; 0 = the mask token alone).
     """
 
     def __init__(
@@ -158,14 +195,16 @@ class PackedDecoder(Decoder):
         window: int = 8,
         layout: int = 4,
         refine: int = 32,
+        fill_spread: int = 0,
     ) -> None:
         super().__init__(facts)
         dim = self.need("dim", dim)
         self.patch_size = self.need("patch_size", patch_size)
         self.channels = self.need("channels", channels, default=3)
         self.num_global = self.need("num_global", num_global)
-        if window < 1 or layout < 0 or depth < 0 or fill_depth < 1:
-            raise ValueError(f"{self.label}: need window ≥ 1, layout ≥ 0, depth ≥ 0, fill_depth ≥ 1")
+        if window < 1 or layout < 0 or depth < 0 or fill_depth < 1 or fill_spread < 0:
+            raise ValueError(f"{self.label}: need window ≥ 1, layout ≥ 0, depth ≥ 0, fill_depth ≥ 1, fill_spread ≥ 0")
+        self.fill_spread = fill_spread
         self.width, self.fill_width, self.window, self.layout = width or dim, fill_width, window, layout
         check_heads(self.width, heads, self.label)
         check_heads(self.fill_width, heads, self.label)
@@ -219,15 +258,18 @@ class PackedDecoder(Decoder):
             layout_tokens = self.layout_tokens + self._layout_positions(self.width, device)  # (L², W)
             prefix = torch.cat([prefix, layout_tokens.to(prefix.dtype).expand(batch, -1, -1)], dim=1)  # (B, P, W)
         for block, layout in zip(self.heavy, layouts):
-            tokens, prefix = block(tokens, prefix, keep, (batch, n), layout)
+            tokens, prefix = block(tokens, prefix, keep, layout)
         tokens, prefix = self.to_fill(self.heavy_norm(tokens)), self.to_fill(self.heavy_norm(prefix))
         fill_positions = self._positions(grid, self.fill_width, device).to(tokens.dtype)  # (N, F)
-        dense = self.mask_token.to(tokens.dtype).expand(batch, n, -1).clone()  # (B, N, F)
-        dense[keep] = tokens
-        dense = (dense + fill_positions).reshape(batch * n, -1)  # every position, packed
+        kept = scatter_packed(tokens, keep)  # (B, N, F), zeros where dropped
+        dropped = self.mask_token.to(tokens.dtype).expand(batch, n, -1)  # (B, N, F)
+        if self.fill_spread:
+            dropped = dropped + spread_kept(kept, keep, grid, self.fill_spread)
+        dense = torch.where(keep[..., None], kept, dropped) + fill_positions  # (B, N, F)
+        dense = dense.reshape(batch * n, -1)  # every position, packed
         everywhere = torch.ones_like(keep)
         for block, layout in zip(self.fill, layouts):
-            dense, prefix = block(dense, prefix, everywhere, (batch, n), layout)
+            dense, prefix = block(dense, prefix, everywhere, layout)
         pixels = rearrange(
             self.to_pixels(self.fill_norm(dense)), "(b gh gw) (c p q) -> b c (gh p) (gw q)",
             b=batch, gh=grid[0], gw=grid[1], p=self.patch_size, q=self.patch_size,

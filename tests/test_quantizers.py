@@ -134,6 +134,25 @@ def test_fsq_projection_only_when_widths_differ() -> None:
     assert same.provides() == {"code_factors": (8, 8, 8, 5, 5, 5)}
 
 
+def test_fsq_bound_penalty_acts_only_beyond_the_active_range_and_only_in_training() -> None:
+    """Zero where every level is reachable (it must not pull codes to the centre), positive and
+    pushing back beyond it, never on the inference path, and the codes unchanged by it."""
+    levels = (8, 5)
+    quantizer = FSQ(facts(2), levels=levels, bound_penalty=0.5).train()
+    shift = torch.atanh(torch.tensor([0.5 / (3.5 * (1 + EPS)), 0.0]))  # the even level's shift
+    inside = (torch.tensor([[1.9, -1.9], [0.3, 1.0]]) - shift).requires_grad_()
+    assert quantizer(inside).aux_loss.item() == 0.0
+    outside = (torch.tensor([[3.0, -2.5]]) - shift).requires_grad_()
+    loss = quantizer(outside).aux_loss
+    torch.testing.assert_close(loss, torch.tensor(0.5 * (1.0**2 + 0.5**2) / 2))
+    loss.backward()
+    assert outside.grad[0, 0] > 0 and outside.grad[0, 1] < 0  # descent moves both back towards the range
+    assert quantizer.eval()(outside).aux_loss.item() == 0.0
+    torch.testing.assert_close(quantizer(outside).codes, FSQ(facts(2), levels=levels).eval()(outside).codes)
+    with pytest.raises(Exception, match="bound_penalty"):
+        FSQ(facts(2), levels=levels, bound_penalty=-1)
+
+
 def test_fsq_bf16_autocast_quantizes_in_float32() -> None:
     q = fsq(6)
     xb = (torch.randn(8192, 6, generator=torch.Generator().manual_seed(1)) * 2).bfloat16()
