@@ -1,0 +1,97 @@
+"""The shipped default tokenizer at its operating point, on held-out *whole* photos (never trained on).
+
+Floors sit a little under the numbers measured when the model was shipped (docs/default-tokenizer.md),
+so a regression in any component, in the weights file or in the fill stage fails here. The built-in
+held-out photos are used because they exist on every install (the Debian photos may not).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.operating_point import hole_errors
+from tatok_core.bitrate import token_bits
+from tatok_core.data import HELDOUT_PHOTOS, ImageSource
+from tatok_core.imageio import fit_longest_side
+from tatok_core.metrics import psnr
+from tatok_core.selection import Selection
+from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_core.tokens import Tokens
+
+SIDE = 256  # longest side of the whole photos
+PSNR_ALL_FLOOR = 20.3  # dB, every patch token kept (20.69 measured at shipping)
+BPP_ALL_CEILING = 0.25  # the issue's operating point: every token kept, globals and codes counted
+GLOBALS_FLAT_MARGIN = 0.6  # dB the globals-only decode may trail the photo's flat mean colour (0.21 measured)
+HOLES_MARGIN = 1.0  # dB the fill of random holes may trail the kept-neighbour average (0.71 measured; 2.75 without fill_spread)
+
+
+@pytest.fixture(scope="module")
+def model() -> Tokenizer:
+    return Tokenizer.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[torch.Tensor]:
+    source = ImageSource("builtin:photos:heldout")
+    assert tuple(source.names) == HELDOUT_PHOTOS
+    return [fit_longest_side(image, SIDE)[None] for image in source.images]  # each (1, C, H, W)
+
+
+def test_the_default_is_the_shipped_operating_point_model(model: Tokenizer) -> None:
+    assert model.name == DEFAULT_PRETRAINED
+    assert 8 <= model.patch_size <= 16 and 2**10 <= model.quantizer.codebook_size <= 2**16
+
+
+@torch.no_grad()
+def test_every_token_kept_reaches_its_floor_within_the_rate(model: Tokenizer, photos: list[torch.Tensor]) -> None:
+    scores, rates = [], []
+    for photo in photos:
+        tokens = model.encode(photo, filter="all")
+        scores.append(float(psnr(model.decode(tokens), photo)))
+        cost = token_bits(tokens.lengths, tokens.num_patches, model.num_global, model.quantizer.codebook_size,
+                          tuple(photo.shape[2:]))
+        rates.append(float(cost.bpp()))
+    assert sum(scores) / len(scores) >= PSNR_ALL_FLOOR, scores
+    assert max(rates) <= BPP_ALL_CEILING, rates
+
+
+@torch.no_grad()
+def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos: list[torch.Tensor]) -> None:
+    """No patch token kept. The issue asks for a recognisable coarse picture; the shipped model gets only
+    about the mean colour (docs/results.md says so), and this floor keeps it from getting worse."""
+    gaps = []
+    for photo in photos:
+        analysis = model.analyse(photo)
+        nothing = Selection.from_mask(torch.zeros(analysis.patches.codes.shape, dtype=torch.bool))
+        tokens = Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, nothing, analysis.grid,
+                                       analysis.image_size)
+        flat = photo.mean(dim=(2, 3), keepdim=True).expand_as(photo)
+        gaps.append(float(psnr(flat, photo)) - float(psnr(model.decode(tokens), photo)))
+    assert sum(gaps) / len(gaps) <= GLOBALS_FLAT_MARGIN, gaps
+
+
+@torch.no_grad()
+def test_dropped_patches_are_filled_about_as_well_as_their_kept_neighbours(model: Tokenizer,
+                                                                           photos: list[torch.Tensor]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    decoder_db, neighbour_db = [], []
+    for photo in photos:
+        analysis = model.analyse(photo)
+        keep = torch.rand(analysis.patches.codes.shape, generator=generator) < 0.5  # (1, N) random holes
+        tokens = Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, Selection.from_mask(keep),
+                                       analysis.grid, analysis.image_size)
+        holes = hole_errors(photo[0], model.decode(tokens)[0], keep[0], analysis.grid, model.patch_size)
+        decoder_db.append(holes["decoder"])
+        neighbour_db.append(holes["neighbours"])
+    gap = sum(neighbour_db) / len(photos) - sum(decoder_db) / len(photos)
+    assert gap <= HOLES_MARGIN, (decoder_db, neighbour_db)
+
+
+@torch.no_grad()
+def test_the_model_filter_adapts_the_count_to_the_photo(model: Tokenizer, photos: list[torch.Tensor]) -> None:
+    fractions = []
+    for photo in photos:
+        tokens = model.encode(photo)
+        fractions.append(float(tokens.lengths.double().mean()) / tokens.num_patches)
+    assert max(fractions) < 0.6 and max(fractions) - min(fractions) > 0.05, fractions  # 0.34 … 0.45 at shipping
