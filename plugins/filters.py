@@ -7,9 +7,9 @@ import abc
 import torch
 from torch import Tensor
 
-from tatok_core.dtf import MODES, descending_order, keep_first, select_by_rule, validate_bits, validate_bounds, validate_threshold
-from tatok_core.interfaces import Facts, TokenFilter
-from tatok_core.selection import Selection
+from tatok_core.ops.dtf.reference import MODES, descending_order, keep_first, select_by_rule, validate_bits, validate_bounds, validate_threshold
+from tatok_core.contract.interfaces import Facts, TokenFilter
+from tatok_core.contract.selection import Selection
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -20,7 +20,7 @@ def _upper(max_keep: int) -> int | None:
 
 
 class DynamicTokenFilter(TokenFilter):
-    """DTF: keep the highest-entropy tokens, as many as the rule ``mode`` decides (:mod:`tatok_core.dtf`).
+    """DTF: keep the highest-entropy tokens, as many as the rule ``mode`` decides (:mod:`tatok_core.ops.dtf.reference`).
 
     * ``mode="tau"`` (default, the paper's): the fewest tokens whose cumulative conditional entropy
       reaches τ·total — relative to each image.
@@ -29,7 +29,7 @@ class DynamicTokenFilter(TokenFilter):
 
     The ``tau`` argument of :meth:`select` overrides the threshold *of the filter's mode* for one call
     (τ, θ or ε). ``min_keep``/``max_keep`` (−1: no cap) bound the count in every mode. ``backend``:
-    "torch" runs the vectorised reference (:func:`tatok_core.dtf.select_by_rule`); "triton" the Triton
+    "torch" runs the vectorised reference (:func:`tatok_core.ops.dtf.reference.select_by_rule`); "triton" the Triton
     kernel (compiled on CUDA tensors, interpreted on CPU tensors); "auto" uses Triton for CUDA tensors
     when it is importable and the reference otherwise. Both agree bit for bit.
     """
@@ -55,7 +55,7 @@ class DynamicTokenFilter(TokenFilter):
     def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
         threshold = self.threshold if tau is None else tau
         if self._use_triton(bits):
-            from tatok_plugins.dtf_triton import dtf_select_triton
+            from tatok_core.ops.dtf.triton_kernel import dtf_select_triton
 
             return dtf_select_triton(bits, threshold, self.min_keep, self.max_keep, mode=self.mode)
         return select_by_rule(bits, self.mode, threshold, self.min_keep, self.max_keep)

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from tatok_core.errors import SpecError
-from tatok_core.interfaces import Facts, Quantized, Quantizer
+from tatok_core.contract.errors import SpecError
+from tatok_core.contract.interfaces import Facts, Quantized, Quantizer
 
 EPS = 1e-3  # the reference's margin: keeps the extreme levels reachable without saturating tanh
 

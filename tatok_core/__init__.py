@@ -1,14 +1,14 @@
 """TaTok core: the contract every component plugs into.
 
-Interfaces (:mod:`tatok_core.interfaces`), the registry and plugin hook (:mod:`tatok_core.registry`,
-:mod:`tatok_core.hooks`), the factory :func:`create` (any registered component by name, from plain
+Interfaces (:mod:`tatok_core.contract.interfaces`), the registry and plugin hook (:mod:`tatok_core.contract.registry`,
+:mod:`tatok_core.contract.hooks`), the factory :func:`create` (any registered component by name, from plain
 keyword arguments), value types (:class:`Selection`, :class:`Tokens`, :class:`Quantized` …), pipeline
 specs (:class:`PipelineSpec`), the :class:`Tokenizer` pipeline and the functional DTF
 (:func:`dtf_select`, the reference every kernel matches).
 """
 
-from tatok_core.dtf import dtf_select
-from tatok_core.errors import (
+from tatok_core.ops.dtf.reference import dtf_select
+from tatok_core.contract.errors import (
     CompositionError,
     FilterInputError,
     GenerationError,
@@ -21,8 +21,8 @@ from tatok_core.errors import (
     UnknownComponentError,
     WeightsFileError,
 )
-from tatok_core.hooks import hookimpl
-from tatok_core.interfaces import (
+from tatok_core.contract.hooks import hookimpl
+from tatok_core.contract.interfaces import (
     PIPELINE_KINDS,
     Component,
     Decoder,
@@ -38,10 +38,10 @@ from tatok_core.interfaces import (
     Quantizer,
     TokenFilter,
 )
-from tatok_core.registry import KINDS, Registry, get_registry
-from tatok_core.selection import Selection
-from tatok_core.spec import ComponentSpec, PipelineSpec, create
-from tatok_core.tokens import ImageTokens, Tokens
+from tatok_core.contract.registry import KINDS, Registry, get_registry
+from tatok_core.contract.selection import Selection
+from tatok_core.contract.spec import ComponentSpec, PipelineSpec, create
+from tatok_core.contract.tokens import ImageTokens, Tokens
 
 __version__ = "0.1.0"
 
@@ -88,7 +88,7 @@ __all__ = [
 
 def __getattr__(name: str):  # the Tokenizer pulls in torch-heavy code; import it lazily
     if name == "Tokenizer":
-        from tatok_core.tokenizer import Tokenizer
+        from tatok_core.pipeline.tokenizer import Tokenizer
 
         return Tokenizer
     raise AttributeError(f"module 'tatok_core' has no attribute {name!r}")

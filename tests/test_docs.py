@@ -112,7 +112,7 @@ DOC_PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A scratch working directory, with the example plugin's source importable (installed or not), and a
     process registry of its own (components a page registers do not leak into other tests)."""
-    from tatok_core.registry import reset_registry
+    from tatok_core.contract.registry import reset_registry
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
@@ -154,7 +154,7 @@ def test_every_page_is_in_the_nav() -> None:
 
 
 def test_training_settings_table_matches_train_config() -> None:
-    from tatok_core.train import TrainConfig
+    from tatok_core.workflows.training import TrainConfig
 
     table = section((DOCS / "training.md").read_text(), "Training settings")
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, flags=re.M))
@@ -167,7 +167,7 @@ def test_training_settings_table_matches_train_config() -> None:
 
 def test_api_page_documents_every_builtin_component_module() -> None:
     import tatok_plugins
-    from tatok_core.registry import Provider, Registry
+    from tatok_core.contract.registry import Provider, Registry
 
     registry = Registry()
     registry.register_plugin(tatok_plugins, Provider("tatok", "", "tatok_plugins"))

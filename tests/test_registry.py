@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tatok_core import Encoder, PipelineSpec, hookimpl
-from tatok_core.errors import PluginError, UnknownComponentError
-from tatok_core.registry import KINDS, Provider, Registry, build_default_registry, get_registry
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.contract.errors import PluginError, UnknownComponentError
+from tatok_core.contract.registry import KINDS, Provider, Registry, build_default_registry, get_registry
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 CONV_ENCODER_PLUGIN = """
     import torch
@@ -83,7 +83,7 @@ def test_duplicate_name_names_both_packages(install_plugin) -> None:
 def test_wrong_kind_class_is_rejected(install_plugin) -> None:
     source = CONV_ENCODER_PLUGIN.replace('registry.add("encoder"', 'registry.add("decoder"')
     install_plugin("tatok-wrong", "tatok_wrong", source)
-    with pytest.raises(PluginError, match=r"plugin package 'tatok-wrong' registered decoder 'conv-test' .* does not subclass tatok_core.interfaces.Decoder"):
+    with pytest.raises(PluginError, match=r"plugin package 'tatok-wrong' registered decoder 'conv-test' .* does not subclass tatok_core.contract.interfaces.Decoder"):
         build_default_registry()
 
 

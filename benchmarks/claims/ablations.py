@@ -59,9 +59,9 @@ from benchmarks.claims.common import (
     table,
     write_json,
 )
-from tatok_core.data import ImageSource, RandomCrops, batches, fixed_crops
-from tatok_core.interfaces import EntropyContext
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import ImageSource, RandomCrops, batches, fixed_crops
+from tatok_core.contract.interfaces import EntropyContext
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 DESCRIPTION = "Claim 2: information insufficiency (global vs patch-only) and redundancy of patch tokens"
 DROP_ORDERS = ("dtf", "topk", "random", "bottomk")

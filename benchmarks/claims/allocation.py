@@ -46,7 +46,7 @@ from benchmarks.claims.common import (
     table,
     write_json,
 )
-from tatok_core.data import HELDOUT_PHOTOS
+from tatok_core.workflows.data import HELDOUT_PHOTOS
 
 DESCRIPTION = "Claim 3: tokens kept per image vs image content"
 MEASURES = ("hist_entropy", "patch_entropy", "gradient_energy")

@@ -27,18 +27,18 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.bitrate import token_bits
-from tatok_core.dtf import descending_order, keep_first
-from tatok_core.errors import TatokError
-from tatok_core.imageio import fit_longest_side
-from tatok_core.interfaces import Grid, TokenFilter
-from tatok_core.metrics import psnr, ssim
-from tatok_core.selection import Selection
-from tatok_core.spec import PipelineSpec
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.tokens import Tokens
-from tatok_core.train import FINAL, Recipe, TrainConfig, train
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.bitrate import token_bits
+from tatok_core.ops.dtf.reference import descending_order, keep_first
+from tatok_core.contract.errors import TatokError
+from tatok_core.io.images import fit_longest_side
+from tatok_core.contract.interfaces import Grid, TokenFilter
+from tatok_core.workflows.metrics import psnr, ssim
+from tatok_core.contract.selection import Selection
+from tatok_core.contract.spec import PipelineSpec
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.contract.tokens import Tokens
+from tatok_core.workflows.training import FINAL, Recipe, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "runs" / "claims"
@@ -310,7 +310,7 @@ def random_scores(bits: Tensor, seed: int) -> Tensor:
 @torch.no_grad()
 def score(model: Tokenizer, analysed: Analysed, choose: Chooser, positions_from_count: bool = False) -> dict[str, list[float]]:
     """Per image: patch tokens kept, PSNR, SSIM, the share of the image's bits that were kept, and bits per
-    pixel (:func:`tatok_core.bitrate.token_bits`: codes + globals + which tokens were kept)."""
+    pixel (:func:`tatok_core.contract.bitrate.token_bits`: codes + globals + which tokens were kept)."""
     keys = ("tokens", "psnr", "ssim", "bits_kept", "bpp", "bpp_side")
     out: dict[str, list[float]] = {key: [math.nan] * analysed.count for key in keys}
     for batch in analysed.batches:
@@ -345,7 +345,7 @@ def dtf_filter(model: Tokenizer) -> TokenFilter:
 
 def calibrate(model: Tokenizer, analysed: Analysed, budget: float) -> float | None:
     """τ at which DTF keeps ``budget`` patch tokens per image on average (None: not reachable)."""
-    from tatok_core.rate import calibrate_bits
+    from tatok_core.workflows.rate import calibrate_bits
 
     try:
         return calibrate_bits(dtf_filter(model), analysed.bits(), budget).tau

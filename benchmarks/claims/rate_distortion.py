@@ -50,7 +50,7 @@ from benchmarks.claims.common import (
     write_json,
     x_reaching,
 )
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 BASELINES = ("topk", "random", "raster")
 DESCRIPTION = "Claim 1: rate-distortion of DTF vs fixed-count filters and vs a fixed-rate tokenizer"

@@ -91,7 +91,7 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
         models = rd["models"]
         out += [f"DTF (τ calibrated per budget) against fixed-count filters that keep k = round(DTF's mean) tokens of every "
                 f"image, on `{models['shipped']['label']}`; PSNR in dB; bpp = bits per pixel of DTF's tokens, counting "
-                f"the codes, the global tokens and which tokens were kept (`tatok_core.bitrate.token_bits`). Then, at equal training cost "
+                f"the codes, the global tokens and which tokens were kept (`tatok_core.contract.bitrate.token_bits`). Then, at equal training cost "
                 f"({models['fixed-rate']['steps']} steps each), the recipe trained with DTF against the same recipe "
                 f"trained with filter `all` (a classic fixed-rate tokenizer).", ""]
         for key, data in rd["sets"].items():

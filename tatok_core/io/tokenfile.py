@@ -52,7 +52,7 @@ Guarantees
 * Deterministic bytes: headers and manifests are canonical JSON (sorted keys, compact; shard headers
   space-padded to 8 bytes — safetensors' own writer orders metadata keys by hash) and nothing depends
   on time or process, so the same tokens and metadata give identical files.
-* One writer per target: a :class:`TokenWriter` holds an :class:`~tatok_core.locking.OutputLock` on
+* One writer per target: a :class:`TokenWriter` holds an :class:`~tatok_core.io.locking.OutputLock` on
   it while open; a second writer fails at once, naming the first.
 * Atomic and resumable: full shards are staged (temp file, fsync, rename) in a hidden sibling folder
   as they fill; :meth:`TokenWriter.close` stages the manifest, then moves the shards and last the
@@ -86,10 +86,10 @@ from safetensors.torch import save
 from torch import Tensor
 
 from tatok_core import __version__
-from tatok_core.errors import TokenFileError
-from tatok_core.locking import OutputLock
-from tatok_core.persistence import atomic_write
-from tatok_core.tokens import ImageTokens, Tokens
+from tatok_core.contract.errors import TokenFileError
+from tatok_core.io.locking import OutputLock
+from tatok_core.io.persistence import atomic_write
+from tatok_core.contract.tokens import ImageTokens, Tokens
 
 FORMAT = "tatok.tokens"
 FORMAT_VERSION = 1
@@ -325,7 +325,7 @@ class TokenWriter:
     they fill; :meth:`close` commits them and the manifest into the target. Under ``torchrun`` every
     rank opens the same directory with its own ``rank`` and the job's ``world_size``. A directory
     that already holds shards needs ``append=True``. While open, the writer holds a lock on the target
-    (:class:`~tatok_core.locking.OutputLock`): a second writer fails at once.
+    (:class:`~tatok_core.io.locking.OutputLock`): a second writer fails at once.
 
     ``resume=True`` keeps the staged shards of a writer that was killed (or interrupted with Ctrl-C)
     before it closed: :attr:`resumed_sources` lists their images, and the caller writes only what

@@ -28,13 +28,13 @@ import torch.distributed as dist
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
-from tatok_core.data import Augment, StreamLoader, evaluation_images, open_source
-from tatok_core.errors import SpecError
-from tatok_core.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
-from tatok_core.metrics import psnr
-from tatok_core.quality import ReconstructionFID, inception_features, ssim
-from tatok_core.spec import PipelineSpec
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import Augment, StreamLoader, evaluation_images, open_source
+from tatok_core.contract.errors import SpecError
+from tatok_core.workflows.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
+from tatok_core.workflows.metrics import psnr
+from tatok_core.workflows.quality import ReconstructionFID, inception_features, ssim
+from tatok_core.contract.spec import PipelineSpec
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -410,7 +410,7 @@ def train(
     worker processes each); gradients are averaged by DistributedDataParallel; rank 0 alone logs,
     evaluates and writes files. The host syncs with the device only every ``log_every`` steps.
     ``perceptual`` and ``fid_features`` replace the pretrained networks — the test-only injection
-    path (:mod:`tatok_core.losses`); by default they are loaded from the local caches, and a run that
+    path (:mod:`tatok_core.workflows.losses`); by default they are loaded from the local caches, and a run that
     asks for them fails at start when they are missing. Returns the run's summary; the trained model
     (its EMA weights when ``ema_decay`` > 0) is saved with :meth:`Tokenizer.save_pretrained` in
     ``run_dir/final``.

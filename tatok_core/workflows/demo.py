@@ -9,10 +9,10 @@ from pathlib import Path
 import attrs
 import torch
 
-from tatok_core.data import HELDOUT_PHOTOS, load_builtin_photo
-from tatok_core.imageio import fit_longest_side
-from tatok_core.panels import Shown, draw_panels, tokenize_for_display
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import HELDOUT_PHOTOS, load_builtin_photo
+from tatok_core.io.images import fit_longest_side
+from tatok_core.workflows.panels import Shown, draw_panels, tokenize_for_display
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 
 @attrs.frozen

@@ -10,10 +10,10 @@ import attrs
 import numpy as np
 from torch import Tensor
 
-from tatok_core.errors import TatokError
-from tatok_core.metrics import psnr
-from tatok_core.rate import _Analysed, _inference, _save_figure, cannot_tokenize, check_tau
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.contract.errors import TatokError
+from tatok_core.workflows.metrics import psnr
+from tatok_core.workflows.rate import _Analysed, _inference, _save_figure, cannot_tokenize, check_tau
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 
 @attrs.frozen(eq=False)
@@ -67,7 +67,7 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
 
 def draw_panels(shown: Sequence[Shown], path: str | os.PathLike[str], *, error_map: bool = True) -> Path:
     """PNG with one row per image: original | bits of kept patches (dropped grey) | reconstruction | error."""
-    from tatok_core.extras import require
+    from tatok_core.contract.extras import require
 
     matplotlib = require("matplotlib", "drawing panels")  # imported here: ~0.5 s that encoding need not pay
     from matplotlib.figure import Figure

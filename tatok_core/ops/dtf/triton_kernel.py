@@ -1,5 +1,5 @@
-"""Dynamic Token Filtering as a Triton kernel — bit-for-bit the reference :func:`tatok_core.dtf.select_by_rule`,
-for all three rules (per-image τ, absolute θ, absolute ε; see :mod:`tatok_core.dtf`).
+"""Dynamic Token Filtering as a Triton kernel — bit-for-bit the reference :func:`tatok_core.ops.dtf.reference.select_by_rule`,
+for all three rules (per-image τ, absolute θ, absolute ε; see :mod:`tatok_core.ops.dtf.reference`).
 
 Public entry point: :func:`dtf_select_triton`. CUDA tensors run the compiled kernel; CPU tensors run the
 *same kernel source* through Triton's interpreter (no ``TRITON_INTERPRET=1`` needed before import), which
@@ -73,9 +73,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tatok_core.dtf import MODES, fixed_point_bits, validate_bits, validate_bounds, validate_mode, validate_threshold
-from tatok_core.errors import FilterInputError, TatokError
-from tatok_core.selection import Selection
+from tatok_core.ops.dtf.reference import MODES, fixed_point_bits, validate_bits, validate_bounds, validate_mode, validate_threshold
+from tatok_core.contract.errors import FilterInputError, TatokError
+from tatok_core.contract.selection import Selection
 
 __all__ = ["TritonUnavailableError", "dtf_select_triton", "triton_available", "DEFAULT_ROWS_INTERPRETER"]
 
@@ -163,7 +163,7 @@ if triton is not None:
         BLOCK: tl.constexpr,
         BJ: tl.constexpr,
         USE_SORT: tl.constexpr,
-        MODE: tl.constexpr,  # 0: τ, 1: θ, 2: ε (the index in tatok_core.dtf.MODES)
+        MODE: tl.constexpr,  # 0: τ, 1: θ, 2: ε (the index in tatok_core.ops.dtf.reference.MODES)
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * ROWS + tl.arange(0, ROWS).to(tl.int64)  # (R,)
@@ -336,7 +336,7 @@ def dtf_select_triton(
     algorithm: str | None = None,
 ) -> Selection:
     """DTF-family selection by the Triton kernel; equal, field for field and bit for bit, to
-    :func:`tatok_core.dtf.select_by_rule` (``dtf_select`` for the default τ mode).
+    :func:`tatok_core.ops.dtf.reference.select_by_rule` (``dtf_select`` for the default τ mode).
 
     Args:
         bits: (B, N) floating tensor of per-token bits (h ≥ 0, finite), any N. CUDA tensors run
@@ -344,7 +344,7 @@ def dtf_select_triton(
         threshold: τ ∈ [0, 1], θ ≥ 0 or ε ≥ 0 (bits) by ``mode``: a float or a scalar / (B,) tensor (one
             value per row), used as float32.
         min_keep: lower bound on the kept count.
-        mode: the rule, one of ``tatok_core.dtf.MODES`` ("tau", "theta", "epsilon").
+        mode: the rule, one of ``tatok_core.ops.dtf.reference.MODES`` ("tau", "theta", "epsilon").
         max_keep: upper bound on the kept count (``None``: N).
         rows_per_program: rows handled by one program, a power of two (default 1 on CUDA; up to
             ``DEFAULT_ROWS_INTERPRETER`` in the interpreter). Does not change the result.
@@ -382,7 +382,7 @@ def dtf_select_triton(
     if device.type not in ("cuda", "cpu"):
         raise FilterInputError(
             f"dtf_select_triton runs on CUDA tensors (compiled) or CPU tensors (interpreter), got {device}; "
-            "use tatok_core.dtf.dtf_select for other devices"
+            "use tatok_core.ops.dtf.reference.dtf_select for other devices"
         )
     on_cuda = device.type == "cuda"
     use_sort = (algorithm or ("sort" if on_cuda else "count")) == "sort"

@@ -25,11 +25,11 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from tatok_core.errors import CompositionError
+from tatok_core.contract.errors import CompositionError
 
 if TYPE_CHECKING:
-    from tatok_core.selection import Selection
-    from tatok_core.tokens import Tokens
+    from tatok_core.contract.selection import Selection
+    from tatok_core.contract.tokens import Tokens
 
 Grid = tuple[int, int]
 
@@ -165,7 +165,7 @@ class Encoder(Component):
     """Images (B, C, H, W) in [0, 1] → patch features (B, N, D), N = (H/p)(W/p) in raster order.
 
     Provides ``channels`` (C), ``patch_size`` (p) and ``dim`` (D). H and W are multiples of p (the
-    :class:`~tatok_core.tokenizer.Tokenizer` pads), any such size must work.
+    :class:`~tatok_core.pipeline.tokenizer.Tokenizer` pads), any such size must work.
     """
 
     kind = "encoder"
@@ -315,7 +315,7 @@ class EntropyEstimator(Component):
 
 
 class TokenFilter(Component):
-    """Bits (B, N) → :class:`~tatok_core.selection.Selection` of the patch tokens to keep.
+    """Bits (B, N) → :class:`~tatok_core.contract.selection.Selection` of the patch tokens to keep.
 
     ``tau`` overrides the filter's default threshold for one call (a float, or a (B,) tensor with one
     τ per image); filters that keep a fixed count ignore it.
@@ -347,11 +347,11 @@ PIPELINE_KINDS: tuple[str, ...] = ("encoder", "global_tokenizer", "quantizer", "
 
 
 class Generator(Component):
-    """An autoregressive prior over :class:`~tatok_core.tokens.Tokens`: exact likelihood and sampling.
+    """An autoregressive prior over :class:`~tatok_core.contract.tokens.Tokens`: exact likelihood and sampling.
 
     Not part of a tokenizer pipeline: it models the tokens a tokenizer writes, for downstream
     generation. Built as ``cls(facts, **options)`` with facts from
-    :func:`tatok_core.generation.generator_facts`: ``code_factors``, ``num_global``, ``grid`` (the
+    :func:`tatok_core.workflows.generation.generator_facts`: ``code_factors``, ``num_global``, ``grid`` (the
     grid it is trained on), ``max_positions`` (N of that grid), ``patch_size`` and ``image_size``.
     """
 

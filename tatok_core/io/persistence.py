@@ -1,7 +1,7 @@
 """Weights on disk and on the Hugging Face Hub: atomic files, checksums, and errors that name the file.
 
-Used by :class:`~tatok_core.tokenizer.Tokenizer` (``save_pretrained`` / ``from_pretrained`` /
-``push_to_hub``) and by the generation priors (:func:`~tatok_core.generation.save_prior`). The layout
+Used by :class:`~tatok_core.pipeline.tokenizer.Tokenizer` (``save_pretrained`` / ``from_pretrained`` /
+``push_to_hub``) and by the generation priors (:func:`~tatok_core.workflows.generation.save_prior`). The layout
 follows huggingface_hub's ``PyTorchModelHubMixin`` (a ``model.safetensors`` next to a ``config.json``),
 and the Hub itself is an optional extra (``tatok[hub]``): local folders and shipped names never need it.
 
@@ -12,7 +12,7 @@ and the Hub itself is an optional extra (``tatok[hub]``): local folders and ship
   file the user writes.
 * **Integrity**: the sha256 of the weights file is recorded at save time and verified at load; a
   missing, empty, truncated, corrupt or non-safetensors file, or one made for another architecture,
-  raises :class:`~tatok_core.errors.WeightsFileError` with one line naming the file and the fault.
+  raises :class:`~tatok_core.contract.errors.WeightsFileError` with one line naming the file and the fault.
 * **Digest**: :func:`state_digest` hashes the tensors themselves (names, dtypes, shapes, bytes), so it
   identifies the weights independently of the file format and of the device they sit on.
 """
@@ -31,8 +31,8 @@ import safetensors.torch
 import torch
 from torch import Tensor, nn
 
-from tatok_core.errors import WeightsFileError
-from tatok_core.extras import require
+from tatok_core.contract.errors import WeightsFileError
+from tatok_core.contract.extras import require
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the Hub spells repositories
 

@@ -3,7 +3,7 @@
 A prior is a ``generator`` component (registry kind ``"generator"``; built-ins ``adaptive`` and
 ``raster`` in :mod:`tatok_plugins.generator`, third parties add theirs through the same hook). It is
 built from facts that describe the tokens it models (:func:`generator_facts`, :func:`dataset_facts`)
-and trained on a :class:`~tatok_core.tokenfile.TokenDataset`::
+and trained on a :class:`~tatok_core.io.tokenfile.TokenDataset`::
 
     dataset = TokenDataset("tokens/")
     prior = build_generator("adaptive", dataset_facts(dataset), width=128, depth=4)
@@ -34,16 +34,16 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from torch import Tensor
 
 from tatok_core import __version__
-from tatok_core.errors import GenerationError
-from tatok_core.interfaces import Facts, Generator, Grid
-from tatok_core.extras import require
-from tatok_core.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+from tatok_core.contract.errors import GenerationError
+from tatok_core.contract.interfaces import Facts, Generator, Grid
+from tatok_core.contract.extras import require
+from tatok_core.io.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
                                     push_folder, save_weights)
-from tatok_core.registry import Registry, get_registry
-from tatok_core.spec import ComponentSpec, _construct
-from tatok_core.tokenfile import StoredImageTokens, TokenDataset
-from tatok_core.tokens import Tokens
-from tatok_core.train import TrainConfig, lr_factor
+from tatok_core.contract.registry import Registry, get_registry
+from tatok_core.contract.spec import ComponentSpec, _construct
+from tatok_core.io.tokenfile import StoredImageTokens, TokenDataset
+from tatok_core.contract.tokens import Tokens
+from tatok_core.workflows.training import TrainConfig, lr_factor
 
 PRIOR_FILE = "prior.json"
 WEIGHTS_FILE = "prior.safetensors"
@@ -183,7 +183,7 @@ def train_prior(
     """Maximum likelihood on random batches of ``dataset`` (with replacement, one (grid, size) per batch).
 
     The token set is held in memory: tokens are small. AdamW with linear warm-up then cosine decay
-    (:func:`tatok_core.train.lr_factor`). The loss is nats per token slot (M + N), so its scale does
+    (:func:`tatok_core.workflows.training.lr_factor`). The loss is nats per token slot (M + N), so its scale does
     not depend on the grid; progress and ``history`` report bits per image. ``labels`` (one class per
     image, data-set order) are for class-conditional priors (``num_classes`` > 0).
     """

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from tatok_core.registry import Registry
+    from tatok_core.contract.registry import Registry
 
 PROJECT_NAME = "tatok"
 ENTRY_POINT_GROUP = "tatok"
@@ -27,8 +27,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def tatok_register(registry: Registry) -> None:
     """Add components to ``registry`` with ``registry.add(kind, name, cls)``.
 
-    ``kind`` is one of :data:`tatok_core.registry.KINDS` and ``cls`` must subclass that kind's
-    interface (e.g. :class:`tatok_core.interfaces.Encoder`). Names are global per kind: registering
+    ``kind`` is one of :data:`tatok_core.contract.registry.KINDS` and ``cls`` must subclass that kind's
+    interface (e.g. :class:`tatok_core.contract.interfaces.Encoder`). Names are global per kind: registering
     a name another package already registered is an error naming both packages.
     """
 
@@ -38,6 +38,6 @@ def tatok_pretrained() -> dict[str, str] | None:
     """Return ``{name: directory}`` of pretrained tokenizers this package ships.
 
     Each directory holds ``spec.toml`` and ``model.safetensors`` as written by
-    :meth:`tatok_core.tokenizer.Tokenizer.save_pretrained`, so that
+    :meth:`tatok_core.pipeline.tokenizer.Tokenizer.save_pretrained`, so that
     ``Tokenizer.from_pretrained(name)`` works offline.
     """

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from tatok_core.errors import OutputBusyError
+from tatok_core.contract.errors import OutputBusyError
 
 try:
     import fcntl

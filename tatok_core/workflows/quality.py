@@ -1,7 +1,7 @@
 """Evaluation at scale: SSIM batched on the device, and rFID through torch-fidelity's Inception.
 
 :func:`ssim` is scikit-image's Gaussian-weighted SSIM (σ = 1.5, 11×11, population covariance, the
-settings of :func:`tatok_core.metrics.ssim`) computed for a whole batch with two convolutions on the
+settings of :func:`tatok_core.workflows.metrics.ssim`) computed for a whole batch with two convolutions on the
 images' device, instead of one image at a time on the CPU.
 
 :class:`ReconstructionFID` accumulates Inception-v3 pool features of originals and reconstructions
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tatok_core.errors import TatokError
-from tatok_core.losses import hub_checkpoint_dir
+from tatok_core.contract.errors import TatokError
+from tatok_core.workflows.losses import hub_checkpoint_dir
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -31,7 +31,7 @@ _C1, _C2 = 0.01**2, 0.03**2
 
 
 def ssim(reconstruction: Tensor, target: Tensor) -> Tensor:
-    """(B,) SSIM of (B, 3, H, W) images in [0, 1], equal to :func:`tatok_core.metrics.ssim` to ~1e-6.
+    """(B,) SSIM of (B, 3, H, W) images in [0, 1], equal to :func:`tatok_core.workflows.metrics.ssim` to ~1e-6.
 
     scikit-image filters with reflection and then drops a 5-pixel border before averaging, so only
     windows fully inside the image count: a 'valid' convolution computes exactly those.

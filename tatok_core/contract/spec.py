@@ -2,7 +2,7 @@
 
 A spec is plain data (names and TOML-representable option values), so it serialises to TOML and JSON
 and back exactly, and the same spec always builds the same model. Building happens in
-:func:`build_components`, which checks the composition as it goes (see :mod:`tatok_core.interfaces`).
+:func:`build_components`, which checks the composition as it goes (see :mod:`tatok_core.contract.interfaces`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import attrs
 import tomli_w
 import torch
 
-from tatok_core.errors import CompositionError, SpecError
-from tatok_core.interfaces import PIPELINE_KINDS, Component, Facts
-from tatok_core.registry import Registry, get_registry
+from tatok_core.contract.errors import CompositionError, SpecError
+from tatok_core.contract.interfaces import PIPELINE_KINDS, Component, Facts
+from tatok_core.contract.registry import Registry, get_registry
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -34,10 +34,10 @@ from torch import Tensor
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from tatok_core.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN
-from tatok_core.errors import ImageReadError, MissingExtraError
-from tatok_core.extras import missing_extra_message
-from tatok_core.imageio import IMAGE_EXTENSIONS, _to_tensor, list_images, read_image
+from tatok_core.workflows.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN
+from tatok_core.contract.errors import ImageReadError, MissingExtraError
+from tatok_core.contract.extras import missing_extra_message
+from tatok_core.io.images import IMAGE_EXTENSIONS, _to_tensor, list_images, read_image
 
 
 @attrs.frozen
@@ -106,7 +106,7 @@ _BUILTIN_SETS: dict[str, tuple[str, ...]] = {
     "builtin:photos": TRAIN_PHOTOS,
     "builtin:photos:heldout": HELDOUT_PHOTOS,
     "builtin:photos:all": tuple(_BY_NAME),
-    # the built-in photos plus the Debian ones (tatok_core.debian_photos): more real training photos
+    # the built-in photos plus the Debian ones (tatok_core.workflows.debian_photos): more real training photos
     "builtin:photos:extended": TRAIN_PHOTOS + DEBIAN_TRAIN,
     "builtin:photos:extended:heldout": HELDOUT_PHOTOS + DEBIAN_HELDOUT,
     "builtin:photos:extended:all": tuple(_BY_NAME) + tuple(_DEBIAN_BY_NAME),

@@ -4,10 +4,10 @@
   a target *mean* number of patch tokens per image: an absolute θ or ε (the default meaning of a budget:
   images that hold more information get more tokens) or a per-image τ (every image keeps a similar share).
 * :func:`calibrate_tau` — the same from images, analysing each once.
-* :func:`encode_files` / :func:`decode_tokens` — image files ↔ a token data set (:mod:`tatok_core.tokenfile`).
+* :func:`encode_files` / :func:`decode_tokens` — image files ↔ a token data set (:mod:`tatok_core.io.tokenfile`).
 * :func:`evaluate_rate_distortion` + :func:`plot_rate_distortion` — the model's filter against shared
   thresholds, fixed-count baselines and an oracle at matched mean counts, in tokens and bits per pixel
-  (:mod:`tatok_core.bitrate`).
+  (:mod:`tatok_core.contract.bitrate`).
 * :func:`show_panel` — what DTF keeps for one image, and what it costs.
 
 Every workflow runs the expensive half of the pipeline (encoder, global tokens, quantizer, entropy
@@ -37,17 +37,17 @@ import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
-from tatok_core.allocation import oracle_allocation
-from tatok_core.bitrate import token_bits
-from tatok_core.dtf import descending_order, keep_first
-from tatok_core.errors import ImageReadError, SpecError, TatokError
-from tatok_core.imageio import list_images, read_image, write_image
-from tatok_core.interfaces import Grid, TokenFilter
-from tatok_core.metrics import psnr, ssim
-from tatok_core.selection import Selection
-from tatok_core.tokenfile import TokenDataset, TokenWriter
-from tatok_core.tokenizer import Analysis, Tokenizer
-from tatok_core.tokens import ImageTokens, Tokens
+from tatok_core.workflows.allocation import oracle_allocation
+from tatok_core.contract.bitrate import token_bits
+from tatok_core.ops.dtf.reference import descending_order, keep_first
+from tatok_core.contract.errors import ImageReadError, SpecError, TatokError
+from tatok_core.io.images import list_images, read_image, write_image
+from tatok_core.contract.interfaces import Grid, TokenFilter
+from tatok_core.workflows.metrics import psnr, ssim
+from tatok_core.contract.selection import Selection
+from tatok_core.io.tokenfile import TokenDataset, TokenWriter
+from tatok_core.pipeline.tokenizer import Analysis, Tokenizer
+from tatok_core.contract.tokens import ImageTokens, Tokens
 
 #: Bisection halvings: 24 reach the float32 resolution at which DTF applies τ.
 MAX_BISECTION_STEPS = 24
@@ -159,7 +159,7 @@ def cannot_tokenize(model: Tokenizer, image: Tensor) -> str | None:
     """Why ``image`` (C, H, W) cannot be tokenized by ``model``, or None when it can.
 
     Checked before any encoder work. (The filters take any number of patches: their integer sums
-    choose the fixed-point precision from N, see :func:`tatok_core.dtf.fixed_point_bits`.)
+    choose the fixed-point precision from N, see :func:`tatok_core.ops.dtf.reference.fixed_point_bits`.)
     """
     height, width = image.shape[-2:]
     p = model.patch_size
@@ -404,7 +404,7 @@ def token_meta(
 
 
 def source_names(inputs: Sequence[str | os.PathLike[str]]) -> list[tuple[Path, str]]:
-    """Expand inputs like :func:`~tatok_core.imageio.list_images`, naming each file relative to its input.
+    """Expand inputs like :func:`~tatok_core.io.images.list_images`, naming each file relative to its input.
 
     A folder's files are named by their path under it (``n01440764/x.jpg``, so class folders
     survive), a glob's by their path under its leading part without wildcards, a file by its name:
@@ -604,7 +604,7 @@ class RDPoint:
     bound), or a baseline's registered name (``topk``, ``random``, ``raster``, ``all``, or any filter
     asked for by name). ``setting`` is what it ran at (``tau=0.9``, ``theta=3.2``, ``k=37``, ``all``) and
     ``matched`` the τ whose mean count it matches (``None`` for ``all``). Bits per pixel are counted by
-    :func:`tatok_core.bitrate.token_bits`: codes, globals and the side information of which tokens were
+    :func:`tatok_core.contract.bitrate.token_bits`: codes, globals and the side information of which tokens were
     kept; ``bpp`` is their sum. ``per_image`` holds ``tokens``, ``fraction`` (k/N), ``psnr``, ``ssim``, ``bpp``.
     """
 
@@ -660,7 +660,7 @@ def evaluate_rate_distortion(
     to K_τ (:func:`calibrate_bits`, so images holding more information get more tokens); a filter with a
     ``k`` option (``topk``, ``random``, ``raster``) keeps k = round(K_τ) in every image; ``all`` keeps
     everything once; any other registered filter runs at each τ. With ``oracle`` every image is also
-    decoded at ``oracle_levels`` + 1 top-k counts (0 … N) and :func:`~tatok_core.allocation.oracle_allocation`
+    decoded at ``oracle_levels`` + 1 top-k counts (0 … N) and :func:`~tatok_core.workflows.allocation.oracle_allocation`
     picks per-image counts with mean ≤ K_τ: an upper bound on allocation with the model's ranking.
     ``images`` is a (B, C, H, W) batch or a list of (C, H, W) images of any sizes; each is encoded once.
     """
@@ -774,7 +774,7 @@ def _save_figure(figure: Any, path: str | os.PathLike[str]) -> Path:
 
 def plot_rate_distortion(points: Sequence[RDPoint], path: str | os.PathLike[str]) -> Path:
     """PNG of PSNR and SSIM against mean patch tokens and against bits per pixel, one curve per method."""
-    from tatok_core.extras import require
+    from tatok_core.contract.extras import require
 
     Figure = require("matplotlib.figure", "plotting rate-distortion").Figure  # imported here: ~0.5 s encode need not pay
 

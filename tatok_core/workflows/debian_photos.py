@@ -19,8 +19,8 @@ from pathlib import Path
 import attrs
 from torch import Tensor
 
-from tatok_core.errors import ImageReadError
-from tatok_core.imageio import fit_longest_side, read_image
+from tatok_core.contract.errors import ImageReadError
+from tatok_core.io.images import fit_longest_side, read_image
 
 MAX_SIDE = 512
 PACKAGES = {"opencv-doc": Path("/usr/share/doc/opencv-doc/examples"),

@@ -1,6 +1,6 @@
 """Reading and writing images as (3, H, W) float32 tensors in [0, 1].
 
-Every reader failure becomes one :class:`~tatok_core.errors.ImageReadError` whose one-line message
+Every reader failure becomes one :class:`~tatok_core.contract.errors.ImageReadError` whose one-line message
 names the file and the reason, so the CLI can report it and a folder loader can skip the file.
 
 Conventions (one place, so every tool sees the same pixels):
@@ -31,7 +31,7 @@ from einops import rearrange
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from tatok_core.errors import ImageReadError, TatokError
+from tatok_core.contract.errors import ImageReadError, TatokError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
 

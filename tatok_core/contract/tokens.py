@@ -14,8 +14,8 @@ import attrs
 import torch
 from torch import Tensor
 
-from tatok_core.interfaces import Grid
-from tatok_core.selection import Selection
+from tatok_core.contract.interfaces import Grid
+from tatok_core.contract.selection import Selection
 
 
 @attrs.frozen(eq=False)

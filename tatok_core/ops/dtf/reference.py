@@ -11,7 +11,7 @@ a count k*; then k = clamp(k*, min_keep, min(max_keep, N)) and the kept set is {
   the information dropped is at most ε bits. ε ≥ 0.
 
 θ and ε are in bits, so one value means the same thing in every image: a budget over a set calibrates
-one of them and rich images get more tokens (:func:`tatok_core.rate.calibrate_threshold`).
+one of them and rich images get more tokens (:func:`tatok_core.workflows.rate.calibrate_threshold`).
 
 **Exact arithmetic.** Floating-point cumulative sums depend on summation order, so two backends
 (torch's CPU cumsum, a sequential Triton loop, a GPU tree scan) can decide k differently near the
@@ -33,7 +33,7 @@ All guarantees hold exactly on q (τ, ε) or on float32 h (θ); a token whose h 
 maximum has q = 0 and counts as empty for τ and ε.
 
 Inputs are validated at the boundary (NaN, ±inf, negative bits, τ outside [0, 1], θ or ε negative, NaN
-or infinite, bad bounds raise :class:`~tatok_core.errors.FilterInputError`) and cleaned identically in
+or infinite, bad bounds raise :class:`~tatok_core.contract.errors.FilterInputError`) and cleaned identically in
 every backend: bits and thresholds are taken as float32 and −0.0 becomes +0.0.
 """
 
@@ -42,8 +42,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tatok_core.errors import FilterInputError
-from tatok_core.selection import Selection
+from tatok_core.contract.errors import FilterInputError
+from tatok_core.contract.selection import Selection
 
 #: The rules, by name: per-image relative τ, absolute per-token θ, absolute dropped-information ε.
 MODES = ("tau", "theta", "epsilon")

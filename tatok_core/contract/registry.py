@@ -1,7 +1,7 @@
 """Component registry and plugin discovery: one namespace of names per component kind.
 
 Discovery order: the built-in plugin module ``tatok_plugins`` first, then every module named in the
-entry-point group ``tatok`` (see :mod:`tatok_core.hooks`). Both go through the same pluggy hook.
+entry-point group ``tatok`` (see :mod:`tatok_core.contract.hooks`). Both go through the same pluggy hook.
 
 Environment switches (read when the default registry is first built):
 
@@ -20,9 +20,9 @@ from types import ModuleType
 import attrs
 import pluggy
 
-from tatok_core import hooks
-from tatok_core.errors import PluginError, UnknownComponentError
-from tatok_core.interfaces import INTERFACES, Component
+from tatok_core.contract import hooks
+from tatok_core.contract.errors import PluginError, UnknownComponentError
+from tatok_core.contract.interfaces import INTERFACES, Component
 
 KINDS: tuple[str, ...] = tuple(INTERFACES)
 BUILTIN_MODULE = "tatok_plugins"
@@ -60,7 +60,7 @@ def _distribution_version(package: str) -> str:
 class Registry:
     """Maps (kind, name) to a component class and remembers which package provided it.
 
-    Plugins receive an instance in :func:`tatok_core.hooks.tatok_register` and call :meth:`add`.
+    Plugins receive an instance in :func:`tatok_core.contract.hooks.tatok_register` and call :meth:`add`.
     """
 
     def __init__(self) -> None:

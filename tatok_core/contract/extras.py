@@ -33,7 +33,7 @@ def missing_extra_message(module: str, purpose: str) -> str:
 
 def require(module: str, purpose: str) -> ModuleType:
     """Import ``module`` (of one of :data:`EXTRAS`) or raise :class:`MissingExtraError` naming the extra."""
-    from tatok_core.errors import MissingExtraError
+    from tatok_core.contract.errors import MissingExtraError
 
     try:
         return importlib.import_module(module)

@@ -13,16 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tatok_core.errors import CompositionError, SpecError, TatokError, UnknownComponentError
-from tatok_core.extras import require
-from tatok_core.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
-from tatok_core.interfaces import PIPELINE_KINDS
-from tatok_core.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+from tatok_core.contract.errors import CompositionError, SpecError, TatokError, UnknownComponentError
+from tatok_core.contract.extras import require
+from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
+from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.io.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
                                     push_folder, save_weights, state_digest)
-from tatok_core.registry import Registry, get_registry
-from tatok_core.selection import Selection
-from tatok_core.spec import ComponentSpec, PipelineSpec, _construct, build_components
-from tatok_core.tokens import Tokens
+from tatok_core.contract.registry import Registry, get_registry
+from tatok_core.contract.selection import Selection
+from tatok_core.contract.spec import ComponentSpec, PipelineSpec, _construct, build_components
+from tatok_core.contract.tokens import Tokens
 
 DEFAULT_PRETRAINED = "tatok-small"  # what `tatok demo`, the CLI and from_pretrained() load by default
 SPEC_FILE = "spec.toml"
@@ -91,7 +91,7 @@ def check_images(images: Tensor, like: Tensor) -> Tensor:
 
 
 class Tokenizer(nn.Module):
-    """Images ↔ variable-length :class:`~tatok_core.tokens.Tokens`, built from a :class:`PipelineSpec`."""
+    """Images ↔ variable-length :class:`~tatok_core.contract.tokens.Tokens`, built from a :class:`PipelineSpec`."""
 
     def __init__(self, spec: PipelineSpec | None = None, registry: Registry | None = None, name: str | None = None) -> None:
         super().__init__()
