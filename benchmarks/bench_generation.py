@@ -31,7 +31,7 @@ import torch
 from tatok_core.workflows import generation
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.io.images import tile_images, write_image
-from tatok_core.workflows.rate import token_meta
+from tatok_core.workflows.encoding import token_meta
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.contract.tokens import Tokens

@@ -56,7 +56,10 @@ from tatok_core.workflows.data import ImageSource  # noqa: E402
 from tatok_core.contract.errors import TatokError  # noqa: E402
 from tatok_core.io.images import fit_longest_side  # noqa: E402
 from tatok_core.workflows.metrics import psnr, ssim  # noqa: E402
-from tatok_core.workflows.rate import _Analysed, _inference, _progress, calibrate_bits, cannot_tokenize  # noqa: E402
+from tatok_core.workflows.analysis import Analysed as _Analysed, cannot_tokenize  # noqa: E402
+from tatok_core.workflows.inference import evaluating as _inference  # noqa: E402
+from tatok_core.workflows.progress import progress_bar as _progress  # noqa: E402
+from tatok_core.workflows.rate_control import calibrate_bits  # noqa: E402
 from tatok_core.contract.selection import Selection  # noqa: E402
 from tatok_core.pipeline.tokenizer import Tokenizer  # noqa: E402
 

@@ -24,16 +24,10 @@ from tatok_core.contract.errors import ImageReadError, TatokError
 from tatok_core.io.images import read_image
 from tatok_core.workflows.allocation import allocation_report
 from tatok_core.io.images import fit_longest_side
-from tatok_core.workflows.rate import (
-    BUDGET_MODES,
-    DEFAULT_METHODS,
-    cannot_tokenize,
-    check_rate,
-    check_tau,
-    evaluate_rate_distortion,
-    save_rate_distortion,
-    source_names,
-)
+from tatok_core.workflows.analysis import cannot_tokenize
+from tatok_core.workflows.encoding import source_names
+from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, check_tau
+from tatok_core.workflows.rate_distortion import DEFAULT_METHODS, evaluate_rate_distortion, save_rate_distortion
 from tatok_core.workflows.token_sets import decode_token_set, encode_token_set, ignored_rate_option
 from tatok_core.workflows.panels import show_panel
 from tatok_core.contract.spec import OptionValue, parse_option_assignment

@@ -71,7 +71,7 @@ def test_spearman_and_paired() -> None:
 
 def test_only_methods_that_allocate_are_correlated_with_content() -> None:
     from tatok_core.workflows.allocation import allocates, allocation_report
-    from tatok_core.workflows.rate import RDPoint
+    from tatok_core.workflows.rate_distortion import RDPoint
 
     noise = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(1))
     images = [torch.full((3, 16, 16), 0.5), 0.5 + 0.2 * noise[:, :16], noise]  # flat, faint, busy

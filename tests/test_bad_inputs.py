@@ -191,7 +191,7 @@ def test_decode_into_a_full_or_read_only_disk_leaves_nothing(models: dict[str, P
             fail(path)
         path.write_bytes(b"png")
 
-    monkeypatch.setattr("tatok_core.workflows.rate.write_image", write_image)
+    monkeypatch.setattr("tatok_core.workflows.encoding.write_image", write_image)
     one_line_error(invoke("decode", tmp_path / "t", "-o", tmp_path / "out", model=models["a"]), *keywords)
     assert listing(tmp_path) == before and len(calls) == 3
 

@@ -48,7 +48,7 @@ def test_the_core_never_imports_the_optional_packages() -> None:
     code = (
         "import sys, torch\n"
         "from tatok_core import Tokenizer, create\n"
-        "import tatok_core.workflows.metrics, tatok_core.workflows.data, tatok_core.workflows.rate, tatok_core.workflows.panels, tatok_core.workflows.generation\n"
+        "import tatok_core.workflows.metrics, tatok_core.workflows.data, tatok_core.workflows.rate_control, tatok_core.workflows.encoding, tatok_core.workflows.rate_distortion, tatok_core.workflows.plotting, tatok_core.workflows.panels, tatok_core.workflows.generation\n"
         "model = Tokenizer.from_pretrained('tatok-tiny')\n"
         "tokens = model.encode(torch.rand(1, 3, 16, 16))\n"
         "tatok_core.workflows.metrics.ssim(model.decode(tokens), torch.rand(1, 3, 16, 16))\n"
@@ -61,7 +61,7 @@ def test_the_core_never_imports_the_optional_packages() -> None:
 
 def test_missing_photos_and_plots_name_their_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from tatok_core.workflows.data import load_builtin_photo
-    from tatok_core.workflows.rate import plot_rate_distortion
+    from tatok_core.workflows.plotting import plot_rate_distortion
 
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(MissingExtraError, match=r"^built-in photo 'flower' needs sklearn, which is not installed: "

@@ -10,16 +10,9 @@ import torch
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.contract.errors import TatokError
 from tatok_core.io.images import read_image, write_image
-from tatok_core.workflows.rate import (
-    calibrate_threshold,
-    calibrate_tau,
-    decode_tokens,
-    encode_files,
-    evaluate_rate_distortion,
-    output_names,
-    source_names,
-    token_meta,
-)
+from tatok_core.workflows.encoding import decode_tokens, encode_files, output_names, source_names, token_meta
+from tatok_core.workflows.rate_control import calibrate_threshold, calibrate_tau
+from tatok_core.workflows.rate_distortion import evaluate_rate_distortion
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter
 from tatok_core.pipeline.tokenizer import Tokenizer
 from tatok_core.workflows.training import evaluate

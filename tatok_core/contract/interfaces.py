@@ -323,6 +323,11 @@ class TokenFilter(Component):
 
     kind = "filter"
 
+    #: The part this filter plays when a workflow compares a model with baselines (one of
+    #: :data:`FILTER_ROLES`, or None): workflows ask for a role (:meth:`Registry.name_for_role`,
+    #: ``Tokenizer.baseline_filter``), never for a plugin's name.
+    role: ClassVar[str | None] = None
+
     @abc.abstractmethod
     def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection: ...
 
@@ -341,6 +346,10 @@ class Decoder(Component):
     @abc.abstractmethod
     def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor: ...
 
+
+FILTER_ROLES: tuple[str, ...] = ("entropy-rules", "keep-all", "top-k", "random-k", "raster-k")
+"""Roles of token filters: the τ/θ/ε rules on entropy (DTF), every token (the fixed-rate tokenizer), and
+a fixed count ranked by bits, at random, or in raster order (the baselines at a matched count)."""
 
 PIPELINE_KINDS: tuple[str, ...] = ("encoder", "global_tokenizer", "quantizer", "entropy", "filter", "decoder")
 """The kinds a Tokenizer is built from, in data-flow (= build) order."""

@@ -109,6 +109,15 @@ class Registry:
             raise UnknownComponentError("component kind", kind, KINDS)
         return sorted(self._entries[kind])
 
+    def name_for_role(self, kind: str, role: str) -> str:
+        """The registered name of the ``kind`` component playing ``role`` (its class's ``role``; the first
+        name in sorted order when several do), e.g. ``name_for_role("filter", "keep-all")``."""
+        names = [name for name in self.names(kind) if getattr(self._entries[kind][name].cls, "role", None) == role]
+        if not names:
+            roles = sorted({r for e in self._entries[kind].values() if (r := getattr(e.cls, "role", None))})
+            raise UnknownComponentError(f"{kind} role", role, roles)
+        return names[0]
+
     def entries(self) -> list[Entry]:
         return [entry for kind in KINDS for _, entry in sorted(self._entries[kind].items())]
 

@@ -7,6 +7,17 @@ import torch
 from torch import Tensor
 
 
+def cu_seqlens_from_lengths(lengths: Tensor, dtype: torch.dtype = torch.int32) -> Tensor:
+    """(B+1,) row starts of a packed batch from its (B,) lengths: 0, l0, l0+l1, … on the lengths' device.
+
+    int32 is FlashAttention's varlen dtype; int64 never wraps (what kernels use to address tokens).
+    """
+    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=dtype, device=lengths.device)  # (B+1,)
+    if lengths.numel():
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+    return cu_seqlens
+
+
 @attrs.frozen(eq=False)
 class Selection:
     """Per-image kept patch positions.
@@ -29,8 +40,7 @@ class Selection:
         if keep.dim() != 2 or keep.dtype != torch.bool:
             raise ValueError(f"keep must be a (B, N) bool tensor, got {tuple(keep.shape)} {keep.dtype}")
         lengths = keep.sum(dim=1, dtype=torch.int64)  # (B,)
-        cu_seqlens = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=keep.device)
-        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        cu_seqlens = cu_seqlens_from_lengths(lengths)  # (B+1,) int32
         index = keep.nonzero()[:, 1]  # row-major, so increasing within each row
         return cls(keep=keep, lengths=lengths, cu_seqlens=cu_seqlens, index=index)
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tatok_core.contract.interfaces import Grid
-from tatok_core.contract.selection import Selection
+from tatok_core.contract.selection import Selection, cu_seqlens_from_lengths
 
 
 @attrs.frozen(eq=False)
@@ -136,8 +136,7 @@ class Tokens:
         if any(t.grid != grid or t.image_size != size for t in images):
             raise ValueError("all images of one Tokens batch must share grid and image size")
         lengths = torch.tensor([t.codes.numel() for t in images], dtype=torch.int64)
-        cu_seqlens = torch.zeros(len(images) + 1, dtype=torch.int32)
-        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        cu_seqlens = cu_seqlens_from_lengths(lengths)  # (B+1,) int32
         return cls(
             global_codes=torch.stack([t.global_codes for t in images]),
             codes=torch.cat([t.codes for t in images]),

@@ -18,9 +18,9 @@ Conventions (one place, so every tool sees the same pixels):
 from __future__ import annotations
 
 import glob
+import io
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from tatok_core.contract.errors import ImageReadError, TatokError
+from tatok_core.io.atomic import atomic_write
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"})
 
@@ -87,16 +88,11 @@ def write_image(path: str | os.PathLike[str], image: Tensor) -> None:
     pixels = image.detach().float().cpu().nan_to_num(0.0).clamp(0.0, 1.0)
     arr = (pixels * 255.0).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+    png = io.BytesIO()
+    Image.fromarray(arr).save(png, format="PNG")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & ~umask
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        atomic_write(p, png.getvalue())
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise TatokError(f"cannot write image {p}: {e.strerror or e}") from e
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,33 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from tatok_core.contract.errors import WeightsFileError
+from tatok_core.io.atomic import atomic_write
 from tatok_core.contract.extras import require
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # "owner/name", as the Hub spells repositories
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes, *, tmp: Path | None = None) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
-
-    ``tmp`` names the temporary file for callers that clean up after a killed writer by that name;
-    by default it is unique (pid + random), so concurrent writers never share one.
-    """
-    path = Path(path)
-    exclusive = tmp is None  # a unique name must be new; a caller's name may hold a killed writer's leftover
-    if tmp is None:
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for open()
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def sha256_hex(data: bytes) -> str:

@@ -88,7 +88,8 @@ from torch import Tensor
 from tatok_core import __version__
 from tatok_core.contract.errors import TokenFileError
 from tatok_core.io.locking import OutputLock
-from tatok_core.io.persistence import atomic_write
+from tatok_core.io.atomic import atomic_write
+from tatok_core.contract.selection import cu_seqlens_from_lengths
 from tatok_core.contract.tokens import ImageTokens, Tokens
 
 FORMAT = "tatok.tokens"
@@ -508,7 +509,7 @@ class TokenWriter:
             ),
             "codes": _narrow(torch.cat([empty, *(im.codes for im in images)])),
             "positions": _narrow(torch.cat([empty, *(im.positions for im in images)])),
-            "cu_seqlens": torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)]),
+            "cu_seqlens": cu_seqlens_from_lengths(lengths, torch.int64),
             "grids": torch.tensor([im.grid for im in images], dtype=torch.int64).reshape(-1, 2),
             "image_sizes": torch.tensor([im.image_size for im in images], dtype=torch.int64).reshape(-1, 2),
         }

@@ -17,7 +17,8 @@ from tatok_core.contract.errors import CompositionError, SpecError, TatokError, 
 from tatok_core.contract.extras import require
 from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
 from tatok_core.contract.interfaces import PIPELINE_KINDS
-from tatok_core.io.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+from tatok_core.io.atomic import atomic_write
+from tatok_core.io.persistence import (cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
                                     push_folder, save_weights, state_digest)
 from tatok_core.contract.registry import Registry, get_registry
 from tatok_core.contract.selection import Selection
@@ -173,6 +174,16 @@ class Tokenizer(nn.Module):
         merged = {**(current.options if name == current.name else {}), **options}
         registry = self._registry or get_registry()
         return _construct(registry.get("filter", name), self.facts, "filter", ComponentSpec(name, merged))  # type: ignore[return-value]
+
+    def baseline_filter(self, role: str, **options: Any) -> TokenFilter:
+        """The registered filter playing ``role`` (:data:`~tatok_core.contract.interfaces.FILTER_ROLES`, e.g.
+        "keep-all", "top-k"), built with this model's facts: workflows compare by role, never by plugin name."""
+        return self.token_filter(self.registry.name_for_role("filter", role), **options)
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this model's components come from."""
+        return self._registry or get_registry()
 
     @torch.no_grad()
     def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:

@@ -89,7 +89,7 @@ def allocates(tokens: Sequence[float]) -> bool:
 def allocation_report(points: Sequence, images: Sequence[Tensor], reference: str = "topk") -> dict[str, list]:
     """Kept fraction k/N vs complexity (Spearman) for every method that allocates (:func:`allocates`), and
     each method's per-image PSNR minus the ``reference`` method's at the same matched count (``points``:
-    :class:`tatok_core.workflows.rate.RDPoint`). The fraction, not the count, so that photos of different sizes compare."""
+    :class:`tatok_core.workflows.rate_distortion.RDPoint`). The fraction, not the count, so that photos of different sizes compare."""
     measures = [image_complexity(image) for image in images]
     correlation = [
         {"filter": p.filter, "setting": p.setting, "matched": p.matched,

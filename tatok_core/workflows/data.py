@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tatok_core.workflows.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN
 from tatok_core.contract.errors import ImageReadError, MissingExtraError
 from tatok_core.contract.extras import missing_extra_message
+from tatok_core.io.atomic import atomic_write_text
 from tatok_core.io.images import IMAGE_EXTENSIONS, _to_tensor, list_images, read_image
 
 
@@ -449,9 +450,7 @@ def _read_listing(listing: Path, data: str) -> list[str] | None:
 
 def _write_listing(listing: Path, data: str, paths: list[str]) -> None:
     listing.parent.mkdir(parents=True, exist_ok=True)
-    tmp = listing.with_name(f"{listing.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"# {data}\n" + "".join(p + "\n" for p in paths), encoding="utf-8", errors="surrogateescape")
-    os.replace(tmp, listing)
+    atomic_write_text(listing, f"# {data}\n" + "".join(p + "\n" for p in paths), errors="surrogateescape")
 
 
 def _digest(*parts: str | bytes) -> str:

@@ -30,18 +30,21 @@ from typing import Any
 
 import attrs
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import Tensor
 
 from tatok_core import __version__
 from tatok_core.contract.errors import GenerationError
 from tatok_core.contract.interfaces import Facts, Generator, Grid
 from tatok_core.contract.extras import require
-from tatok_core.io.persistence import (atomic_write, cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+from tatok_core.io.atomic import atomic_write
+from tatok_core.io.persistence import (cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
                                     push_folder, save_weights)
 from tatok_core.contract.registry import Registry, get_registry
 from tatok_core.contract.spec import ComponentSpec, _construct
 from tatok_core.io.tokenfile import StoredImageTokens, TokenDataset
+from tatok_core.workflows.batching import index_groups
+from tatok_core.workflows.inference import evaluating
+from tatok_core.workflows.progress import progress_bar
 from tatok_core.contract.tokens import Tokens
 from tatok_core.workflows.training import TrainConfig, lr_factor
 
@@ -144,10 +147,7 @@ def _load(generator: Generator, dataset: TokenDataset, labels: Tensor | None) ->
 
 def _groups(images: Sequence[StoredImageTokens]) -> list[Tensor]:
     """Indices of the images sharing each (grid, image size): a batch packs one such group."""
-    groups: dict[tuple[Grid, tuple[int, int]], list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault((image.grid, image.image_size), []).append(i)
-    return [torch.tensor(indices) for indices in groups.values()]
+    return [torch.tensor(indices) for indices in index_groups((image.grid, image.image_size) for image in images)]
 
 
 def _batch(
@@ -201,10 +201,8 @@ def train_prior(
     recent: deque[float] = deque(maxlen=log_every)
     generator.train()
     start = time.perf_counter()
-    columns = [TextColumn("[bold]train prior"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task("train", total=steps, status="")
+    with progress_bar(progress, status=True) as bar:
+        task = bar.add_task("train prior", total=steps, status="")
         for step in range(1, steps + 1):
             group = groups[int(torch.multinomial(sizes, 1, generator=rng))]
             indices = group[torch.randint(len(group), (batch_size,), generator=rng)]
@@ -232,14 +230,12 @@ def nll_bits_per_image(
     """Mean negative log-likelihood of ``dataset``'s images in bits per image (exact, every image once)."""
     device = _device(generator)
     images = _load(generator, dataset, labels)
-    was_training = generator.training
-    generator.eval()
     total = 0.0
-    for group in _groups(images):
-        for indices in group.split(batch_size):
-            tokens, batch_labels = _batch(images, indices, labels, device)
-            total -= float(generator.log_likelihood(tokens, batch_labels).double().sum())
-    generator.train(was_training)
+    with evaluating(generator):
+        for group in _groups(images):
+            for indices in group.split(batch_size):
+                tokens, batch_labels = _batch(images, indices, labels, device)
+                total -= float(generator.log_likelihood(tokens, batch_labels).double().sum())
     return total / len(images) / math.log(2)
 
 
@@ -272,15 +268,14 @@ def sample(
         raise GenerationError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     device = _device(generator)
     rng = torch.Generator(device=device).manual_seed(seed)
-    was_training = generator.training
-    generator.eval()
     chunks = []
     step = batch_size or n
-    for start in range(0, n, step):
-        count = min(step, n - start)
-        chunk_labels = None if labels is None else labels[start : start + count].to(device)
-        chunks.append(generator.sample(count, grid=grid, temperature=temperature, top_k=top_k, labels=chunk_labels, rng=rng))
-    generator.train(was_training)
+    with evaluating(generator):
+        for start in range(0, n, step):
+            count = min(step, n - start)
+            chunk_labels = None if labels is None else labels[start : start + count].to(device)
+            chunks.append(generator.sample(count, grid=grid, temperature=temperature, top_k=top_k, labels=chunk_labels,
+                                           rng=rng))
     return chunks[0] if len(chunks) == 1 else Tokens.from_images([image for c in chunks for image in c.per_image()])
 
 

@@ -12,7 +12,10 @@ from torch import Tensor
 
 from tatok_core.contract.errors import TatokError
 from tatok_core.workflows.metrics import psnr
-from tatok_core.workflows.rate import _Analysed, _inference, _save_figure, cannot_tokenize, check_tau
+from tatok_core.workflows.analysis import Analysed, cannot_tokenize
+from tatok_core.workflows.inference import evaluating
+from tatok_core.workflows.plotting import save_figure
+from tatok_core.workflows.rate_control import check_tau
 from tatok_core.pipeline.tokenizer import Tokenizer
 
 
@@ -48,8 +51,8 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
     if problem:
         raise TatokError(f"cannot tokenize {name or 'image'}: {problem}")
     token_filter = model.token_filter()
-    with _inference(model) as device:
-        analysed = _Analysed.of(model.analyse(image[None].to(device)))
+    with evaluating(model) as device:
+        analysed = Analysed.of(model.analyse(image[None].to(device)))
         selection = token_filter.select(analysed.bits, tau)
         reconstruction = model.decode(analysed.tokens(selection).to(device))[0].cpu()
     rows, cols = analysed.grid
@@ -98,7 +101,7 @@ def draw_panels(shown: Sequence[Shown], path: str | os.PathLike[str], *, error_m
             row[3].set_title("error")
         for axes in row:
             axes.set_axis_off()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def show_panel(model: Tokenizer, image: Tensor, tau: float | None, path: str | os.PathLike[str]) -> Shown:

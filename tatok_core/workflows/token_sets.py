@@ -1,7 +1,7 @@
 """Encoding into and decoding out of token sets so that nothing is lost and nothing is silently wrong.
 
-What ``tatok encode`` and ``tatok decode`` run, on top of :func:`~tatok_core.workflows.rate.encode_files` and
-:func:`~tatok_core.workflows.rate.decode_tokens`:
+What ``tatok encode`` and ``tatok decode`` run, on top of :func:`~tatok_core.workflows.encoding.encode_files` and
+:func:`~tatok_core.workflows.encoding.decode_tokens`:
 
 * **encode** records the weights digest next to the spec digest, holds the target's lock (a second
   writer fails at once), stages full shards as it goes, and with ``resume`` continues a killed run
@@ -23,7 +23,7 @@ import attrs
 
 from tatok_core.contract.errors import TatokError, TokenFileError
 from tatok_core.io.locking import OutputLock
-from tatok_core.workflows.rate import EncodeReport, decode_tokens, encode_files, output_names, token_meta
+from tatok_core.workflows.encoding import EncodeReport, decode_tokens, encode_files, output_names, token_meta
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter, resume_position, weights_digest
 from tatok_core.pipeline.tokenizer import Tokenizer
 

@@ -25,16 +25,19 @@ from typing import Any
 import attrs
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.nn.parallel import DistributedDataParallel
 
+from tatok_core.io.atomic import atomic_file, atomic_write_text
 from tatok_core.workflows.data import Augment, StreamLoader, evaluation_images, open_source
 from tatok_core.contract.errors import SpecError
 from tatok_core.workflows.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
 from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.quality import ReconstructionFID, inception_features, ssim
 from tatok_core.contract.spec import PipelineSpec
+from tatok_core.contract.tokens import Tokens
 from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows.inference import evaluating
+from tatok_core.workflows.progress import progress_bar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -198,21 +201,24 @@ def evaluate(model: Tokenizer, images: torch.Tensor, taus: tuple[float, ...] = (
              fid: ReconstructionFID | None = None) -> dict[str, float]:
     """Mean PSNR with every token kept and with DTF at each τ, plus mean tokens kept, on ``images``;
     SSIM with every token kept, and rFID (every token kept) when ``fid`` is given. Batched on the device."""
-    was_training = model.training
-    model.eval()
     results: dict[str, list[torch.Tensor]] = {}
-    for chunk in images.split(batch_size):
-        for label, kwargs in [("all", {"filter": "all"}), *[(f"dtf@{t:g}", {"tau": t, "filter": "dtf"}) for t in taus]]:
-            tokens = model.encode(chunk, **kwargs)
-            reconstruction = model.decode(tokens)
-            results.setdefault(f"psnr_{label}", []).append(psnr(reconstruction, chunk))
-            results.setdefault(f"tokens_{label}", []).append(tokens.lengths.double())
-            if label == "all":
-                if min(chunk.shape[-2:]) > 10:
-                    results.setdefault("ssim_all", []).append(ssim(reconstruction, chunk))
-                if fid is not None:
-                    fid.update(reconstruction, chunk)
-    model.train(was_training)
+    keep_all, own = model.baseline_filter("keep-all"), model.filter
+    runs = [("all", keep_all, None), *[(f"{model.spec.filter.name}@{t:g}", own, t) for t in taus]]
+    with evaluating(model):
+        for chunk in images.split(batch_size):
+            analysis = model.analyse(chunk)
+            for label, token_filter, tau in runs:
+                selection = token_filter.select(analysis.entropy.bits, tau)
+                tokens = Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
+                                               analysis.image_size)
+                reconstruction = model.decode(tokens)
+                results.setdefault(f"psnr_{label}", []).append(psnr(reconstruction, chunk))
+                results.setdefault(f"tokens_{label}", []).append(tokens.lengths.double())
+                if token_filter is keep_all:
+                    if min(chunk.shape[-2:]) > 10:
+                        results.setdefault("ssim_all", []).append(ssim(reconstruction, chunk))
+                    if fid is not None:
+                        fid.update(reconstruction, chunk)
     summary = {key: float(torch.cat(values).double().mean()) for key, values in results.items()}
     if fid is not None:
         summary["rfid_all"] = fid.compute()
@@ -237,15 +243,8 @@ TEMPORARY_SUFFIX = ".tmp"
 
 def save_atomically(obj: Any, path: Path) -> None:
     """torch.save to a temporary file, then rename: a kill never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + TEMPORARY_SUFFIX)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_file(path, tmp=path.with_name(path.name + TEMPORARY_SUFFIX)) as tmp:
+        torch.save(obj, tmp)
 
 
 def save_final(model: Tokenizer, run_dir: Path) -> Path:
@@ -502,11 +501,9 @@ def train(
     parts = ("loss", "pixel", "perceptual", "adversarial", "discriminator")
     running = torch.zeros(len(parts), device=world.device)  # summed on the device between log steps
     start = time.perf_counter()
-    columns = [TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
     batch_iter = iter(loader)
     try:
-        with Progress(*columns, disable=not (progress and world.is_main), transient=False) as bar:
+        with progress_bar(progress and world.is_main, status=True) as bar:
             task = bar.add_task("train", total=config.steps, completed=step, status="")
             while step < config.steps:
                 adversarial_on = discriminator is not None and step >= config.discriminator_start
@@ -555,7 +552,7 @@ def train(
                               **evaluate(ema.model if ema is not None else model, eval_images.to(world.device),
                                          fid=ReconstructionFID(fid_features) if config.eval_fid else None)}
                     history.append(record)
-                    _write_text_atomically(run_dir / "history.json", json.dumps(history, indent=2))
+                    atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
                     bar.console.print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in record.items()))
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     _checkpoint({
@@ -573,7 +570,7 @@ def train(
         _check_replicas_agree(model, world)
     if world.is_main:
         save_final(ema.model if ema is not None else model, run_dir)
-        _write_text_atomically(run_dir / "history.json", json.dumps(history, indent=2))
+        atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
     seconds = elapsed + time.perf_counter() - start
     return TrainResult(run_dir, step, seconds, history[-1] if history else {}, history, loader.skipped)
 

@@ -11,7 +11,7 @@ a count k*; then k = clamp(k*, min_keep, min(max_keep, N)) and the kept set is {
   the information dropped is at most ε bits. ε ≥ 0.
 
 θ and ε are in bits, so one value means the same thing in every image: a budget over a set calibrates
-one of them and rich images get more tokens (:func:`tatok_core.workflows.rate.calibrate_threshold`).
+one of them and rich images get more tokens (:func:`tatok_core.workflows.rate_control.calibrate_threshold`).
 
 **Exact arithmetic.** Floating-point cumulative sums depend on summation order, so two backends
 (torch's CPU cumsum, a sequential Triton loop, a GPU tree scan) can decide k differently near the

@@ -75,7 +75,7 @@ from torch import Tensor
 
 from tatok_core.ops.dtf.reference import MODES, fixed_point_bits, validate_bits, validate_bounds, validate_mode, validate_threshold
 from tatok_core.contract.errors import FilterInputError, TatokError
-from tatok_core.contract.selection import Selection
+from tatok_core.contract.selection import Selection, cu_seqlens_from_lengths
 
 __all__ = ["TritonUnavailableError", "dtf_select_triton", "triton_available", "DEFAULT_ROWS_INTERPRETER"]
 
@@ -413,9 +413,7 @@ def dtf_select_triton(
             BJ=bj, USE_SORT=use_sort, MODE=MODES.index(mode), **meta,
         )  # fmt: skip
 
-    cu64 = torch.zeros(batch + 1, dtype=torch.int64, device=device)  # (B+1,) int64: packing never wraps
-    if batch:
-        torch.cumsum(lengths, 0, out=cu64[1:])
+    cu64 = cu_seqlens_from_lengths(lengths, torch.int64)  # (B+1,) int64: packing never wraps
     capacity = int(cu64[-1]) if max_total is None else max_total  # the one sizing sync
     index = torch.full((capacity,), -1, dtype=torch.int64, device=device)  # (K,)
     if batch and n and capacity:
