@@ -1,13 +1,13 @@
-"""TaTok core: the contract every component plugs into.
+"""TaTok core: the contract every component plugs into, the Tokenizer, and the workflows over it.
 
-Interfaces (:mod:`tatok_core.contract.interfaces`), the registry and plugin hook (:mod:`tatok_core.contract.registry`,
-:mod:`tatok_core.contract.hooks`), the factory :func:`create` (any registered component by name, from plain
-keyword arguments), value types (:class:`Selection`, :class:`Tokens`, :class:`Quantized` …), pipeline
-specs (:class:`PipelineSpec`), the :class:`Tokenizer` pipeline and the functional DTF
-(:func:`dtf_select`, the reference every kernel matches).
+The names research code needs are exported here (``__all__``; every one is listed in ``docs/api.md``).
+The contract (interfaces, registry and hook, :func:`create`, value types, specs, errors) and the DTF
+reference import eagerly; the :class:`Tokenizer` and the workflows import on first use, so ``import
+tatok_core`` stays light. Where each lives: ``docs/architecture.md``.
 """
 
-from tatok_core.ops.dtf.reference import dtf_select
+
+from tatok_core.contract.bitrate import TokenBits, token_bits
 from tatok_core.contract.errors import (
     CompositionError,
     FilterInputError,
@@ -23,6 +23,7 @@ from tatok_core.contract.errors import (
 )
 from tatok_core.contract.hooks import hookimpl
 from tatok_core.contract.interfaces import (
+    FILTER_ROLES,
     PIPELINE_KINDS,
     Component,
     Decoder,
@@ -39,56 +40,52 @@ from tatok_core.contract.interfaces import (
     TokenFilter,
 )
 from tatok_core.contract.registry import KINDS, Registry, get_registry
-from tatok_core.contract.selection import Selection
+from tatok_core.contract.selection import Selection, cu_seqlens_from_lengths
 from tatok_core.contract.spec import ComponentSpec, PipelineSpec, create
 from tatok_core.contract.tokens import ImageTokens, Tokens
+from tatok_core.ops.dtf.reference import dtf_select, epsilon_select, select_by_rule, theta_select
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "KINDS",
-    "PIPELINE_KINDS",
-    "Component",
-    "ComponentSpec",
-    "CompositionError",
-    "Decoder",
-    "Encoder",
-    "EntropyContext",
-    "EntropyEstimate",
-    "EntropyEstimator",
-    "Facts",
-    "FilterInputError",
-    "GenerationError",
-    "Generator",
-    "GlobalTokenizer",
-    "Grid",
-    "ImageReadError",
-    "ImageTokens",
-    "MissingExtraError",
-    "PipelineSpec",
-    "PluginError",
-    "Quantized",
-    "Quantizer",
-    "Registry",
-    "Selection",
-    "SpecError",
-    "TatokError",
-    "TokenFileError",
-    "TokenFilter",
-    "Tokenizer",
-    "Tokens",
-    "UnknownComponentError",
-    "WeightsFileError",
-    "create",
-    "dtf_select",
-    "get_registry",
-    "hookimpl",
-]
+#: Imported on first use (module attribute → module): torch-heavy or workflow code.
+LAZY = {
+    "Tokenizer": "tatok_core.pipeline.tokenizer",
+    "Analysis": "tatok_core.pipeline.tokenizer",
+    "DEFAULT_PRETRAINED": "tatok_core.pipeline.tokenizer",
+    "read_image": "tatok_core.io.images",
+    "write_image": "tatok_core.io.images",
+    "list_images": "tatok_core.io.images",
+    "TokenDataset": "tatok_core.io.tokenfile",
+    "TokenWriter": "tatok_core.io.tokenfile",
+    "ImageSource": "tatok_core.workflows.data",
+    "psnr": "tatok_core.workflows.metrics",
+    "ssim": "tatok_core.workflows.metrics",
+    "calibrate_bits": "tatok_core.workflows.rate_control",
+    "calibrate_threshold": "tatok_core.workflows.rate_control",
+    "encode_files": "tatok_core.workflows.encoding",
+    "decode_tokens": "tatok_core.workflows.encoding",
+    "evaluate_rate_distortion": "tatok_core.workflows.rate_distortion",
+    "Recipe": "tatok_core.workflows.training",
+    "TrainConfig": "tatok_core.workflows.training",
+    "train": "tatok_core.workflows.training",
+}
+
+__all__ = sorted([
+    "KINDS", "PIPELINE_KINDS", "FILTER_ROLES",
+    "Component", "Encoder", "GlobalTokenizer", "Quantizer", "EntropyEstimator", "TokenFilter", "Decoder", "Generator",
+    "EntropyContext", "EntropyEstimate", "Facts", "Grid", "Quantized",
+    "Registry", "get_registry", "hookimpl", "create", "ComponentSpec", "PipelineSpec",
+    "Selection", "Tokens", "ImageTokens", "cu_seqlens_from_lengths", "token_bits", "TokenBits",
+    "dtf_select", "theta_select", "epsilon_select", "select_by_rule",
+    "TatokError", "CompositionError", "FilterInputError", "GenerationError", "ImageReadError", "MissingExtraError",
+    "PluginError", "SpecError", "TokenFileError", "UnknownComponentError", "WeightsFileError",
+    *LAZY,
+])
 
 
-def __getattr__(name: str):  # the Tokenizer pulls in torch-heavy code; import it lazily
-    if name == "Tokenizer":
-        from tatok_core.pipeline.tokenizer import Tokenizer
+def __getattr__(name: str):
+    if name in LAZY:
+        import importlib
 
-        return Tokenizer
+        return getattr(importlib.import_module(LAZY[name]), name)
     raise AttributeError(f"module 'tatok_core' has no attribute {name!r}")

@@ -170,7 +170,7 @@ def test_encode_into_a_full_or_read_only_disk_leaves_the_target_as_it_was(
     if target == "appending":
         encoded(models, images, out, "--shard-size", "2")
     before = listing(tmp_path)
-    monkeypatch.setattr("tatok_core.io.tokenfile._write_durably", _torn_then(fail))
+    monkeypatch.setattr("tatok_core.io.tokenfile.write_durably", _torn_then(fail))
     inputs, extra = (images / "crop0.png", ["--append"]) if target == "appending" else (images, [])
     one_line_error(invoke("encode", inputs, "-o", out, "--shard-size", "2", *extra, model=models["a"]), *keywords)
     assert listing(tmp_path) == before  # no temp file, no staging folder, no lock file, target unchanged
@@ -394,14 +394,14 @@ KILLER = textwrap.dedent('''
                 hang()
         tokenfile.TokenWriter._flush = stop_after_two
     elif stage == "inside a shard write":
-        write, count = tokenfile._write_durably, []
+        write, count = tokenfile.write_durably, []
         def torn(path, data):
             count.append(1)
             if len(count) == 3:
                 path.with_name(f".{path.name}.tmp").write_bytes(data[: len(data) // 2])
                 hang()
             write(path, data)
-        tokenfile._write_durably = torn
+        tokenfile.write_durably = torn
     else:  # "during the commit": after the first shard moved into the target
         replace = os.replace
         def stop_in_commit(src, dst):

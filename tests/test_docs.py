@@ -176,6 +176,26 @@ def test_api_page_documents_every_builtin_component_module() -> None:
     assert not missing, f"docs/api.md does not document {sorted(missing)}"
 
 
+def test_api_page_lists_every_public_name_of_tatok_core() -> None:
+    import tatok_core
+
+    page = (DOCS / "api.md").read_text()
+    missing = [name for name in tatok_core.__all__ if f"`{name}`" not in page]
+    assert not missing, f"docs/api.md does not list {missing} (tatok_core.__all__)"
+    unexported = [name for name in tatok_core.__all__ if not hasattr(tatok_core, name)]
+    assert not unexported, f"tatok_core.__all__ names what it does not export: {unexported}"
+
+
+def test_every_documented_module_exists_and_docs_name_no_missing_file() -> None:
+    import importlib
+
+    text = "\n".join(p.read_text() for p in DOCS.glob("*.md"))
+    for module in re.findall(r"^::: ([\w.]+)\s*$", text, flags=re.M):
+        importlib.import_module(module)
+    for path in set(re.findall(r"\b((?:tatok_core|plugins|cli|benchmarks|tests|docs)/[\w/.-]+\.(?:py|md|toml))\b", text)):
+        assert (ROOT / path).exists(), f"the docs name {path}, which the project does not contain"
+
+
 DOCS_TOOLS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "mkdocs_click")
 
 

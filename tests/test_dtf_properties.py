@@ -1,4 +1,4 @@
-"""The ten DTF guarantees of DESIGN.md, as hypothesis properties, on every backend.
+"""The ten DTF guarantees of docs/concepts.md, as hypothesis properties, on every backend.
 
 Backends: ``torch`` is the reference :func:`tatok_core.ops.dtf.reference.dtf_select`; ``triton`` is the Triton kernel
 (:func:`tatok_core.ops.dtf.triton_kernel.dtf_select_triton`) on CPU tensors through Triton's interpreter;
@@ -307,7 +307,7 @@ def test_row_independent_of_batch(backend, case, row):
 
 
 def by_definition(bits: torch.Tensor, tau, min_keep: int, max_keep) -> Selection:
-    """DESIGN.md's definition transcribed in plain Python (floats, ints, sorted), sharing no code with any
+    """The definition (docs/concepts.md) transcribed in plain Python (floats, ints, sorted), sharing no code with any
     backend: q_i = floor(h_i · 2^(40−e)) with max < 2^e, π by h descending then position, k* = #(C_k <
     float64(T)·float64(float32 τ)) + (threshold > 0), clamped to [min_keep, min(max_keep, N)]."""
     b, n = bits.shape

@@ -1,4 +1,4 @@
-"""The six component contracts of a TaTok pipeline (see DESIGN.md, "Data flow").
+"""The six component contracts of a TaTok pipeline (see docs/architecture.md, "Data flow").
 
 Every component is a ``torch.nn.Module`` built as ``cls(facts, **options)`` when composed, or as
 ``cls(**options)`` on its own (``FSQ(levels=[8, 5, 5, 3])``). ``facts`` holds what the components

@@ -251,7 +251,7 @@ def parse_option_assignment(text: str) -> tuple[str, OptionValue]:
     return key.strip(), _option_value(key.strip(), value)
 
 
-def _construct(cls: type[Component], facts: Facts | None, kind: str, spec: ComponentSpec) -> Component:
+def instantiate(cls: type[Component], facts: Facts | None, kind: str, spec: ComponentSpec) -> Component:
     """Build ``cls`` with ``spec.options``, checked by name and simple type; ``facts`` None builds it standalone."""
     parameters = {
         p.name: p for p in inspect.signature(cls.__init__).parameters.values()
@@ -296,7 +296,7 @@ def create(kind: str, name: str, *, facts: Facts | None = None, registry: Regist
     standalone and takes the upstream values it needs (``dim`` …) from ``options``.
     """
     cls = (registry or get_registry()).get(kind, name)
-    return _construct(cls, facts, kind, ComponentSpec(name, options))
+    return instantiate(cls, facts, kind, ComponentSpec(name, options))
 
 
 def build_components(spec: PipelineSpec, registry: Registry | None = None) -> dict[str, Component]:
@@ -307,7 +307,7 @@ def build_components(spec: PipelineSpec, registry: Registry | None = None) -> di
     for kind in PIPELINE_KINDS:
         component_spec = spec.component(kind)
         cls = registry.get(kind, component_spec.name)
-        component = _construct(cls, facts, kind, component_spec)
+        component = instantiate(cls, facts, kind, component_spec)
         try:
             facts = facts.extended(component.provides(), component.label)
         except Exception as exc:  # a plugin whose provides() is broken

@@ -49,7 +49,7 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
     try:
         with Image.open(p) as im:
             im.load()  # decode now, so truncation surfaces here and not on first pixel access
-            return _to_tensor(ImageOps.exif_transpose(im))
+            return pil_to_tensor(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
         reason = "not an image (unrecognised or corrupt format)"
     except Image.DecompressionBombError as e:
@@ -60,7 +60,7 @@ def read_image(path: str | os.PathLike[str]) -> Tensor:
     raise ImageReadError(f"cannot read image {p}: {reason}")
 
 
-def _to_tensor(im: Image.Image) -> Tensor:
+def pil_to_tensor(im: Image.Image) -> Tensor:
     """Pillow image in any mode → (3, H, W) float32 in [0, 1]."""
     if im.mode.startswith("I;16") or im.mode == "I":
         arr = np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)

@@ -244,7 +244,7 @@ class _Shard:
             yield self.image(j, g[j], c[bounds[j] : bounds[j + 1]], p[bounds[j] : bounds[j + 1]])
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
     """``path`` holds ``data`` or what it held before, never a torn file; the temporary file has the fixed
     name ``.NAME.tmp``, which the writer removes after a killed run."""
     atomic_write(path, data, tmp=path.with_name(f".{path.name}.tmp"))
@@ -516,7 +516,7 @@ class TokenWriter:
         data, checksum = _serialize(tensors, {**self._header, "sources": _canonical([list(s) for _, s in items])})
         if self._single:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_durably(self.path, data)
+            write_durably(self.path, data)
             return
         name = _shard_name(self._rank, self._next)
         entry = {"name": name, "checksum": checksum, "images": len(images), "bytes": len(data)}
@@ -525,7 +525,7 @@ class TokenWriter:
             raise TokenFileError(f"{self.path}: shard {name} would repeat shard {twin} byte for byte: "
                                  "these images are in the set already")
         self._staging.mkdir(parents=True, exist_ok=True)
-        _write_durably(self._staging / name, data)
+        write_durably(self._staging / name, data)
         self._entries.append(entry)
         self._next += 1
 
@@ -560,7 +560,7 @@ class TokenWriter:
                     "images": sum(e["images"] for e in [*self._base, *self._entries]),
                 }
                 self._staging.mkdir(parents=True, exist_ok=True)
-                _write_durably(self._staging / _manifest_name(self._rank), _manifest_bytes(manifest))
+                write_durably(self._staging / _manifest_name(self._rank), _manifest_bytes(manifest))
                 self._commit()
             self._closed = True
         except BaseException as exc:

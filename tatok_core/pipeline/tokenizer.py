@@ -1,4 +1,4 @@
-"""The Tokenizer: a PipelineSpec's components wired together along DESIGN.md's data flow."""
+"""The Tokenizer: a PipelineSpec's components wired together along the data flow of docs/architecture.md."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tatok_core.io.persistence import (cpu_state, fit_state, hub_snapshot, is_re
                                     push_folder, save_weights, state_digest)
 from tatok_core.contract.registry import Registry, get_registry
 from tatok_core.contract.selection import Selection
-from tatok_core.contract.spec import ComponentSpec, PipelineSpec, _construct, build_components
+from tatok_core.contract.spec import ComponentSpec, PipelineSpec, instantiate, build_components
 from tatok_core.contract.tokens import Tokens
 
 DEFAULT_PRETRAINED = "tatok-small"  # what `tatok demo`, the CLI and from_pretrained() load by default
@@ -173,7 +173,7 @@ class Tokenizer(nn.Module):
         name = name or current.name
         merged = {**(current.options if name == current.name else {}), **options}
         registry = self._registry or get_registry()
-        return _construct(registry.get("filter", name), self.facts, "filter", ComponentSpec(name, merged))  # type: ignore[return-value]
+        return instantiate(registry.get("filter", name), self.facts, "filter", ComponentSpec(name, merged))  # type: ignore[return-value]
 
     def baseline_filter(self, role: str, **options: Any) -> TokenFilter:
         """The registered filter playing ``role`` (:data:`~tatok_core.contract.interfaces.FILTER_ROLES`, e.g.

@@ -38,7 +38,7 @@ from tatok_core.workflows.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DE
 from tatok_core.contract.errors import ImageReadError, MissingExtraError
 from tatok_core.contract.extras import missing_extra_message
 from tatok_core.io.atomic import atomic_write_text
-from tatok_core.io.images import IMAGE_EXTENSIONS, _to_tensor, list_images, read_image
+from tatok_core.io.images import IMAGE_EXTENSIONS, pil_to_tensor, list_images, read_image
 
 
 @attrs.frozen
@@ -326,7 +326,7 @@ def _decode_bytes(data: bytes, name: str) -> Tensor:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            return _to_tensor(ImageOps.exif_transpose(im))
+            return pil_to_tensor(ImageOps.exif_transpose(im))
     except UnidentifiedImageError:
         reason = "not an image (unrecognised or corrupt format)"
     except Image.DecompressionBombError as e:

@@ -40,13 +40,13 @@ from tatok_core.io.atomic import atomic_write
 from tatok_core.io.persistence import (cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
                                     push_folder, save_weights)
 from tatok_core.contract.registry import Registry, get_registry
-from tatok_core.contract.spec import ComponentSpec, _construct
+from tatok_core.contract.spec import ComponentSpec, instantiate
 from tatok_core.io.tokenfile import StoredImageTokens, TokenDataset
 from tatok_core.workflows.batching import index_groups
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.progress import progress_bar
+from tatok_core.workflows.schedule import warmup_cosine
 from tatok_core.contract.tokens import Tokens
-from tatok_core.workflows.training import TrainConfig, lr_factor
 
 PRIOR_FILE = "prior.json"
 WEIGHTS_FILE = "prior.safetensors"
@@ -112,7 +112,7 @@ def build_generator(name: str, facts: Facts, registry: Registry | None = None, *
     """
     spec = ComponentSpec(name, options)
     cls = (registry or get_registry()).get("generator", name)
-    generator: Generator = _construct(cls, facts, "generator", spec)  # type: ignore[assignment]
+    generator: Generator = instantiate(cls, facts, "generator", spec)  # type: ignore[assignment]
     generator.component_spec = spec
     return generator
 
@@ -183,7 +183,7 @@ def train_prior(
     """Maximum likelihood on random batches of ``dataset`` (with replacement, one (grid, size) per batch).
 
     The token set is held in memory: tokens are small. AdamW with linear warm-up then cosine decay
-    (:func:`tatok_core.workflows.training.lr_factor`). The loss is nats per token slot (M + N), so its scale does
+    (:func:`tatok_core.workflows.schedule.warmup_cosine`). The loss is nats per token slot (M + N), so its scale does
     not depend on the grid; progress and ``history`` report bits per image. ``labels`` (one class per
     image, data-set order) are for class-conditional priors (``num_classes`` > 0).
     """
@@ -194,9 +194,8 @@ def train_prior(
     groups = _groups(images)
     sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
     rng = torch.Generator().manual_seed(seed)
-    schedule = TrainConfig(steps=steps, warmup=min(warmup, steps), lr=lr)
     optimizer = torch.optim.AdamW(generator.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, schedule))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps=steps, warmup=min(warmup, steps)))
     history: list[dict[str, float]] = []
     recent: deque[float] = deque(maxlen=log_every)
     generator.train()

@@ -38,6 +38,7 @@ from tatok_core.contract.tokens import Tokens
 from tatok_core.pipeline.tokenizer import Tokenizer
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.progress import progress_bar
+from tatok_core.workflows.schedule import warmup_cosine
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -189,11 +190,8 @@ class World:
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warm-up, then cosine from 1 to ``min_lr_ratio``."""
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
-    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    """The schedule (:func:`~tatok_core.workflows.schedule.warmup_cosine`) of this run's config."""
+    return warmup_cosine(step, steps=config.steps, warmup=config.warmup, min_lr_ratio=config.min_lr_ratio)
 
 
 @torch.no_grad()
