@@ -490,7 +490,7 @@ def train(
         step, history, elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
     if world.is_main:
         spec.save(run_dir / "spec.toml")
-        (run_dir / "train.json").write_text(json.dumps(attrs.asdict(config), indent=2))
+        atomic_write_text(run_dir / "train.json", json.dumps(attrs.asdict(config), indent=2))
     trainer = DistributedDataParallel(model) if world.size > 1 else model
     critic = DistributedDataParallel(discriminator) if discriminator is not None and world.size > 1 else discriminator
     autocast = (

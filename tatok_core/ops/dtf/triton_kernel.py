@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -324,6 +324,51 @@ def _check_tunable(name: str, value: int | None) -> None:
         raise FilterInputError(f"{name} must be a power of two ≥ 1, got {value!r}")
 
 
+def _check_options(device: torch.device, rows_per_program: int | None, max_total: int | None,
+                   algorithm: str | None) -> None:
+    """The launcher's own options (the bits and bounds are checked like the reference's)."""
+    _check_tunable("rows_per_program", rows_per_program)
+    if max_total is not None and (isinstance(max_total, bool) or not isinstance(max_total, int) or max_total < 0):
+        raise FilterInputError(f"max_total must be an integer ≥ 0 or None, got {max_total!r}")
+    if algorithm not in (None, "sort", "count"):
+        raise FilterInputError(f"algorithm must be 'sort', 'count' or None, got {algorithm!r}")
+    if device.type not in ("cuda", "cpu"):
+        raise FilterInputError(
+            f"dtf_select_triton runs on CUDA tensors (compiled) or CPU tensors (interpreter), got {device}; "
+            "use tatok_core.ops.dtf.reference.dtf_select for other devices"
+        )
+
+
+class _LaunchConfig(NamedTuple):
+    grid: tuple[int, ...]
+    meta: dict[str, Any]  # ROWS, BLOCK (+ num_warps, enable_fp_fusion on CUDA)
+    bj: int  # column tile of the "count" algorithm, a power of two ≤ BLOCK
+    use_sort: bool
+
+
+def _launch_config(batch: int, n: int, device: torch.device, rows_per_program: int | None,
+                   algorithm: str | None) -> _LaunchConfig:
+    """Rows per program, block and tile sizes and the algorithm: tuning only, never the result."""
+    on_cuda = device.type == "cuda"
+    use_sort = (algorithm or ("sort" if on_cuda else "count")) == "sort"
+    block = max(_MIN_BLOCK, _next_pow2(n))
+    if rows_per_program is None:
+        if on_cuda:
+            rows_per_program = 1
+        else:
+            rows_per_program = max(1, min(DEFAULT_ROWS_INTERPRETER, _next_pow2(batch), 65536 // block))
+    rows = rows_per_program
+    tile = _CUDA_TILE if on_cuda else _INTERP_TILE
+    bj = min(block, 1 << (max(1, tile // (rows * block)).bit_length() - 1))  # power of two ≤ BLOCK
+    meta: dict[str, Any] = {"ROWS": rows, "BLOCK": block}
+    if on_cuda:
+        # ~8 int64 keys per thread: no spills on sm_90 (checked with ptxas), fp fusion off: no FMA may
+        # round the threshold differently from the interpreter (there is no a·b+c today; this keeps it so)
+        meta["num_warps"] = 4 if block <= 512 else (8 if block <= 2048 else 16)
+        meta["enable_fp_fusion"] = False
+    return _LaunchConfig((triton.cdiv(batch, rows),), meta, bj, use_sort)
+
+
 def dtf_select_triton(
     bits: Tensor,
     threshold: float | Tensor,
@@ -373,44 +418,17 @@ def dtf_select_triton(
     batch, n = h.shape
     upper = validate_bounds(n, min_keep, max_keep)
     value32 = validate_threshold(threshold, batch, h.device, mode).to(torch.float32).contiguous()
-    _check_tunable("rows_per_program", rows_per_program)
-    if max_total is not None and (isinstance(max_total, bool) or not isinstance(max_total, int) or max_total < 0):
-        raise FilterInputError(f"max_total must be an integer ≥ 0 or None, got {max_total!r}")
-    if algorithm not in (None, "sort", "count"):
-        raise FilterInputError(f"algorithm must be 'sort', 'count' or None, got {algorithm!r}")
+    _check_options(h.device, rows_per_program, max_total, algorithm)
     device = h.device
-    if device.type not in ("cuda", "cpu"):
-        raise FilterInputError(
-            f"dtf_select_triton runs on CUDA tensors (compiled) or CPU tensors (interpreter), got {device}; "
-            "use tatok_core.ops.dtf.reference.dtf_select for other devices"
-        )
-    on_cuda = device.type == "cuda"
-    use_sort = (algorithm or ("sort" if on_cuda else "count")) == "sort"
-    block = max(_MIN_BLOCK, _next_pow2(n))
-
-    if rows_per_program is None:
-        if on_cuda:
-            rows_per_program = 1
-        else:
-            rows_per_program = max(1, min(DEFAULT_ROWS_INTERPRETER, _next_pow2(batch), 65536 // block))
-    rows = rows_per_program
-    tile = _CUDA_TILE if on_cuda else _INTERP_TILE
-    bj = min(block, 1 << (max(1, tile // (rows * block)).bit_length() - 1))  # power of two ≤ BLOCK
-
+    launch = _launch_config(batch, n, device, rows_per_program, algorithm)
     keep_u8 = torch.zeros((batch, n), dtype=torch.uint8, device=device)  # (B, N)
     lengths = torch.zeros(batch, dtype=torch.int64, device=device)  # (B,)
-    grid = (triton.cdiv(batch, rows),)
-    meta: dict[str, Any] = {"ROWS": rows, "BLOCK": block}
-    if on_cuda:
-        # ~8 int64 keys per thread: no spills on sm_90 (checked with ptxas), fp fusion off: no FMA may
-        # round the threshold differently from the interpreter (there is no a·b+c today; this keeps it so)
-        meta["num_warps"] = 4 if block <= 512 else (8 if block <= 2048 else 16)
-        meta["enable_fp_fusion"] = False
+    grid, meta = launch.grid, launch.meta
     if batch and n:
         _launch(
             _dtf_rows_kernel, grid, device,
             h, value32, keep_u8, lengths, batch, n, min(min_keep, upper), upper, fixed_point_bits(n),
-            BJ=bj, USE_SORT=use_sort, MODE=MODES.index(mode), **meta,
+            BJ=launch.bj, USE_SORT=launch.use_sort, MODE=MODES.index(mode), **meta,
         )  # fmt: skip
 
     cu64 = cu_seqlens_from_lengths(lengths, torch.int64)  # (B+1,) int64: packing never wraps
