@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image
 from torch import Tensor
 
+from tatok_core.contract.registry import get_registry
+
 #: JPEG quality of the complexity measure (Pillow's default).
 JPEG_QUALITY = 75
 
@@ -86,10 +88,12 @@ def allocates(tokens: Sequence[float]) -> bool:
     return len(set(tokens)) > 1
 
 
-def allocation_report(points: Sequence, images: Sequence[Tensor], reference: str = "topk") -> dict[str, list]:
+def allocation_report(points: Sequence, images: Sequence[Tensor], reference: str | None = None) -> dict[str, list]:
     """Kept fraction k/N vs complexity (Spearman) for every method that allocates (:func:`allocates`), and
     each method's per-image PSNR minus the ``reference`` method's at the same matched count (``points``:
-    :class:`tatok_core.workflows.rate_distortion.RDPoint`). The fraction, not the count, so that photos of different sizes compare."""
+    :class:`tatok_core.workflows.rate_distortion.RDPoint`). The fraction, not the count, so that photos of different sizes compare.
+    ``reference`` is a method label; by default the registered filter of role "top-k"."""
+    reference = reference or get_registry().name_for_role("filter", "top-k")
     measures = [image_complexity(image) for image in images]
     correlation = [
         {"filter": p.filter, "setting": p.setting, "matched": p.matched,

@@ -91,6 +91,34 @@ def _has_count_option(model: Tokenizer, name: str) -> bool:
     return True
 
 
+#: One method at one operating point: (label, setting, matched τ, filter, threshold passed to ``select``).
+Setting = tuple[str, str, str | None, TokenFilter, float | None]
+
+
+def _settings(model: Tokenizer, filters: Sequence[str], taus: Sequence[float], matched: Sequence[float],
+              bits: Sequence[Tensor], own: TokenFilter) -> list[Setting]:
+    """Every (method, operating point) to run, each matched to the model's mean count K_τ at each τ."""
+    settings: list[Setting] = []
+    for name in (_filter_name(model, method) for method in filters):
+        if name == "model":
+            settings += [("model", f"tau={t:g}", f"tau={t:g}", own, t) for t in taus]
+        elif name in ("theta", "epsilon"):
+            shared = _threshold_filter(model, name)
+            for t, target in zip(taus, matched):
+                with contextlib.suppress(TatokError):  # a count the rule cannot reach is left out
+                    value = calibrate_bits(shared, bits, max(target, 1e-9)).threshold
+                    settings.append((f"shared-{name}", f"{name}={value:.6g}", f"tau={t:g}", shared, value))
+        elif _role(model, name) == "keep-all":
+            settings.append((name, "all", None, model.token_filter(name), None))
+        elif _has_count_option(model, name):
+            for t, target in zip(taus, matched):
+                k = round(target)
+                settings.append((name, f"k={k}", f"tau={t:g}", model.token_filter(name, k=k), None))
+        else:
+            settings += [(name, f"tau={t:g}", f"tau={t:g}", model.token_filter(name), t) for t in taus]
+    return settings
+
+
 def evaluate_rate_distortion(
     model: Tokenizer,
     images: Tensor | Sequence[Tensor],
@@ -127,24 +155,7 @@ def evaluate_rate_distortion(
         bits = [a.bits for _, _, a in batches]
         own = model.token_filter()
         matched = [sum(int(own.select(b, t).lengths.sum()) for b in bits) / count for t in taus]
-        settings: list[tuple[str, str, str | None, TokenFilter, float | None]] = []
-        for name in (_filter_name(model, method) for method in filters):
-            if name == "model":
-                settings += [("model", f"tau={t:g}", f"tau={t:g}", own, t) for t in taus]
-            elif name in ("theta", "epsilon"):
-                shared = _threshold_filter(model, name)
-                for t, target in zip(taus, matched):
-                    with contextlib.suppress(TatokError):  # a count the rule cannot reach is left out
-                        value = calibrate_bits(shared, bits, max(target, 1e-9)).threshold
-                        settings.append((f"shared-{name}", f"{name}={value:.6g}", f"tau={t:g}", shared, value))
-            elif _role(model, name) == "keep-all":
-                settings.append((name, "all", None, model.token_filter(name), None))
-            elif _has_count_option(model, name):
-                for t, target in zip(taus, matched):
-                    k = round(target)
-                    settings.append((name, f"k={k}", f"tau={t:g}", model.token_filter(name, k=k), None))
-            else:
-                settings += [(name, f"tau={t:g}", f"tau={t:g}", model.token_filter(name), t) for t in taus]
+        settings = _settings(model, filters, taus, matched, bits, own)
         per_image = [{key: [0.0] * count for key in ("tokens", "fraction", "psnr", "ssim", "bpp", "codes",
                                                       "globals", "side")} for _ in settings]
         levels = range(oracle_levels + 1) if oracle else range(0)

@@ -416,11 +416,7 @@ def train(
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and checkpoint_path.exists():
-            raise SpecError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        for stray in remove_temporary_files(run_dir):
-            print(f"removed {stray.name} left by an interrupted save", file=sys.stderr, flush=True)
+        _open_run_dir(run_dir, resume)
     threads = choose_threads(config, world)
     torch.set_num_threads(threads)
     state = _load_checkpoint(checkpoint_path, world.device) if resume and checkpoint_path.exists() else None
@@ -477,16 +473,8 @@ def train(
     if state is not None:
         if state["spec"] != spec.to_dict():
             raise SpecError(f"{checkpoint_path} was written for another spec; cannot resume it with this one")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["loaders"][world.rank])
-        _set_rng_state(state["rng"][world.rank])
-        if ema is not None and state.get("ema") is not None:
-            ema.model.load_state_dict(state["ema"])
-        if discriminator is not None and state.get("discriminator") is not None:
-            discriminator.load_state_dict(state["discriminator"])
-            d_optimizer.load_state_dict(state["d_optimizer"])
+        _restore(state, world, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, ema=ema,
+                 discriminator=discriminator, d_optimizer=d_optimizer)
         step, history, elapsed = state["step"], state["history"], state.get("elapsed", 0.0)
     if world.is_main:
         spec.save(run_dir / "spec.toml")
@@ -571,6 +559,31 @@ def train(
         atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
     seconds = elapsed + time.perf_counter() - start
     return TrainResult(run_dir, step, seconds, history[-1] if history else {}, history, loader.skipped)
+
+
+def _open_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create ``run_dir``; refuse a finished or running one unless resuming; sweep a killed save's leftovers."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and (run_dir / CHECKPOINT).exists():
+        raise SpecError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    for stray in remove_temporary_files(run_dir):
+        print(f"removed {stray.name} left by an interrupted save", file=sys.stderr, flush=True)
+
+
+def _restore(state: Mapping[str, Any], world: World, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Any, loader: StreamLoader, ema: ExponentialAverage | None,
+             discriminator: torch.nn.Module | None, d_optimizer: torch.optim.Optimizer | None) -> None:
+    """Every piece of a checkpoint back in place: weights, optimizers, this rank's loader and RNG, EMA, critic."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loader.load_state_dict(state["loaders"][world.rank])
+    _set_rng_state(state["rng"][world.rank])
+    if ema is not None and state.get("ema") is not None:
+        ema.model.load_state_dict(state["ema"])
+    if discriminator is not None and state.get("discriminator") is not None:
+        discriminator.load_state_dict(state["discriminator"])
+        d_optimizer.load_state_dict(state["d_optimizer"])
 
 
 def _listing_name(data: str) -> str:
