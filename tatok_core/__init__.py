@@ -70,17 +70,17 @@ LAZY = {
     "train": "tatok_core.workflows.training",
 }
 
-__all__ = sorted([
-    "KINDS", "PIPELINE_KINDS", "FILTER_ROLES",
-    "Component", "Encoder", "GlobalTokenizer", "Quantizer", "EntropyEstimator", "TokenFilter", "Decoder", "Generator",
-    "EntropyContext", "EntropyEstimate", "Facts", "Grid", "Quantized",
-    "Registry", "get_registry", "hookimpl", "create", "ComponentSpec", "PipelineSpec",
-    "Selection", "Tokens", "ImageTokens", "cu_seqlens_from_lengths", "token_bits", "TokenBits",
-    "dtf_select", "theta_select", "epsilon_select", "select_by_rule",
-    "TatokError", "CompositionError", "FilterInputError", "GenerationError", "ImageReadError", "MissingExtraError",
-    "PluginError", "SpecError", "TokenFileError", "UnknownComponentError", "WeightsFileError",
-    *LAZY,
-])
+__all__ = [
+    "Analysis", "Component", "ComponentSpec", "CompositionError", "DEFAULT_PRETRAINED", "Decoder", "Encoder",
+    "EntropyContext", "EntropyEstimate", "EntropyEstimator", "FILTER_ROLES", "Facts", "FilterInputError",
+    "GenerationError", "Generator", "GlobalTokenizer", "Grid", "ImageReadError", "ImageSource", "ImageTokens",
+    "KINDS", "MissingExtraError", "PIPELINE_KINDS", "PipelineSpec", "PluginError", "Quantized", "Quantizer",
+    "Recipe", "Registry", "Selection", "SpecError", "TatokError", "TokenBits", "TokenDataset", "TokenFileError",
+    "TokenFilter", "TokenWriter", "Tokenizer", "Tokens", "TrainConfig", "UnknownComponentError", "WeightsFileError",
+    "calibrate_bits", "calibrate_threshold", "create", "cu_seqlens_from_lengths", "decode_tokens", "dtf_select",
+    "encode_files", "epsilon_select", "evaluate_rate_distortion", "get_registry", "hookimpl", "list_images", "psnr",
+    "read_image", "select_by_rule", "ssim", "theta_select", "token_bits", "train", "write_image",
+]  # every name is listed in docs/api.md (tests/test_docs.py)
 
 
 def __getattr__(name: str):

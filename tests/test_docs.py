@@ -184,6 +184,11 @@ def test_api_page_lists_every_public_name_of_tatok_core() -> None:
     assert not missing, f"docs/api.md does not list {missing} (tatok_core.__all__)"
     unexported = [name for name in tatok_core.__all__ if not hasattr(tatok_core, name)]
     assert not unexported, f"tatok_core.__all__ names what it does not export: {unexported}"
+    import types
+
+    public = {name for name, value in vars(tatok_core).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)} | set(tatok_core.LAZY)
+    assert public - {"LAZY"} <= set(tatok_core.__all__), f"missing from __all__: {public - set(tatok_core.__all__) - {'LAZY'}}"
 
 
 def test_every_documented_module_exists_and_docs_name_no_missing_file() -> None:
