@@ -48,7 +48,7 @@ from tatok_core.ops.dtf.reference import dtf_select, epsilon_select, select_by_r
 __version__ = "0.1.0"
 
 #: Imported on first use (module attribute → module): torch-heavy or workflow code.
-LAZY = {
+_LAZY = {
     "Tokenizer": "tatok_core.pipeline.tokenizer",
     "Analysis": "tatok_core.pipeline.tokenizer",
     "DEFAULT_PRETRAINED": "tatok_core.pipeline.tokenizer",
@@ -84,8 +84,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name in LAZY:
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(LAZY[name]), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'tatok_core' has no attribute {name!r}")
