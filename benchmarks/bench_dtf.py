@@ -6,7 +6,7 @@
     python benchmarks/bench_dtf.py --mode theta --tokens 16384 65536   # an absolute rule, beyond the old cap
 
 Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange`` (CUDA-synchronised). Both
-backends return the complete :class:`~tatok_core.selection.Selection`, so both include input validation
+backends return the complete :class:`~tatok_core.contract.selection.Selection`, so both include input validation
 and the host sync that sizes the packed index; the ``triton+cap`` column passes ``max_total = B·N``
 (no sizing sync). Achieved bandwidth counts the compulsory traffic only: bits read (4 B/token) plus
 mask (1 B/token), packed index (8 B/kept token), lengths and cu_seqlens written — a lower bound on what
@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.utils.benchmark as tbench
 
-from tatok_core.dtf import MODES, select_by_rule
+from tatok_core.ops.dtf.reference import MODES, select_by_rule
 
 # Peak DRAM bandwidth in GB/s by (lower-case) substring of torch.cuda.get_device_name(); first match wins.
 PEAK_GBPS = [
@@ -113,14 +113,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     triton_note = ""
     if device.type == "cuda":
         try:
-            from tatok_plugins.dtf_triton import dtf_select_triton, triton_available
+            from tatok_core.ops.dtf.triton_kernel import dtf_select_triton, triton_available
 
             if triton_available():
                 triton_fn = dtf_select_triton
             else:
                 triton_note = "triton not importable: reference only"
         except ImportError as exc:  # pragma: no cover
-            triton_note = f"tatok_plugins.dtf_triton not importable ({exc}): reference only"
+            triton_note = f"tatok_core.ops.dtf.triton_kernel not importable ({exc}): reference only"
     else:
         triton_note = f"device {device.type}: reference only (the Triton kernel needs CUDA; on CPU it is interpreted)"
 
@@ -187,8 +187,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def load_encoder(name: str, device: torch.device) -> torch.nn.Module:
     """The encoder the filter sits behind: a saved/shipped tokenizer's, or ``default`` (spec defaults)."""
-    from tatok_core.spec import PipelineSpec
-    from tatok_core.tokenizer import Tokenizer
+    from tatok_core.contract.spec import PipelineSpec
+    from tatok_core.pipeline.tokenizer import Tokenizer
 
     model = Tokenizer(PipelineSpec()) if name == "default" else Tokenizer.from_pretrained(name)
     return model.encoder.to(device).eval()

@@ -25,7 +25,7 @@ import torch.utils.benchmark as tbench
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tatok_core.interfaces import Facts
+from tatok_core.contract.interfaces import Facts
 from tatok_plugins.fsq import FSQ
 
 RATIO_TARGET = 1.2

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from tatok_core import generation
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.imageio import tile_images, write_image
-from tatok_core.rate import token_meta
-from tatok_core.tokenfile import TokenDataset, TokenWriter
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
-from tatok_core.tokens import Tokens
+from tatok_core.workflows import generation
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.io.images import tile_images, write_image
+from tatok_core.workflows.encoding import token_meta
+from tatok_core.io.tokenfile import TokenDataset, TokenWriter
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_core.contract.tokens import Tokens
 
 PRIORS = {"adaptive": None, "raster": "all"}  # generator → filter its tokens are encoded with (None: the model's)
 QUICK = {"crops": 512, "heldout": 128, "steps": 200, "samples": 32, "repeats": 3}

@@ -37,7 +37,6 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-TATOK = shutil.which("tatok") or "tatok"
 
 
 def _python(code: str, *args: str, threads: int | None = None) -> dict[str, Any]:
@@ -50,9 +49,9 @@ def _python(code: str, *args: str, threads: int | None = None) -> dict[str, Any]
 
 STEP_RATE = """
 import json, sys, time, torch, attrs
-from tatok_core.train import Recipe, choose_threads, World
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.data import StreamLoader, Augment, open_source
+from tatok_core.workflows.training import Recipe, choose_threads, World
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows.data import StreamLoader, Augment, open_source
 recipe = Recipe.load('recipes/tiny.toml'); c = recipe.train
 torch.set_num_threads(choose_threads(c, World()))
 model = Tokenizer(recipe.spec).train(); opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -66,7 +65,7 @@ print(json.dumps({'step_s': sorted(times[2:])[len(times[2:]) // 2], 'threads': t
 
 LOADER_RATE = """
 import json, sys, time, torch
-from tatok_core.data import StreamLoader, Augment, open_source
+from tatok_core.workflows.data import StreamLoader, Augment, open_source
 data, mode, batches, batch, crop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 loader = StreamLoader(open_source(data, crop), Augment(crop, mode=mode), batch, workers=2)
 it = iter(loader); next(it); next(it)  # workers started and warm
@@ -77,7 +76,7 @@ print(json.dumps({'batches_per_s': batches / (time.perf_counter() - t)}))
 
 PEAK_RSS = """
 import json, resource, sys
-from tatok_core.data import StreamLoader, Augment, open_source
+from tatok_core.workflows.data import StreamLoader, Augment, open_source
 loader = StreamLoader(open_source(sys.argv[1], 8), Augment(8), 16, workers=2)
 it = iter(loader)
 for _ in range(int(sys.argv[2])): next(it)
@@ -167,7 +166,7 @@ def ddp(quick: bool, scratch: Path) -> dict[str, Any]:
 
     def command(out: Path, port: int, *extra: str) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                TATOK, "train", str(recipe), "--out", str(out), "--data", data, *extra]
+                "-m", "tatok_cli", "train", str(recipe), "--out", str(out), "--data", data, *extra]
 
     def digest(stdout: str) -> str:
         line = next(line for line in stdout.splitlines() if "parameters agree across 2 ranks" in line)

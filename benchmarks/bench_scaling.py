@@ -40,11 +40,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tatok_core.errors import TatokError
-from tatok_core.interfaces import EntropyContext
-from tatok_core.selection import Selection
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
-from tatok_core.tokens import Tokens
+from tatok_core.contract.errors import TatokError
+from tatok_core.contract.interfaces import EntropyContext
+from tatok_core.contract.selection import Selection
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_core.contract.tokens import Tokens
 
 FULL_SIDES = (64, 128, 256, 512, 768, 1024)
 QUICK_SIDES = (64, 128, 256)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_ssim.py --quick --json out/ssim.json
 
-Candidates: TaTok's torch SSIM (:func:`tatok_core.metrics.ssim`), ``pytorch_msssim.ssim`` and
+Candidates: TaTok's torch SSIM (:func:`tatok_core.workflows.metrics.ssim`), ``pytorch_msssim.ssim`` and
 ``torchmetrics``' ``structural_similarity_index_measure`` (both with an 11-tap σ = 1.5 Gaussian, as
 scikit-image with ``gaussian_weights=True``), each skipped when not installed. Values: the largest
 absolute difference from scikit-image over noisy pairs of every size (an error is recorded as such:
@@ -24,7 +24,7 @@ import torch
 import torch.utils.benchmark as tbench
 from skimage.metrics import structural_similarity
 
-from tatok_core.metrics import ssim as tatok_ssim
+from tatok_core.workflows.metrics import ssim as tatok_ssim
 
 Metric = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -52,13 +52,16 @@ if __package__ in (None, ""):  # ``python benchmarks/operating_point.py``: impor
 
 from benchmarks.claims.common import environment, fmt, interp_y, write_json, x_reaching  # noqa: E402
 from benchmarks.claims.report import md_table  # noqa: E402
-from tatok_core.data import ImageSource  # noqa: E402
-from tatok_core.errors import TatokError  # noqa: E402
-from tatok_core.imageio import fit_longest_side  # noqa: E402
-from tatok_core.metrics import psnr, ssim  # noqa: E402
-from tatok_core.rate import _Analysed, _inference, _progress, calibrate_bits, cannot_tokenize  # noqa: E402
-from tatok_core.selection import Selection  # noqa: E402
-from tatok_core.tokenizer import Tokenizer  # noqa: E402
+from tatok_core.workflows.data import ImageSource  # noqa: E402
+from tatok_core.contract.errors import TatokError  # noqa: E402
+from tatok_core.io.images import fit_longest_side  # noqa: E402
+from tatok_core.workflows.metrics import psnr, ssim  # noqa: E402
+from tatok_core.workflows.analysis import Analysed as _Analysed, cannot_tokenize  # noqa: E402
+from tatok_core.workflows.inference import evaluating as _inference  # noqa: E402
+from tatok_core.workflows.progress import progress_bar as _progress  # noqa: E402
+from tatok_core.workflows.rate_control import calibrate_bits  # noqa: E402
+from tatok_core.contract.selection import Selection  # noqa: E402
+from tatok_core.pipeline.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_DATA = "builtin:photos:extended:heldout"
 DEFAULT_FRACTIONS = (0.25, 0.35, 0.5, 0.75)

@@ -9,12 +9,12 @@ import click
 import torch
 from rich.table import Table
 
-from tatok_cli.main import console
-from tatok_core.errors import SpecError
-from tatok_core.interfaces import PIPELINE_KINDS
-from tatok_core.registry import get_registry
-from tatok_core.spec import PipelineSpec, parse_option_assignment
-from tatok_core.tokenizer import Tokenizer
+from tatok_cli.console import console
+from tatok_core.contract.errors import SpecError
+from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.contract.registry import get_registry
+from tatok_core.contract.spec import PipelineSpec, parse_option_assignment
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 
 @click.command()

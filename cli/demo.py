@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from tatok_cli.main import console
-from tatok_core.demo import run_demo
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_cli.console import console
+from tatok_core.workflows.demo import run_demo
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 
 @click.command()

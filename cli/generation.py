@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 import torch
 
-from tatok_cli.main import console
-from tatok_core import generation
-from tatok_core.errors import GenerationError
-from tatok_core.imageio import tile_images, write_image
-from tatok_core.spec import parse_option_assignment
-from tatok_core.tokenfile import TokenDataset
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_cli.console import console
+from tatok_core.workflows import generation
+from tatok_core.contract.errors import GenerationError
+from tatok_core.io.images import tile_images, write_image
+from tatok_core.contract.spec import parse_option_assignment
+from tatok_core.io.tokenfile import TokenDataset
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 
 def _device() -> torch.device:

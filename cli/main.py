@@ -1,6 +1,6 @@
 """The ``tatok`` command: a thin click + rich layer over the library.
 
-User errors (:class:`tatok_core.errors.TatokError`) and failed file operations (``OSError``: a
+User errors (:class:`tatok_core.contract.errors.TatokError`) and failed file operations (``OSError``: a
 read-only or full disk, an output path under a regular file) become one red line and exit status 1;
 click's own usage errors exit with 2. Set ``TATOK_DEBUG=1`` to see the traceback instead.
 """
@@ -12,13 +12,10 @@ import sys
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 
-from tatok_core.errors import TatokError, os_error_message
-
-console = Console()
-err_console = Console(stderr=True)
+from tatok_cli.console import err_console
+from tatok_core.contract.errors import TatokError, os_error_message
 
 
 class TatokGroup(click.Group):
@@ -53,9 +50,7 @@ def register_commands() -> None:
             cli.add_command(command)
 
 
-if __name__ == "__main__":  # python -m tatok_cli.main (independent of PATH): run the importable module's group
-    from tatok_cli.main import cli as _importable_cli
+register_commands()
 
-    _importable_cli()
-else:
-    register_commands()
+if __name__ == "__main__":  # python -m tatok_cli.main
+    cli()

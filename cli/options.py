@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from tatok_core.errors import TatokError
+from tatok_core.contract.errors import TatokError
 
 
 def at_least(minimum: int) -> Any:

@@ -17,28 +17,22 @@ import torch.distributed as dist
 from torch import Tensor
 from rich.table import Table
 
-from tatok_cli.main import console, err_console
+from tatok_cli.console import console, err_console
 from tatok_cli.options import at_least
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.errors import ImageReadError, TatokError
-from tatok_core.imageio import read_image
-from tatok_core.allocation import allocation_report
-from tatok_core.imageio import fit_longest_side
-from tatok_core.rate import (
-    BUDGET_MODES,
-    DEFAULT_METHODS,
-    cannot_tokenize,
-    check_rate,
-    check_tau,
-    evaluate_rate_distortion,
-    save_rate_distortion,
-    source_names,
-)
-from tatok_core.outputs import decode_token_set, encode_token_set, ignored_rate_option
-from tatok_core.panels import show_panel
-from tatok_core.spec import OptionValue, parse_option_assignment
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
-from tatok_core.train import World
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.errors import ImageReadError, TatokError
+from tatok_core.io.images import read_image
+from tatok_core.workflows.allocation import allocation_report
+from tatok_core.io.images import fit_longest_side
+from tatok_core.workflows.analysis import cannot_tokenize
+from tatok_core.workflows.encoding import source_names
+from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, check_tau
+from tatok_core.workflows.rate_distortion import DEFAULT_METHODS, evaluate_rate_distortion, save_rate_distortion
+from tatok_core.workflows.token_sets import decode_token_set, encode_token_set, ignored_rate_option
+from tatok_core.workflows.panels import show_panel
+from tatok_core.contract.spec import OptionValue, parse_option_assignment
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_core.workflows.training import World
 
 model_option = click.option(
     "--model", "model_name", default=DEFAULT_PRETRAINED, show_default=True, metavar="NAME|DIR",

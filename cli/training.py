@@ -8,11 +8,11 @@ from pathlib import Path
 import attrs
 import click
 
-from tatok_cli.main import console
+from tatok_cli.console import console
 from tatok_cli.options import at_least
-from tatok_core.errors import SpecError
-from tatok_core.spec import OptionValue, parse_option_assignment
-from tatok_core.train import Recipe, TrainConfig, World, resumed_config, train as run_training
+from tatok_core.contract.errors import SpecError
+from tatok_core.contract.spec import OptionValue, parse_option_assignment
+from tatok_core.workflows.training import Recipe, TrainConfig, World, resumed_config, train as run_training
 
 #: Lower bounds of numeric [train] settings: (bound, whether the bound itself is allowed).
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {

@@ -1,6 +1,6 @@
 """Griffe extension for the API pages: render the Sphinx roles used in TaTok docstrings as code.
 
-The source docstrings use reStructuredText roles (``:class:`~tatok_core.tokens.Tokens```) so that they
+The source docstrings use reStructuredText roles (``:class:`~tatok_core.contract.tokens.Tokens```) so that they
 read well in ``help()`` and IDEs. Markdown has no roles, so this turns each into inline code showing
 the name (the last dotted part when the target starts with ``~``), and ``::`` that introduces a
 literal block into ``:``. Cross-references are deliberately not produced: a role naming an object that

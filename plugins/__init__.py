@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tatok_core import hookimpl
-from tatok_core.registry import Registry
+from tatok_core.contract.registry import Registry
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 

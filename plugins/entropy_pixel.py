@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from tatok_core.interfaces import EntropyContext, EntropyEstimate, EntropyEstimator, Facts
+from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, EntropyEstimator, Facts
 
 
 class PixelHistogramEntropy(EntropyEstimator):

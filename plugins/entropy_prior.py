@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tatok_core.interfaces import EntropyContext, EntropyEstimate, EntropyEstimator, Facts, mixed_radix_digits
+from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, EntropyEstimator, Facts, mixed_radix_digits
 from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout
 
 MEASURES = ("surprisal", "expected")

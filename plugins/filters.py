@@ -7,12 +7,10 @@ import abc
 import torch
 from torch import Tensor
 
-from tatok_core.dtf import MODES, descending_order, keep_first, select_by_rule, validate_bits, validate_bounds, validate_threshold
-from tatok_core.interfaces import Facts, TokenFilter
-from tatok_core.selection import Selection
-
-BACKENDS = ("auto", "torch", "triton")
-
+from tatok_core.ops.dtf.backends import check_backend, select_with_backend
+from tatok_core.ops.dtf.reference import MODES, descending_order, keep_first, validate_bits, validate_bounds, validate_threshold
+from tatok_core.contract.interfaces import Facts, TokenFilter
+from tatok_core.contract.selection import Selection
 
 def _upper(max_keep: int) -> int | None:
     """Options cannot hold None: ``max_keep = -1`` means "no cap"."""
@@ -20,7 +18,7 @@ def _upper(max_keep: int) -> int | None:
 
 
 class DynamicTokenFilter(TokenFilter):
-    """DTF: keep the highest-entropy tokens, as many as the rule ``mode`` decides (:mod:`tatok_core.dtf`).
+    """DTF: keep the highest-entropy tokens, as many as the rule ``mode`` decides (:mod:`tatok_core.ops.dtf.reference`).
 
     * ``mode="tau"`` (default, the paper's): the fewest tokens whose cumulative conditional entropy
       reaches τ·total — relative to each image.
@@ -29,16 +27,17 @@ class DynamicTokenFilter(TokenFilter):
 
     The ``tau`` argument of :meth:`select` overrides the threshold *of the filter's mode* for one call
     (τ, θ or ε). ``min_keep``/``max_keep`` (−1: no cap) bound the count in every mode. ``backend``:
-    "torch" runs the vectorised reference (:func:`tatok_core.dtf.select_by_rule`); "triton" the Triton
+    "torch" runs the vectorised reference (:func:`tatok_core.ops.dtf.reference.select_by_rule`); "triton" the Triton
     kernel (compiled on CUDA tensors, interpreted on CPU tensors); "auto" uses Triton for CUDA tensors
     when it is importable and the reference otherwise. Both agree bit for bit.
     """
 
+    role = "entropy-rules"
+
     def __init__(self, facts: Facts | None = None, *, tau: float = 0.9, mode: str = "tau", theta: float = 8.0,
                  epsilon: float = 256.0, min_keep: int = 1, max_keep: int = -1, backend: str = "auto") -> None:
         super().__init__(facts)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         for name, value in (("tau", tau), ("theta", theta), ("epsilon", epsilon)):
@@ -54,26 +53,13 @@ class DynamicTokenFilter(TokenFilter):
 
     def select(self, bits: Tensor, tau: float | Tensor | None = None) -> Selection:
         threshold = self.threshold if tau is None else tau
-        if self._use_triton(bits):
-            from tatok_plugins.dtf_triton import dtf_select_triton
-
-            return dtf_select_triton(bits, threshold, self.min_keep, self.max_keep, mode=self.mode)
-        return select_by_rule(bits, self.mode, threshold, self.min_keep, self.max_keep)
-
-    def _use_triton(self, bits: Tensor) -> bool:
-        if self.backend != "auto":
-            return self.backend == "triton"
-        if not (isinstance(bits, Tensor) and bits.is_cuda):
-            return False
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return select_with_backend(bits, self.mode, threshold, self.min_keep, self.max_keep, self.backend)
 
 
 class KeepAll(TokenFilter):
     """Keep every patch token (the fixed-rate tokenizer)."""
+
+    role = "keep-all"
 
     def __init__(self, facts: Facts | None = None) -> None:
         super().__init__(facts)
@@ -111,12 +97,16 @@ class FixedCountFilter(TokenFilter):
 class TopKFilter(FixedCountFilter):
     """Keep the k tokens with the most bits (fixed count, entropy-ranked)."""
 
+    role = "top-k"
+
     def scores(self, bits: Tensor) -> Tensor:
         return bits
 
 
 class RandomKFilter(FixedCountFilter):
     """Keep k tokens chosen uniformly at random; ``seed`` makes every call reproducible."""
+
+    role = "random-k"
 
     positions_from_count = True  # a decoder with the seed knows the positions from k alone
 
@@ -132,6 +122,8 @@ class RandomKFilter(FixedCountFilter):
 
 class RasterKFilter(FixedCountFilter):
     """Keep the first k tokens in raster order (what a truncated fixed-rate sequence keeps)."""
+
+    role = "raster-k"
 
     positions_from_count = True  # the positions are 0 … k−1: no side information beyond k
 

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tatok_core.errors import SpecError
-from tatok_core.interfaces import Facts, Quantized, Quantizer
+from tatok_core.contract.errors import SpecError
+from tatok_core.contract.interfaces import Facts, Quantized, Quantizer
 
 EPS = 1e-3  # the reference's margin: keeps the extreme levels reachable without saturating tanh
 ACTIVE_RANGE = 2.0  # |z + shift| beyond this sits where tanh' < 0.08: every level is reachable below it

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor, nn
 
-from tatok_core.errors import GenerationError
-from tatok_core.interfaces import Facts, Generator, Grid, mixed_radix_digits
-from tatok_core.tokens import Tokens
+from tatok_core.contract.errors import GenerationError
+from tatok_core.contract.interfaces import Facts, Generator, Grid, mixed_radix_digits
+from tatok_core.contract.tokens import Tokens
 from tatok_plugins.layers import KVCache, Transformer, check_heads, init_tokens, sincos_2d
 
 

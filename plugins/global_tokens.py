@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tatok_core.interfaces import Facts, GlobalTokenizer, Grid
+from tatok_core.contract.interfaces import Facts, GlobalTokenizer, Grid
 from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout
 
 

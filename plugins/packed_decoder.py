@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tatok_core.interfaces import Decoder, Facts, Grid
+from tatok_core.contract.interfaces import Decoder, Facts, Grid
 from tatok_plugins.layers import check_heads, init_tokens, init_weights, sincos_at
 
 

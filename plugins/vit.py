@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from tatok_core.interfaces import Decoder, Encoder, Facts, Grid
+from tatok_core.contract.interfaces import Decoder, Encoder, Facts, Grid
 from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout
 
 

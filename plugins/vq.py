@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from tatok_core.errors import SpecError
-from tatok_core.interfaces import Facts, Quantized, Quantizer
+from tatok_core.contract.errors import SpecError
+from tatok_core.contract.interfaces import Facts, Quantized, Quantizer
 from tatok_plugins.fsq import float32_region
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tatok_core import PipelineSpec
-from tatok_core.interfaces import PIPELINE_KINDS
+from tatok_core.contract.interfaces import PIPELINE_KINDS
 
 SMALL_OPTIONS: dict[str, Any] = {
     "encoder": {"dim": 32, "depth": 1, "heads": 2},

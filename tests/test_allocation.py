@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tatok_core.allocation import image_complexity, oracle_allocation, paired, spearman
-from tatok_core.bitrate import log2_binomial, token_bits
+from tatok_core.workflows.allocation import image_complexity, oracle_allocation, paired, spearman
+from tatok_core.contract.bitrate import log2_binomial, token_bits
 
 
 def test_token_bits_counts_codes_globals_and_positions() -> None:
@@ -70,8 +70,8 @@ def test_spearman_and_paired() -> None:
 
 
 def test_only_methods_that_allocate_are_correlated_with_content() -> None:
-    from tatok_core.allocation import allocates, allocation_report
-    from tatok_core.rate import RDPoint
+    from tatok_core.workflows.allocation import allocates, allocation_report
+    from tatok_core.workflows.rate_distortion import RDPoint
 
     noise = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(1))
     images = [torch.full((3, 16, 16), 0.5), 0.5 + 0.2 * noise[:, :16], noise]  # flat, faint, busy

@@ -22,13 +22,13 @@ import torch
 from click.testing import CliRunner, Result
 
 from tatok_cli.main import cli
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.errors import OutputBusyError, TatokError, TokenFileError
-from tatok_core.imageio import write_image
-from tatok_core.locking import OutputLock
-from tatok_core.tokenfile import TokenDataset, resume_position, weights_digest
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.tokens import Tokens
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.errors import OutputBusyError, TatokError, TokenFileError
+from tatok_core.io.images import write_image
+from tatok_core.io.locking import OutputLock
+from tatok_core.io.tokenfile import TokenDataset, resume_position, weights_digest
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.contract.tokens import Tokens
 from tests.helpers import small_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def test_encode_into_a_full_or_read_only_disk_leaves_the_target_as_it_was(
     if target == "appending":
         encoded(models, images, out, "--shard-size", "2")
     before = listing(tmp_path)
-    monkeypatch.setattr("tatok_core.tokenfile._write_durably", _torn_then(fail))
+    monkeypatch.setattr("tatok_core.io.tokenfile.write_durably", _torn_then(fail))
     inputs, extra = (images / "crop0.png", ["--append"]) if target == "appending" else (images, [])
     one_line_error(invoke("encode", inputs, "-o", out, "--shard-size", "2", *extra, model=models["a"]), *keywords)
     assert listing(tmp_path) == before  # no temp file, no staging folder, no lock file, target unchanged
@@ -191,7 +191,7 @@ def test_decode_into_a_full_or_read_only_disk_leaves_nothing(models: dict[str, P
             fail(path)
         path.write_bytes(b"png")
 
-    monkeypatch.setattr("tatok_core.rate.write_image", write_image)
+    monkeypatch.setattr("tatok_core.workflows.encoding.write_image", write_image)
     one_line_error(invoke("decode", tmp_path / "t", "-o", tmp_path / "out", model=models["a"]), *keywords)
     assert listing(tmp_path) == before and len(calls) == 3
 
@@ -288,7 +288,7 @@ def test_swapped_shard_of_the_same_tau_is_caught_by_the_manifest(models: dict[st
 
 
 def test_a_lost_rank_is_detected(models: dict[str, Path], tmp_path: Path) -> None:
-    from tatok_core.tokenfile import TokenWriter
+    from tatok_core.io.tokenfile import TokenWriter
 
     meta = {"codebook_size": 8, "num_global": 1, "patch_size": 4}
     tokens = Tokens(torch.zeros(1, 1, dtype=torch.int64), torch.zeros(0, dtype=torch.int64),
@@ -378,7 +378,7 @@ KILLER = textwrap.dedent('''
     """Run `tatok encode`, but stop dead (marker file, then sleep) at one chosen moment, to be killed."""
     import os, sys, time
     from pathlib import Path
-    import tatok_core.tokenfile as tokenfile
+    import tatok_core.io.tokenfile as tokenfile
     stage, marker = sys.argv[1], Path(sys.argv[2])
 
     def hang():
@@ -394,14 +394,14 @@ KILLER = textwrap.dedent('''
                 hang()
         tokenfile.TokenWriter._flush = stop_after_two
     elif stage == "inside a shard write":
-        write, count = tokenfile._write_durably, []
+        write, count = tokenfile.write_durably, []
         def torn(path, data):
             count.append(1)
             if len(count) == 3:
                 path.with_name(f".{path.name}.tmp").write_bytes(data[: len(data) // 2])
                 hang()
             write(path, data)
-        tokenfile._write_durably = torn
+        tokenfile.write_durably = torn
     else:  # "during the commit": after the first shard moved into the target
         replace = os.replace
         def stop_in_commit(src, dst):
@@ -450,7 +450,7 @@ def test_a_wrong_resume_keeps_and_a_fresh_run_discards_the_leftovers(models: dic
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C keeps the full staged shards (as a kill does); a --resume with other inputs is refused and
     keeps them; a run without --resume drops them and says so."""
-    from tatok_core import tokenfile
+    from tatok_core.io import tokenfile
 
     flush, count = tokenfile.TokenWriter._flush, []
 

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.claims.report import HEADING, replace_section
 from benchmarks.run_claims import main
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.pipeline.tokenizer import Tokenizer
 from tests.helpers import small_spec
 
 

@@ -14,10 +14,10 @@ import torch
 from click.testing import CliRunner, Result
 
 from tatok_cli.main import cli
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.imageio import read_image, write_image
-from tatok_core.tokenfile import TokenDataset
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.io.images import read_image, write_image
+from tatok_core.io.tokenfile import TokenDataset
+from tatok_core.pipeline.tokenizer import Tokenizer
 from tests.helpers import small_spec
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tatok_core.data import (
+from tatok_core.workflows.data import (
     BUILTIN_PHOTOS,
     HELDOUT_PHOTOS,
     TRAIN_PHOTOS,
@@ -29,8 +29,8 @@ from tatok_core.data import (
     load_builtin_photo,
     split_builtin_photos,
 )
-from tatok_core.errors import ImageReadError, TatokError
-from tatok_core.imageio import list_images, read_image, write_image
+from tatok_core.contract.errors import ImageReadError, TatokError
+from tatok_core.io.images import list_images, read_image, write_image
 
 RNG = np.random.default_rng(0)
 

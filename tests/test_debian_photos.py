@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tatok_core import debian_photos
-from tatok_core.data import ImageSource, load_builtin_photo
-from tatok_core.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN, MAX_SIDE
-from tatok_core.errors import ImageReadError
+from tatok_core.workflows import debian_photos
+from tatok_core.workflows.data import ImageSource, load_builtin_photo
+from tatok_core.workflows.debian_photos import DEBIAN_HELDOUT, DEBIAN_PHOTOS, DEBIAN_TRAIN, MAX_SIDE
+from tatok_core.contract.errors import ImageReadError
 
 INSTALLED = all(root.is_dir() for root in debian_photos.PACKAGES.values())
 

@@ -112,7 +112,7 @@ DOC_PAGES = sorted(p.name for p in DOCS.glob("*.md"))
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A scratch working directory, with the example plugin's source importable (installed or not), and a
     process registry of its own (components a page registers do not leak into other tests)."""
-    from tatok_core.registry import reset_registry
+    from tatok_core.contract.registry import reset_registry
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
@@ -154,7 +154,7 @@ def test_every_page_is_in_the_nav() -> None:
 
 
 def test_training_settings_table_matches_train_config() -> None:
-    from tatok_core.train import TrainConfig
+    from tatok_core.workflows.training import TrainConfig
 
     table = section((DOCS / "training.md").read_text(), "Training settings")
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+?) \|", table, flags=re.M))
@@ -167,13 +167,38 @@ def test_training_settings_table_matches_train_config() -> None:
 
 def test_api_page_documents_every_builtin_component_module() -> None:
     import tatok_plugins
-    from tatok_core.registry import Provider, Registry
+    from tatok_core.contract.registry import Provider, Registry
 
     registry = Registry()
     registry.register_plugin(tatok_plugins, Provider("tatok", "", "tatok_plugins"))
     documented = set(re.findall(r"^::: ([\w.]+)\s*$", (DOCS / "api.md").read_text(), flags=re.M))
     missing = {entry.cls.__module__ for entry in registry.entries()} - documented
     assert not missing, f"docs/api.md does not document {sorted(missing)}"
+
+
+def test_api_page_lists_every_public_name_of_tatok_core() -> None:
+    import tatok_core
+
+    page = (DOCS / "api.md").read_text()
+    missing = [name for name in tatok_core.__all__ if f"`{name}`" not in page]
+    assert not missing, f"docs/api.md does not list {missing} (tatok_core.__all__)"
+    unexported = [name for name in tatok_core.__all__ if not hasattr(tatok_core, name)]
+    assert not unexported, f"tatok_core.__all__ names what it does not export: {unexported}"
+    import types
+
+    public = {name for name, value in vars(tatok_core).items()
+              if not name.startswith("_") and not isinstance(value, types.ModuleType)}
+    assert public <= set(tatok_core.__all__), f"missing from tatok_core.__all__: {public - set(tatok_core.__all__)}"
+
+
+def test_every_documented_module_exists_and_docs_name_no_missing_file() -> None:
+    import importlib
+
+    text = "\n".join(p.read_text() for p in DOCS.glob("*.md"))
+    for module in re.findall(r"^::: ([\w.]+)\s*$", text, flags=re.M):
+        importlib.import_module(module)
+    for path in set(re.findall(r"\b((?:tatok_core|plugins|cli|benchmarks|tests|docs)/[\w/.-]+\.(?:py|md|toml))\b", text)):
+        assert (ROOT / path).exists(), f"the docs name {path}, which the project does not contain"
 
 
 DOCS_TOOLS = ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python", "mkdocs_click")

@@ -1,7 +1,7 @@
 """The guarantees of DTF's absolute rules (θ per token, ε on the dropped information), as hypothesis
 properties on the reference and on the Triton kernel (interpreter on CPU; compiled on CUDA when present).
 
-Definitions (docs/concepts.md, tatok_core/dtf.py): π = bits descending, ties → smaller position;
+Definitions (docs/concepts.md, tatok_core/ops/dtf/reference.py): π = bits descending, ties → smaller position;
 θ: k* = #{h > θ}; ε: k* = min k with D_k = T − C_k ≤ ε·s on the fixed-point q (s = 2^(P−e));
 k = clamp(k*, min_keep, min(max_keep, N)); keep π1…πk. Also: no token cap (N = 2^16 on the reference).
 """
@@ -15,7 +15,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tatok_core.dtf import (
+from tatok_core.ops.dtf.reference import (
     epsilon_select,
     fixed_point,
     fixed_point_bits,
@@ -24,12 +24,12 @@ from tatok_core.dtf import (
     theta_select,
     validate_bits,
 )
-from tatok_core.errors import FilterInputError
-from tatok_core.selection import Selection
+from tatok_core.contract.errors import FilterInputError
+from tatok_core.contract.selection import Selection
 from tests.test_dtf_properties import BACKENDS, SETTINGS as PROPERTY_SETTINGS, check_structure, f32, kept_positions, rows_of, upper_of
 
 try:
-    from tatok_plugins.dtf_triton import dtf_select_triton
+    from tatok_core.ops.dtf.triton_kernel import dtf_select_triton
 except ImportError:  # pragma: no cover
     dtf_select_triton = None
 

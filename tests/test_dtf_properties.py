@@ -1,10 +1,10 @@
-"""The ten DTF guarantees of DESIGN.md, as hypothesis properties, on every backend.
+"""The ten DTF guarantees of docs/concepts.md, as hypothesis properties, on every backend.
 
-Backends: ``torch`` is the reference :func:`tatok_core.dtf.dtf_select`; ``triton`` is the Triton kernel
-(:func:`tatok_plugins.dtf_triton.dtf_select_triton`) on CPU tensors through Triton's interpreter;
+Backends: ``torch`` is the reference :func:`tatok_core.ops.dtf.reference.dtf_select`; ``triton`` is the Triton kernel
+(:func:`tatok_core.ops.dtf.triton_kernel.dtf_select_triton`) on CPU tensors through Triton's interpreter;
 ``triton-cuda`` is the same kernel compiled, on CUDA tensors (skipped without a GPU). Where a
 guarantee is stated "exactly on q" (coverage, minimality, optimality, τ = 1) it is checked on the
-fixed-point values q = :func:`tatok_core.dtf.fixed_point` (tokens below 2^-40 of the row max are empty).
+fixed-point values q = :func:`tatok_core.ops.dtf.reference.fixed_point` (tokens below 2^-40 of the row max are empty).
 Sizes are kept small (N ≤ 64, B ≤ 8) because the interpreter is slow.
 """
 
@@ -18,12 +18,12 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tatok_core.dtf import dtf_select, fixed_point, validate_bits
-from tatok_core.errors import FilterInputError
-from tatok_core.selection import Selection
+from tatok_core.ops.dtf.reference import dtf_select, fixed_point, validate_bits
+from tatok_core.contract.errors import FilterInputError
+from tatok_core.contract.selection import Selection
 
 try:
-    from tatok_plugins.dtf_triton import dtf_select_triton, triton_available
+    from tatok_core.ops.dtf.triton_kernel import dtf_select_triton, triton_available
 except ImportError:  # pragma: no cover
     dtf_select_triton, triton_available = None, lambda: False
 
@@ -307,7 +307,7 @@ def test_row_independent_of_batch(backend, case, row):
 
 
 def by_definition(bits: torch.Tensor, tau, min_keep: int, max_keep) -> Selection:
-    """DESIGN.md's definition transcribed in plain Python (floats, ints, sorted), sharing no code with any
+    """The definition (docs/concepts.md) transcribed in plain Python (floats, ints, sorted), sharing no code with any
     backend: q_i = floor(h_i · 2^(40−e)) with max < 2^e, π by h descending then position, k* = #(C_k <
     float64(T)·float64(float32 τ)) + (threshold > 0), clamped to [min_keep, min(max_keep, N)]."""
     b, n = bits.shape

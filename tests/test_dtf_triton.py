@@ -14,10 +14,10 @@ import time
 import pytest
 import torch
 
-from tatok_core.dtf import MODES, dtf_select, fixed_point_bits, select_by_rule
-from tatok_core.errors import FilterInputError, TatokError
+from tatok_core.ops.dtf.reference import MODES, dtf_select, fixed_point_bits, select_by_rule
+from tatok_core.contract.errors import FilterInputError, TatokError
 
-dtf_triton = pytest.importorskip("tatok_plugins.dtf_triton")
+dtf_triton = pytest.importorskip("tatok_core.ops.dtf.triton_kernel")
 if not dtf_triton.triton_available():  # pragma: no cover
     pytest.skip("the 'triton' package is not importable (pip install 'tatok[triton]')", allow_module_level=True)
 dtf_select_triton = dtf_triton.dtf_select_triton
@@ -247,7 +247,7 @@ def test_missing_triton_raises_a_clear_error(monkeypatch):
 def test_module_imports_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import tatok_plugins.dtf_triton as m, torch\n"
+        "import tatok_core.ops.dtf.triton_kernel as m, torch\n"
         "assert not m.triton_available()\n"
         "try:\n    m.dtf_select_triton(torch.rand(2, 3), 0.5)\n"
         "except m.TritonUnavailableError as e:\n    print('OK', e)\n"

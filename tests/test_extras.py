@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tatok_core import MissingExtraError
-from tatok_core.extras import EXTRAS
+from tatok_core.contract.extras import EXTRAS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,11 +48,11 @@ def test_the_core_never_imports_the_optional_packages() -> None:
     code = (
         "import sys, torch\n"
         "from tatok_core import Tokenizer, create\n"
-        "import tatok_core.metrics, tatok_core.data, tatok_core.rate, tatok_core.panels, tatok_core.generation\n"
+        "import tatok_core.workflows.metrics, tatok_core.workflows.data, tatok_core.workflows.rate_control, tatok_core.workflows.encoding, tatok_core.workflows.rate_distortion, tatok_core.workflows.plotting, tatok_core.workflows.panels, tatok_core.workflows.generation\n"
         "model = Tokenizer.from_pretrained('tatok-tiny')\n"
         "tokens = model.encode(torch.rand(1, 3, 16, 16))\n"
-        "tatok_core.metrics.ssim(model.decode(tokens), torch.rand(1, 3, 16, 16))\n"
-        "tatok_core.data.BUILTIN_PHOTOS[-1].path\n"
+        "tatok_core.workflows.metrics.ssim(model.decode(tokens), torch.rand(1, 3, 16, 16))\n"
+        "tatok_core.workflows.data.BUILTIN_PHOTOS[-1].path\n"
         "print(sorted({'skimage', 'sklearn', 'matplotlib', 'scipy', 'huggingface_hub'} & set(sys.modules)))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -60,8 +60,8 @@ def test_the_core_never_imports_the_optional_packages() -> None:
 
 
 def test_missing_photos_and_plots_name_their_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from tatok_core.data import load_builtin_photo
-    from tatok_core.rate import plot_rate_distortion
+    from tatok_core.workflows.data import load_builtin_photo
+    from tatok_core.workflows.plotting import plot_rate_distortion
 
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(MissingExtraError, match=r"^built-in photo 'flower' needs sklearn, which is not installed: "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tatok_core import Facts, FilterInputError
-from tatok_core.dtf import dtf_select, select_by_rule
+from tatok_core.ops.dtf.reference import dtf_select, select_by_rule
 from tatok_plugins.filters import DynamicTokenFilter, KeepAll, RandomKFilter, RasterKFilter, TopKFilter
 
 NO_FACTS = Facts()
@@ -25,11 +25,11 @@ def test_dtf_backends_dispatch_and_agree_exactly(backend: str, runs: str, monkey
     # (the values of the reference itself are held to the definition in test_dtf_properties.py)
     if backend == "triton":
         pytest.importorskip("triton", reason="the triton backend needs the 'triton' package")
-    import tatok_plugins.dtf_triton as kernel
-    import tatok_plugins.filters as filters
+    import tatok_core.ops.dtf.triton_kernel as kernel
+    import tatok_core.ops.dtf.backends as backends
 
     ran: list[str] = []
-    monkeypatch.setattr(filters, "select_by_rule", lambda *a: ran.append("reference") or select_by_rule(*a))
+    monkeypatch.setattr(backends, "select_by_rule", lambda *a: ran.append("reference") or select_by_rule(*a))
     real_kernel = kernel.dtf_select_triton
     monkeypatch.setattr(kernel, "dtf_select_triton", lambda *a, **k: ran.append("kernel") or real_kernel(*a, **k))
     h = bits()

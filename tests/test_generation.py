@@ -14,8 +14,8 @@ from PIL import Image
 
 import tatok_plugins.generator as generator_module
 from tatok_cli.main import cli
-from tatok_core.errors import GenerationError
-from tatok_core.generation import (
+from tatok_core.contract.errors import GenerationError
+from tatok_core.workflows.generation import (
     build_generator,
     dataset_facts,
     generator_facts,
@@ -25,12 +25,12 @@ from tatok_core.generation import (
     save_prior,
     train_prior,
 )
-from tatok_core.interfaces import PIPELINE_KINDS
-from tatok_core.registry import get_registry
-from tatok_core.selection import Selection
-from tatok_core.tokenfile import TokenDataset, TokenWriter
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.tokens import Tokens
+from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.contract.registry import get_registry
+from tatok_core.contract.selection import Selection
+from tatok_core.io.tokenfile import TokenDataset, TokenWriter
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.contract.tokens import Tokens
 from tatok_plugins.generator import StepSequence
 from tatok_plugins.layers import Transformer
 from tests.helpers import small_spec

@@ -13,8 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatok_core import PipelineSpec
-from tatok_core.interfaces import EntropyContext, EntropyEstimate, Grid, Quantized
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, Grid, Quantized
+from tatok_core.pipeline.tokenizer import Tokenizer
 from tests.helpers import small_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "masked_select",
             "is_nonzero", "equal"}
 # where the encode path may wait: the filter checks its input, and sizing the packed output
-SIZING_FILES = {"tatok_core/dtf.py", "tatok_core/selection.py", "tatok_core/tokens.py", "plugins/filters.py"}
+SIZING_FILES = {"tatok_core/ops/dtf/reference.py", "tatok_core/contract/selection.py", "tatok_core/contract/tokens.py", "plugins/filters.py"}
 
 
 class HostSyncs(TorchDispatchMode):
@@ -84,15 +84,15 @@ def test_inference_path_has_no_host_sync(model: str) -> None:
     with torch.no_grad(), HostSyncs() as analysis_syncs:
         analysis = tokenizer.analyse(images)
     # the one allowed wait: check_images reads NaN count, min and max together to refuse bad input
-    assert analysis_syncs.files() <= {"tatok_core/tokenizer.py"} and sum(analysis_syncs.calls.values()) <= 1, \
+    assert analysis_syncs.files() <= {"tatok_core/pipeline/tokenizer.py"} and sum(analysis_syncs.calls.values()) <= 1, \
         dict(analysis_syncs.calls)
     with torch.no_grad(), HostSyncs() as encode_syncs:
         tokens = tokenizer.encode(images)
-    assert encode_syncs.files() <= SIZING_FILES | {"tatok_core/tokenizer.py"}, dict(encode_syncs.calls)
+    assert encode_syncs.files() <= SIZING_FILES | {"tatok_core/pipeline/tokenizer.py"}, dict(encode_syncs.calls)
     with torch.no_grad(), HostSyncs() as decode_syncs:
         tokenizer.decode(tokens)
     # the one allowed wait: decode reads the codes' range once to refuse codes outside the codebook
-    assert decode_syncs.files() <= {"tatok_core/tokenizer.py"} and sum(decode_syncs.calls.values()) <= 1, \
+    assert decode_syncs.files() <= {"tatok_core/pipeline/tokenizer.py"} and sum(decode_syncs.calls.values()) <= 1, \
         dict(decode_syncs.calls)
     assert analysis.patches.code_statistics(tokenizer.quantizer.codebook_size)["codebook_usage"] > 0
 

@@ -10,8 +10,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from tatok_core.errors import TatokError
-from tatok_core.losses import (
+from tatok_core.contract.errors import TatokError
+from tatok_core.workflows.losses import (
     VGG16_FILE,
     PatchDiscriminator,
     PerceptualLoss,
@@ -19,8 +19,8 @@ from tatok_core.losses import (
     discriminator_loss,
     generator_loss,
 )
-from tatok_core.metrics import ssim as reference_ssim
-from tatok_core.quality import INCEPTION_FILE, ReconstructionFID, inception_features, ssim
+from tatok_core.workflows.metrics import ssim as reference_ssim
+from tatok_core.workflows.quality import INCEPTION_FILE, ReconstructionFID, inception_features, ssim
 
 
 class OneTap(torch.nn.Module):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tatok_core.metrics import psnr, ssim
+from tatok_core.workflows.metrics import psnr, ssim
 
 
 def pair(side_h: int, side_w: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

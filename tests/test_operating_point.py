@@ -20,8 +20,8 @@ from benchmarks.operating_point import (
     side_information_bits,
     threshold_selection,
 )
-from tatok_core.spec import PipelineSpec
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.contract.spec import PipelineSpec
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 
 def test_side_information_counts_the_number_and_the_subset() -> None:

@@ -7,7 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tatok_core import Tokenizer
-from tatok_core.interfaces import EntropyContext, Facts
+from tatok_core.contract.interfaces import EntropyContext, Facts
 from tatok_plugins.entropy_residual import GlobalsResidualEntropy
 from tatok_plugins.packed_decoder import PackedDecoder, WindowLayout, spread_kept
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tatok_core import CompositionError, MissingExtraError, SpecError, Tokenizer, WeightsFileError
-from tatok_core.generation import build_generator, generator_facts, load_prior, save_prior
-from tatok_core.persistence import atomic_write, sha256_hex, state_digest
-from tatok_core.tokenizer import CONFIG_FILE, SPEC_FILE, WEIGHTS_FILE
+from tatok_core.workflows.generation import build_generator, generator_facts, load_prior, save_prior
+from tatok_core.io.atomic import atomic_write
+from tatok_core.io.persistence import sha256_hex, state_digest
+from tatok_core.pipeline.tokenizer import CONFIG_FILE, SPEC_FILE, WEIGHTS_FILE
 from tests.helpers import small_spec
 
 IMAGES = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 
 from tatok_cli.main import cli
-from tatok_core.data import HELDOUT_PHOTOS, ImageSource, fixed_crops
-from tatok_core.metrics import psnr
-from tatok_core.registry import get_registry
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import HELDOUT_PHOTOS, ImageSource, fixed_crops
+from tatok_core.workflows.metrics import psnr
+from tatok_core.contract.registry import get_registry
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 # Floors a little under the numbers measured when the model was shipped (docs/results.md), so that a
 # regression in any component (or in the weights file) fails here.

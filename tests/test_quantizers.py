@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tatok_core.interfaces import Facts, Quantizer
+from tatok_core.contract.interfaces import Facts, Quantizer
 from tatok_plugins.fsq import EPS, FSQ
 from tatok_plugins.vq import VQ
 

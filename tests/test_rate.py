@@ -7,22 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.errors import TatokError
-from tatok_core.imageio import read_image, write_image
-from tatok_core.rate import (
-    calibrate_threshold,
-    calibrate_tau,
-    decode_tokens,
-    encode_files,
-    evaluate_rate_distortion,
-    output_names,
-    source_names,
-    token_meta,
-)
-from tatok_core.tokenfile import TokenDataset, TokenWriter
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.train import evaluate
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.errors import TatokError
+from tatok_core.io.images import read_image, write_image
+from tatok_core.workflows.encoding import decode_tokens, encode_files, output_names, source_names, token_meta
+from tatok_core.workflows.rate_control import calibrate_threshold, calibrate_tau
+from tatok_core.workflows.rate_distortion import evaluate_rate_distortion
+from tatok_core.io.tokenfile import TokenDataset, TokenWriter
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows.training import evaluate
 from tests.helpers import small_spec
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tatok_core import Encoder, PipelineSpec, hookimpl
-from tatok_core.errors import PluginError, UnknownComponentError
-from tatok_core.registry import KINDS, Provider, Registry, build_default_registry, get_registry
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.contract.errors import PluginError, UnknownComponentError
+from tatok_core.contract.registry import KINDS, Provider, Registry, build_default_registry, get_registry
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 CONV_ENCODER_PLUGIN = """
     import torch
@@ -83,7 +83,7 @@ def test_duplicate_name_names_both_packages(install_plugin) -> None:
 def test_wrong_kind_class_is_rejected(install_plugin) -> None:
     source = CONV_ENCODER_PLUGIN.replace('registry.add("encoder"', 'registry.add("decoder"')
     install_plugin("tatok-wrong", "tatok_wrong", source)
-    with pytest.raises(PluginError, match=r"plugin package 'tatok-wrong' registered decoder 'conv-test' .* does not subclass tatok_core.interfaces.Decoder"):
+    with pytest.raises(PluginError, match=r"plugin package 'tatok-wrong' registered decoder 'conv-test' .* does not subclass tatok_core.contract.interfaces.Decoder"):
         build_default_registry()
 
 
@@ -109,3 +109,22 @@ def test_direct_registration_records_provider() -> None:
     registry.register_plugin(Plugin(), Provider("research-code", "0.0.1", "mine"))
     assert registry.names("encoder") == ["vit2"]
     assert registry.entry("encoder", "vit2").provider.package == "research-code"
+
+
+def test_workflows_find_baselines_by_role_not_by_name() -> None:
+    import tatok_plugins
+    from tatok_core import FILTER_ROLES
+    from tatok_plugins.filters import KeepAll
+
+    registry = Registry()
+    registry.register_plugin(tatok_plugins, Provider("tatok", "", "tatok_plugins"))
+    assert {role: registry.name_for_role("filter", role) for role in FILTER_ROLES} == {
+        "entropy-rules": "dtf", "keep-all": "all", "top-k": "topk", "random-k": "random", "raster-k": "raster"}
+
+    class EveryToken(KeepAll):
+        """A third-party keep-all baseline under another name."""
+
+    registry.add("filter", "a-every-token", EveryToken)  # sorts before "all": the role decides, not the name
+    assert registry.name_for_role("filter", "keep-all") == "a-every-token"
+    with pytest.raises(UnknownComponentError, match=r"unknown filter role 'keep-al' .*did you mean 'keep-all'"):
+        registry.name_for_role("filter", "keep-al")

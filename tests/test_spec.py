@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tatok_core import Decoder, Facts, PipelineSpec, hookimpl
-from tatok_core.errors import CompositionError, SpecError, UnknownComponentError
-from tatok_core.interfaces import PIPELINE_KINDS
-from tatok_core.registry import Provider, build_default_registry
-from tatok_core.spec import ComponentSpec, parse_option_assignment
+from tatok_core.contract.errors import CompositionError, SpecError, UnknownComponentError
+from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.contract.registry import Provider, build_default_registry
+from tatok_core.contract.spec import ComponentSpec, parse_option_assignment
 
 names = st.from_regex(r"[a-z][a-z0-9_]{0,12}", fullmatch=True)
 scalars = st.one_of(

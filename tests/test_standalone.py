@@ -9,7 +9,7 @@ import torch
 import tatok_core
 from tatok_core import (CompositionError, Facts, Registry, SpecError, TokenFilter, UnknownComponentError, create,
                         dtf_select, get_registry)
-from tatok_core.errors import TatokError
+from tatok_core.contract.errors import TatokError
 from tatok_plugins.filters import DynamicTokenFilter
 from tatok_plugins.fsq import FSQ
 from tatok_plugins.vit import ViTDecoder, ViTEncoder

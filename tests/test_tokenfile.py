@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from tatok_core.errors import TokenFileError
-from tatok_core.selection import Selection
-from tatok_core.tokenfile import FORMAT_VERSION, MANIFEST, TokenDataset, TokenWriter
-from tatok_core.tokens import Tokens
+from tatok_core.contract.errors import TokenFileError
+from tatok_core.contract.selection import Selection
+from tatok_core.io.tokenfile import FORMAT_VERSION, MANIFEST, TokenDataset, TokenWriter
+from tatok_core.contract.tokens import Tokens
 
 DIGEST = "0123456789abcdef"
 
@@ -319,7 +319,7 @@ def test_interrupted_writer_resumes_to_the_same_bytes(tmp_path: Path) -> None:
 
 
 def test_weights_digest_changes_with_any_weight_not_with_mode() -> None:
-    from tatok_core.tokenfile import weights_digest
+    from tatok_core.io.tokenfile import weights_digest
 
     torch.manual_seed(0)
     a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)

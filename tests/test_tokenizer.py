@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tatok_core import Tokens
-from tatok_core.errors import TatokError, UnknownComponentError
-from tatok_core.interfaces import PIPELINE_KINDS
-from tatok_core.registry import get_registry
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.contract.errors import TatokError, UnknownComponentError
+from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.contract.registry import get_registry
+from tatok_core.pipeline.tokenizer import Tokenizer
 from tests.helpers import small_spec
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tatok_core import Tokens
-from tatok_core.tokens import ImageTokens
+from tatok_core.contract.tokens import ImageTokens
 
 
 def tokens(seed: int = 0, batch: int = 3) -> Tokens:

@@ -6,7 +6,6 @@ import io
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,13 +19,13 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.errors import SpecError, TatokError
-from tatok_core.losses import PerceptualLoss
-from tatok_core.metrics import psnr
-from tatok_core.spec import PipelineSpec
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.train import (
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.errors import SpecError, TatokError
+from tatok_core.workflows.losses import PerceptualLoss
+from tatok_core.workflows.metrics import psnr
+from tatok_core.contract.spec import PipelineSpec
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows.training import (
     CHECKPOINT,
     FINAL,
     Recipe,
@@ -41,7 +40,7 @@ from tatok_core.train import (
 )
 from tests.helpers import small_spec
 
-TATOK = shutil.which("tatok") or "tatok"
+TATOK = [sys.executable, "-m", "tatok_cli"]  # the CLI of this interpreter, never a `tatok` found on PATH
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,7 +57,7 @@ def write_recipe(path: Path, steps: int, checkpoint_every: int) -> Path:
 
 
 def run_tatok(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([TATOK, *args], capture_output=True, text=True, timeout=300,
+    return subprocess.run([*TATOK, *args], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
@@ -112,7 +111,7 @@ def test_killed_run_with_workers_resumes_bit_for_bit(tmp_path: Path) -> None:
     assert straight.returncode == 0, straight.stderr
 
     run_dir = tmp_path / "killed"
-    process = subprocess.Popen([TATOK, "train", str(recipe), "--out", str(run_dir), *data],
+    process = subprocess.Popen([*TATOK, "train", str(recipe), "--out", str(run_dir), *data],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 240
@@ -145,7 +144,7 @@ def test_refuses_to_overwrite_a_run(tmp_path: Path) -> None:
 def test_two_process_ddp_on_cpu(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path / "recipe.toml", steps=4, checkpoint_every=2)
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-               TATOK, "train", str(recipe), "--out", str(tmp_path / "ddp")]
+               "-m", "tatok_cli", "train", str(recipe), "--out", str(tmp_path / "ddp")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tatok_core import Facts
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.pipeline.tokenizer import Tokenizer
 from tatok_plugins.layers import Transformer, Windows, patch_layout
 from tatok_plugins.vit import ViTEncoder
 

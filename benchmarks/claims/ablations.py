@@ -44,7 +44,7 @@ from benchmarks.claims.common import (
     Context,
     analyse,
     calibrate,
-    dtf_filter,
+    adaptive_filter,
     environment,
     floor,
     heldout_crops,
@@ -59,9 +59,9 @@ from benchmarks.claims.common import (
     table,
     write_json,
 )
-from tatok_core.data import ImageSource, RandomCrops, batches, fixed_crops
-from tatok_core.interfaces import EntropyContext
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import ImageSource, RandomCrops, batches, fixed_crops
+from tatok_core.contract.interfaces import EntropyContext
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 DESCRIPTION = "Claim 2: information insufficiency (global vs patch-only) and redundancy of patch tokens"
 DROP_ORDERS = ("dtf", "topk", "random", "bottomk")
@@ -71,7 +71,7 @@ DROP_ORDERS = ("dtf", "topk", "random", "bottomk")
 def equal_total_points(model: Tokenizer, label: str, analysed: Analysed, totals: Sequence[float]) -> list[dict[str, Any]]:
     """DTF at each total budget T = fraction · N: the model keeps T − M patch tokens on average."""
     n, m = analysed.mean_patches, model.num_global
-    dtf = dtf_filter(model)
+    dtf = adaptive_filter(model)
     points = []
     for fraction in totals:
         total = fraction * n
@@ -84,7 +84,7 @@ def equal_total_points(model: Tokenizer, label: str, analysed: Analysed, totals:
                   budget=fraction, tau=tau, num_global=m)
         p["total_tokens"] = p["mean_tokens"] + m
         points.append(p)
-    keep_all = model.token_filter("all")
+    keep_all = model.baseline_filter("keep-all")
     p = point(score(model, analysed, lambda b: keep_all.select(b.bits)), model=label, filter="all", budget=None, num_global=m)
     p["total_tokens"] = p["mean_tokens"] + m
     points.append(p)
@@ -259,7 +259,7 @@ def conditional_entropy(ctx: Context, photos: list[Tensor]) -> dict[str, Any]:
 # -- redundancy: dropping tokens -------------------------------------------------------------------------
 def drop_points(model: Tokenizer, analysed: Analysed, fractions: Sequence[float], seed: int) -> list[dict[str, Any]]:
     """PSNR at each kept fraction for each drop order (per image k = round(fraction · N))."""
-    dtf = dtf_filter(model)
+    dtf = adaptive_filter(model)
     points = []
     for fraction in fractions:
         def counts(b: Any, f: float = fraction) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor
 from benchmarks.claims.common import (
     Context,
     analyse,
-    dtf_filter,
+    adaptive_filter,
     environment,
     heldout_crops,
     load_photos,
@@ -46,7 +46,7 @@ from benchmarks.claims.common import (
     table,
     write_json,
 )
-from tatok_core.data import HELDOUT_PHOTOS
+from tatok_core.workflows.data import HELDOUT_PHOTOS
 
 DESCRIPTION = "Claim 3: tokens kept per image vs image content"
 MEASURES = ("hist_entropy", "patch_entropy", "gradient_energy")
@@ -90,7 +90,7 @@ def correlations(kept: Sequence[float], measures: dict[str, Sequence[float]]) ->
 def run(ctx: Context) -> dict[str, Any]:
     s, model = ctx.settings, ctx.model
     ctx.console.rule("[bold]allocation")
-    dtf = dtf_filter(model)
+    dtf = adaptive_filter(model)
     tau = getattr(dtf, "tau", None)
     names, photos = load_photos(s, "builtin:photos:all")
     crops = heldout_crops(s)

@@ -27,18 +27,21 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.bitrate import token_bits
-from tatok_core.dtf import descending_order, keep_first
-from tatok_core.errors import TatokError
-from tatok_core.imageio import fit_longest_side
-from tatok_core.interfaces import Grid, TokenFilter
-from tatok_core.metrics import psnr, ssim
-from tatok_core.selection import Selection
-from tatok_core.spec import PipelineSpec
-from tatok_core.tokenizer import Tokenizer
-from tatok_core.tokens import Tokens
-from tatok_core.train import FINAL, Recipe, TrainConfig, train
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.bitrate import token_bits
+from tatok_core.ops.dtf.reference import descending_order, keep_first
+from tatok_core.contract.errors import TatokError
+from tatok_core.io.images import fit_longest_side
+from tatok_core.contract.interfaces import Grid, TokenFilter
+from tatok_core.workflows.metrics import psnr, ssim
+from tatok_core.contract.selection import Selection
+from tatok_core.contract.registry import get_registry
+from tatok_core.io.atomic import atomic_write_text
+from tatok_core.workflows.plotting import save_figure  # noqa: F401  (the claims modules draw through it)
+from tatok_core.contract.spec import PipelineSpec
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.contract.tokens import Tokens
+from tatok_core.workflows.training import FINAL, Recipe, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "runs" / "claims"
@@ -110,7 +113,7 @@ def variant_spec(spec: PipelineSpec, variant: str) -> PipelineSpec:
     if variant == "dtf":
         return spec
     if variant == "fixed":
-        return spec.updated({"filter": "all"}, {})
+        return spec.updated({"filter": get_registry().name_for_role("filter", "keep-all")}, {})
     if variant == "patch-only":
         extra = int(spec.global_tokenizer.options.get("depth", 2)) if spec.global_tokenizer.name == "learned" else 0
         depth = int(spec.encoder.options.get("depth", 4)) + extra
@@ -310,7 +313,7 @@ def random_scores(bits: Tensor, seed: int) -> Tensor:
 @torch.no_grad()
 def score(model: Tokenizer, analysed: Analysed, choose: Chooser, positions_from_count: bool = False) -> dict[str, list[float]]:
     """Per image: patch tokens kept, PSNR, SSIM, the share of the image's bits that were kept, and bits per
-    pixel (:func:`tatok_core.bitrate.token_bits`: codes + globals + which tokens were kept)."""
+    pixel (:func:`tatok_core.contract.bitrate.token_bits`: codes + globals + which tokens were kept)."""
     keys = ("tokens", "psnr", "ssim", "bits_kept", "bpp", "bpp_side")
     out: dict[str, list[float]] = {key: [math.nan] * analysed.count for key in keys}
     for batch in analysed.batches:
@@ -338,17 +341,19 @@ def point(per_image: dict[str, list[float]], **fields: Any) -> dict[str, Any]:
     return {**fields, **means, "per_image": {k: [round(x, 5) for x in v] for k, v in per_image.items()}}
 
 
-def dtf_filter(model: Tokenizer) -> TokenFilter:
-    """The model's DTF (its own options when its spec uses DTF, else DTF's defaults)."""
-    return model.token_filter("dtf")
+def adaptive_filter(model: Tokenizer) -> TokenFilter:
+    """The filter under test: the model's own when it has the entropy rules (its options), else the
+    registered filter of role "entropy-rules" at its defaults."""
+    own = model.filter
+    return own if own.role == "entropy-rules" else model.baseline_filter("entropy-rules")
 
 
 def calibrate(model: Tokenizer, analysed: Analysed, budget: float) -> float | None:
     """τ at which DTF keeps ``budget`` patch tokens per image on average (None: not reachable)."""
-    from tatok_core.rate import calibrate_bits
+    from tatok_core.workflows.rate_control import calibrate_bits
 
     try:
-        return calibrate_bits(dtf_filter(model), analysed.bits(), budget).tau
+        return calibrate_bits(adaptive_filter(model), analysed.bits(), budget).tau
     except TatokError:
         return None
 
@@ -397,10 +402,7 @@ def print_floors(console: Console, floors: Sequence[dict[str, Any]]) -> None:
 def write_json(path: Path, data: Any) -> Path:
     """Atomic JSON write (a kill never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
 
 
 def _jsonable(value: Any) -> Any:
@@ -413,12 +415,6 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def save_figure(figure: Any, path: Path) -> Path:
-    """PNG via a temporary file and a rename, without the matplotlib version stamp."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
-    return path
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> Table:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.claims.report import md_table
-from tatok_core.allocation import allocates
+from tatok_core.workflows.allocation import allocates
 
 
 def _where(record: dict[str, Any]) -> str:

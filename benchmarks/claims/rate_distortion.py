@@ -36,7 +36,7 @@ from benchmarks.claims.common import (
     analyse,
     calibrate,
     curve,
-    dtf_filter,
+    adaptive_filter,
     environment,
     floor,
     heldout_crops,
@@ -50,7 +50,7 @@ from benchmarks.claims.common import (
     write_json,
     x_reaching,
 )
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 BASELINES = ("topk", "random", "raster")
 DESCRIPTION = "Claim 1: rate-distortion of DTF vs fixed-count filters and vs a fixed-rate tokenizer"
@@ -60,7 +60,7 @@ def rd_points(model: Tokenizer, label: str, analysed: Analysed, budgets: Sequenc
               baselines: Sequence[str] = BASELINES, include_all: bool = True) -> list[dict[str, Any]]:
     """DTF at each budget (fraction of N), each baseline at DTF's matched mean count, and ``all``."""
     n = analysed.mean_patches
-    dtf = dtf_filter(model)
+    dtf = adaptive_filter(model)
     points = []
     for budget in budgets:
         tau = calibrate(model, analysed, budget * n)
@@ -76,7 +76,7 @@ def rd_points(model: Tokenizer, label: str, analysed: Analysed, budgets: Sequenc
                                       getattr(chosen, "positions_from_count", False)),
                                 model=label, filter=name, budget=dtf_point["budget"], k=k, setting=f"k={k}"))
     if include_all:
-        keep_all = model.token_filter("all")
+        keep_all = model.baseline_filter("keep-all")
         points.append(point(score(model, analysed, lambda b: keep_all.select(b.bits)),
                             model=label, filter="all", budget=1.0, setting="all"))
     return points

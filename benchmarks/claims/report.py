@@ -86,12 +86,21 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
                          [[f"**{f['status']}**", f["name"], None if f["value"] is None else f"{f['value']:+.2f}",
                            f"{f['threshold']:+.2f}", f["detail"]] for f in floors], left=2), ""]
 
-    out += ["### 1. Adaptive vs fixed rate (rate–distortion)", ""]
+    out += _rate_distortion_section(rd, figures)
+    out += _ablations_section(ab, figures)
+    out += _allocation_section(al, figures)
+    out += _throughput_section(tp, figures)
+    return "\n".join(out)
+
+
+def _rate_distortion_section(rd: dict[str, Any] | None, figures: dict[str, str]) -> list[str]:
+    """Claim 1: DTF against fixed-count filters and a fixed-rate model at equal training cost."""
+    out = ["### 1. Adaptive vs fixed rate (rate–distortion)", ""]
     if rd:
         models = rd["models"]
         out += [f"DTF (τ calibrated per budget) against fixed-count filters that keep k = round(DTF's mean) tokens of every "
                 f"image, on `{models['shipped']['label']}`; PSNR in dB; bpp = bits per pixel of DTF's tokens, counting "
-                f"the codes, the global tokens and which tokens were kept (`tatok_core.bitrate.token_bits`). Then, at equal training cost "
+                f"the codes, the global tokens and which tokens were kept (`tatok_core.contract.bitrate.token_bits`). Then, at equal training cost "
                 f"({models['fixed-rate']['steps']} steps each), the recipe trained with DTF against the same recipe "
                 f"trained with filter `all` (a classic fixed-rate tokenizer).", ""]
         for key, data in rd["sets"].items():
@@ -130,8 +139,12 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
         out += _figure(figures, "rate_distortion", "rate–distortion")
     else:
         out += [_pending("rate_distortion"), ""]
+    return out
 
-    out += ["### 2. Ablations: insufficiency and redundancy", ""]
+
+def _ablations_section(ab: dict[str, Any] | None, figures: dict[str, str]) -> list[str]:
+    """Claim 2: information insufficiency (patch-only) and redundancy (what the globals explain, dropping tokens)."""
+    out = ["### 2. Ablations: insufficiency and redundancy", ""]
     if ab:
         ins = ab["insufficiency"]
         m = ins["models"]
@@ -172,8 +185,12 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
         out += _figure(figures, "ablations", "ablations")
     else:
         out += [_pending("ablations"), ""]
+    return out
 
-    out += ["### 3. Allocation: tokens follow content", ""]
+
+def _allocation_section(al: dict[str, Any] | None, figures: dict[str, str]) -> list[str]:
+    """Claim 3: the tokens kept follow the content of the image."""
+    out = ["### 3. Allocation: tokens follow content", ""]
     if al:
         rows = [[label, next(iter(c.values()))["n"], *[_corr(c[k]) for k in ("hist_entropy", "patch_entropy",
                                                                               "gradient_energy", "mean_bits")]]
@@ -189,8 +206,12 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
         out += _figure(figures, "allocation_scatter", "tokens kept vs content")
     else:
         out += [_pending("allocation"), ""]
+    return out
 
-    out += ["### 4. Throughput", ""]
+
+def _throughput_section(tp: dict[str, Any] | None, figures: dict[str, str]) -> list[str]:
+    """Claim 4: images per second and each component's share of the time."""
+    out = ["### 4. Throughput", ""]
     if tp:
         env = tp["environment"]
         out += [f"`{tp['model']['label']}` on {env['cpu']} ({env['threads']} threads, load average "
@@ -205,7 +226,7 @@ def render(out_dir: Path, figures: dict[str, str]) -> str:
         out += _figure(figures, "throughput", "throughput")
     else:
         out += [_pending("throughput"), ""]
-    return "\n".join(out)
+    return out
 
 
 def _corr(c: dict[str, Any]) -> str:

@@ -37,9 +37,9 @@ from benchmarks.claims.common import (
     table,
     write_json,
 )
-from tatok_core.data import ImageSource, fixed_crops
-from tatok_core.interfaces import EntropyContext
-from tatok_core.tokenizer import Tokenizer
+from tatok_core.workflows.data import ImageSource, fixed_crops
+from tatok_core.contract.interfaces import EntropyContext
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 DESCRIPTION = "Claim 4: encode/decode throughput and time per component on this CPU"
 COMPONENTS = ("encoder", "global_tokenizer", "quantizer", "entropy", "filter", "decoder")

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from tatok_cli.main import cli
 from tatok_core import Facts, PipelineSpec, Tokenizer
-from tatok_core.errors import FilterInputError, SpecError
-from tatok_core.registry import Provider, build_default_registry, get_registry, reset_registry
-from tatok_core.train import TrainConfig, train
+from tatok_core.contract.errors import FilterInputError, SpecError
+from tatok_core.contract.registry import Provider, build_default_registry, get_registry, reset_registry
+from tatok_core.workflows.training import TrainConfig, train
 
 try:
     from tatok_plugin_example import ConvEncoder, ThresholdFilter
@@ -69,9 +69,9 @@ def test_env_switch_skips_the_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_listed_by_tatok_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tatok_cli.main
+    import tatok_cli.console
 
-    monkeypatch.setattr(tatok_cli.main.console, "_width", 250)  # rich fixes its width at import: no folding
+    monkeypatch.setattr(tatok_cli.console.console, "_width", 250)  # rich fixes its width at import: no folding
     result = CliRunner().invoke(cli, ["plugins"])
     assert result.exit_code == 0, result.output
     assert " conv " in result.output and " threshold " in result.output

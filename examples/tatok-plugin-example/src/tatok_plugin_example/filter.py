@@ -2,8 +2,8 @@
 
 Compared with DTF, which keeps a *share* τ of each image's total information, an absolute threshold
 keeps the same bits-per-token standard for every image. It reuses the input checks and ordering
-helpers of :mod:`tatok_core.dtf`, so bad input (NaN, ±inf, negative bits, bad bounds) raises the
-same :class:`~tatok_core.errors.FilterInputError` as the built-in filters.
+helpers of :mod:`tatok_core.ops.dtf.reference`, so bad input (NaN, ±inf, negative bits, bad bounds) raises the
+same :class:`~tatok_core.contract.errors.FilterInputError` as the built-in filters.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from tatok_core import Facts, Selection, TokenFilter
-from tatok_core.dtf import descending_order, keep_first, validate_bits, validate_bounds
+from tatok_core.ops.dtf.reference import descending_order, keep_first, validate_bits, validate_bounds
 
 
 class ThresholdFilter(TokenFilter):

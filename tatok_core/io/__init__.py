@@ -1,0 +1,4 @@
+"""Files: images, token files, weights and atomic writes, output locks.
+
+Imports only the contract.
+"""

@@ -1,0 +1,452 @@
+"""The Tokenizer: a PipelineSpec's components wired together along the data flow of docs/architecture.md."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tatok_core.contract.errors import CompositionError, SpecError, TatokError, UnknownComponentError
+from tatok_core.contract.extras import require
+from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
+from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.io.atomic import atomic_write
+from tatok_core.io.persistence import (cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
+                                    push_folder, save_weights, state_digest)
+from tatok_core.contract.registry import Registry, get_registry
+from tatok_core.contract.selection import Selection
+from tatok_core.contract.spec import ComponentSpec, PipelineSpec, instantiate, build_components
+from tatok_core.contract.tokens import Tokens
+
+DEFAULT_PRETRAINED = "tatok-small"  # what `tatok demo`, the CLI and from_pretrained() load by default
+SPEC_FILE = "spec.toml"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"  # the manifest: format, name, spec digest, weights checksum (huggingface_hub's name)
+FORMAT = "tatok"
+FORMAT_VERSION = 1
+
+
+class Analysis(NamedTuple):
+    """Everything the encoder side computes for a batch, before filtering (a NamedTuple: dynamo traces it)."""
+
+    images: Tensor  # (B, C, H', W') padded to the grid
+    image_size: tuple[int, int]  # (H, W) before padding
+    grid: Grid
+    globals_: Quantized  # vectors (B, M, D), codes (B, M)
+    patches: Quantized  # vectors (B, N, D), codes (B, N)
+    entropy: EntropyEstimate  # bits (B, N)
+    aux_loss: Tensor
+    base_reconstruction: Tensor | None = None  # (B, C, H', W') globals-only decode, when the estimator asked
+
+
+@attrs.frozen(eq=False)
+class TokenizerOutput:
+    """What :meth:`Tokenizer.forward` returns for training."""
+
+    reconstruction: Tensor  # (B, C, H, W)
+    losses: Mapping[str, Tensor]  # unweighted: "mse", "l1", "quantizer", "entropy"
+    selection: Selection
+    tau: float | Tensor | None  # the τ images were filtered with (None: the filter's default)
+    metrics: Mapping[str, float]
+
+
+#: How far outside [0, 1] pixel values may stray (resampling overshoot) before images are refused.
+RANGE_TOLERANCE = 1 / 255
+
+
+def check_images(images: Tensor, like: Tensor) -> Tensor:
+    """``images`` (B, C, H, W) as floats in [0, 1] on ``like``'s device and dtype, or a one-line error.
+
+    Converted, because it cannot change what the image shows: any floating dtype (float16, bfloat16,
+    float64) is cast to the model's, images move to the model's device, and an overshoot of at most
+    :data:`RANGE_TOLERANCE` beyond [0, 1] (resampling) is clamped. Refused rather than guessed at:
+    integer images (uint8 0-255 and the like: divide by their maximum), NaN/inf values, meta
+    tensors, and values further outside [0, 1] (a ×255 or [-1, 1] scale).
+    """
+    if not isinstance(images, Tensor):
+        raise TatokError(f"images must be a torch.Tensor (B, C, H, W) in [0, 1], got {type(images).__name__}")
+    if images.dim() != 4:
+        raise TatokError(f"images must be a (B, C, H, W) tensor in [0, 1], got shape {tuple(images.shape)}")
+    if images.is_meta:
+        raise TatokError("images are on the meta device (shapes without data): create them on a real device")
+    if not images.is_floating_point():
+        hint = " — e.g. images.float() / 255 for uint8" if images.dtype == torch.uint8 else ""
+        raise TatokError(f"images must be floating point in [0, 1], got {images.dtype}{hint}")
+    if images.numel():  # ONE host sync for all value checks: the only one on the analysis path
+        finite = torch.isfinite(images)
+        clean = images.float().nan_to_num(0.5, 0.5, 0.5)  # the range of the finite values
+        nonfinite, low, high = torch.stack([(~finite).sum().float(), clean.amin(), clean.amax()]).tolist()
+        if nonfinite:
+            raise TatokError(f"images contain {int(nonfinite)} NaN or infinite values: nothing to encode there")
+        if low < -RANGE_TOLERANCE or high > 1 + RANGE_TOLERANCE:
+            scale = " (0-255 pixels? divide by 255)" if high > 2 else " (a [-1, 1] scale? use (x + 1) / 2)" if low < 0 else ""
+            raise TatokError(f"images must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]{scale}")
+    return images.to(device=like.device, dtype=like.dtype).clamp(0, 1)
+
+
+class Tokenizer(nn.Module):
+    """Images ↔ variable-length :class:`~tatok_core.contract.tokens.Tokens`, built from a :class:`PipelineSpec`."""
+
+    def __init__(self, spec: PipelineSpec | None = None, registry: Registry | None = None, name: str | None = None) -> None:
+        super().__init__()
+        self.spec = spec or PipelineSpec()
+        self.name = name
+        self._registry = registry
+        built = build_components(self.spec, registry)
+        self.encoder = built["encoder"]
+        self.global_tokenizer = built["global_tokenizer"]
+        self.quantizer = built["quantizer"]
+        self.entropy = built["entropy"]
+        self.filter: TokenFilter = built["filter"]  # type: ignore[assignment]
+        self.decoder = built["decoder"]
+        self.facts: Facts = self.filter.facts_in
+        self.train_tau_min = float(self.spec.pipeline["train_tau_min"])
+
+    # -- facts ---------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return self.encoder.patch_size
+
+    @property
+    def num_global(self) -> int:
+        return self.global_tokenizer.num_global
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component kind (the registry's kinds, in data-flow order)."""
+        return {kind: sum(p.numel() for p in getattr(self, kind).parameters()) for kind in PIPELINE_KINDS}
+
+    def grid_for(self, height: int, width: int) -> Grid:
+        p = self.patch_size
+        return (-(-height // p), -(-width // p))
+
+    def max_tokens(self, height: int, width: int) -> int:
+        """Patch tokens of an H×W image when every token is kept."""
+        rows, cols = self.grid_for(height, width)
+        return rows * cols
+
+    # -- pipeline --------------------------------------------------------------------------
+    def _pad(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Checked images (see :func:`check_images`) padded to whole patches, and their size before padding."""
+        images = check_images(images, next(self.parameters(), torch.empty(0)))
+        _, channels, height, width = images.shape
+        if channels != self.encoder.channels:
+            raise TatokError(f"images have {channels} channels but the encoder expects {self.encoder.channels}")
+        p = self.patch_size
+        if height < p or width < p:
+            raise TatokError(f"images of {height}×{width} are smaller than one {p}×{p} patch")
+        rows, cols = self.grid_for(height, width)
+        pad_h, pad_w = rows * p - height, cols * p - width
+        if pad_h or pad_w:  # reflect where possible (no artificial edges), replicate for tiny images
+            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
+        return images, (height, width)
+
+    def analyse(self, images: Tensor) -> Analysis:
+        """Encode, add global tokens, quantize and estimate bits per patch token."""
+        padded, size = self._pad(images)
+        grid = self.grid_for(*size)
+        features = self.encoder(padded)  # (B, N, D)
+        global_features, patch_features = self.global_tokenizer(features, grid)  # (B, M, D), (B, N, D)
+        m = global_features.shape[1]
+        quantized = self.quantizer(torch.cat([global_features, patch_features], dim=1))  # one codebook for both
+        globals_ = Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics)
+        patches = Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics)
+        base = None
+        if self.entropy.needs_base_reconstruction:  # the decoder's picture from the globals alone
+            nothing_kept = torch.zeros(patches.codes.shape, dtype=torch.bool, device=padded.device)  # (B, N)
+            base = self.decoder(globals_.vectors, patches.vectors, nothing_kept, grid)  # (B, C, H', W')
+        context = EntropyContext(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes, base)
+        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss, base)
+
+    def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
+        """The spec's filter, or another one built with the same facts (for baselines on one model)."""
+        if name is None and not options:
+            return self.filter
+        current = self.spec.filter
+        name = name or current.name
+        merged = {**(current.options if name == current.name else {}), **options}
+        registry = self._registry or get_registry()
+        return instantiate(registry.get("filter", name), self.facts, "filter", ComponentSpec(name, merged))  # type: ignore[return-value]
+
+    def baseline_filter(self, role: str, **options: Any) -> TokenFilter:
+        """The registered filter playing ``role`` (:data:`~tatok_core.contract.interfaces.FILTER_ROLES`, e.g.
+        "keep-all", "top-k"), built with this model's facts: workflows compare by role, never by plugin name."""
+        return self.token_filter(self.registry.name_for_role("filter", role), **options)
+
+    @property
+    def registry(self) -> Registry:
+        """The registry this model's components come from."""
+        return self._registry or get_registry()
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:
+        """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call.
+
+        Images are checked and converted by :func:`check_images` (other float dtypes and devices are
+        converted; integer pixels, NaN, values outside [0, 1] and meta tensors are refused).
+        """
+        analysis = self.analyse(images)
+        selection = self.token_filter(filter, **filter_options).select(analysis.entropy.bits, tau)
+        return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
+                                     analysis.image_size)
+
+    @torch.no_grad()
+    def decode(self, tokens: Tokens) -> Tensor:
+        """Tokens → images (B, C, H, W) in [0, 1] at their original size.
+
+        Refuses tokens this model cannot have made (codes outside its codebook, another number of
+        global tokens) instead of decoding them into garbage; tokens move to the model's device.
+        """
+        tokens = self._check_tokens(tokens)
+        grid_codes, keep = tokens.to_grid(fill=0)
+        reconstruction = self.decoder(
+            self.quantizer.codes_to_vectors(tokens.global_codes),
+            self.quantizer.codes_to_vectors(grid_codes),
+            keep,
+            tokens.grid,
+        )
+        height, width = tokens.image_size
+        return reconstruction[..., :height, :width].clamp(0, 1)
+
+    def _check_tokens(self, tokens: Tokens) -> Tokens:
+        if not isinstance(tokens, Tokens):
+            raise TatokError(f"decode takes Tokens, got {type(tokens).__name__}")
+        if tokens.global_codes.is_floating_point() or tokens.codes.is_floating_point():
+            raise TatokError("cannot decode: codes must be integers, got floating-point codes")
+        if tokens.global_codes.shape[-1] != self.num_global:
+            raise TatokError(f"cannot decode: tokens carry {tokens.global_codes.shape[-1]} global codes per image, "
+                             f"this model makes {self.num_global}")
+        size = self.quantizer.codebook_size
+        present = [(what, codes) for what, codes in (("global", tokens.global_codes), ("patch", tokens.codes))
+                   if codes.numel()]
+        if present:  # ONE host sync reads every range: the only wait in decode
+            spans = torch.stack([torch.stack([c.min(), c.max()]).long().cpu() for _, c in present]).tolist()
+            for (what, _), (low, high) in zip(present, spans):
+                if low < 0 or high >= size:
+                    raise TatokError(f"cannot decode: {what} codes span [{low}, {high}], outside this model's "
+                                     f"codebook [0, {size}): tokens of another tokenizer?")
+        return tokens.to(next(self.parameters(), torch.empty(0)).device)
+
+    def sample_tau(self, batch: int, device: torch.device) -> Tensor:
+        """τ per image ~ U(train_tau_min, 1), so the decoder learns every budget."""
+        return self.train_tau_min + (1 - self.train_tau_min) * torch.rand(batch, device=device)
+
+    def sample_topk(self, bits: Tensor) -> Selection:
+        """Training selection ``train_keep = "topk"``: per image k ~ U{0 … N} (0 = globals only) of the
+        highest-bits tokens, so the decoder learns every budget and the globals-only case; with
+        probability ``train_random_rank`` an image ranks its tokens at random instead, so the decoder
+        also fills arbitrary holes."""
+        batch, n = bits.shape
+        score = bits.float().clone()  # (B, N)
+        shuffled = torch.rand(batch, device=bits.device) < float(self.spec.pipeline["train_random_rank"])
+        score[shuffled] = torch.rand(int(shuffled.sum()), n, device=bits.device)
+        order = score.argsort(dim=1, descending=True, stable=True)  # (B, N)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=bits.device).expand(batch, -1))
+        k = torch.randint(0, n + 1, (batch, 1), device=bits.device)  # (B, 1)
+        return Selection.from_mask(rank < k)
+
+    def forward(self, images: Tensor, tau: float | Tensor | None = None) -> TokenizerOutput:
+        """Training step: reconstruction, unweighted losses by name, the selection and the τ used."""
+        analysis = self.analyse(images)
+        batch = images.shape[0]
+        bits = analysis.entropy.bits.detach()
+        if self.training and self.spec.pipeline["train_keep"] == "topk":
+            selection = self.sample_topk(bits)
+        else:
+            if tau is None and self.training:
+                tau = self.sample_tau(batch, images.device)
+            selection = self.filter.select(bits, tau)
+        reconstruction = self.decoder(analysis.globals_.vectors, analysis.patches.vectors, selection.keep, analysis.grid)
+        height, width = analysis.image_size
+        reconstruction = reconstruction[..., :height, :width]
+        target = images.to(reconstruction.dtype)
+        losses = {
+            "mse": F.mse_loss(reconstruction.float(), target.float()),
+            "l1": F.l1_loss(reconstruction.float(), target.float()),
+            "quantizer": analysis.aux_loss,
+            "entropy": analysis.entropy.loss,
+        }
+        if analysis.base_reconstruction is not None:  # teaches the globals to carry the picture on their own
+            base = analysis.base_reconstruction[..., :height, :width]
+            losses["globals"] = F.mse_loss(base.float(), target.float())
+        metrics = {
+            "tokens": float(selection.lengths.float().mean()),
+            "max_tokens": float(selection.num_patches),
+            **analysis.patches.metrics,
+            **analysis.entropy.metrics,
+        }
+        return TokenizerOutput(reconstruction, losses, selection, tau, metrics)
+
+    # -- swapping components -------------------------------------------------------------------
+    def with_component(self, kind: str, name: str, **options: Any) -> Tokenizer:
+        """A copy with the ``kind`` component replaced by ``name`` (built with ``options``), the rest kept.
+
+        The spec records the change (so ``save_pretrained`` → ``from_pretrained`` rebuilds the new
+        model); every other component keeps its weights. Replacing a component by one of the same
+        name keeps its other options. A component downstream whose inputs change (e.g. a new encoder
+        width) cannot keep its weights: that is a :class:`CompositionError` naming it.
+        """
+        return self._replaced({kind: ComponentSpec(name, options)})
+
+    def _replaced(self, changes: Mapping[str, ComponentSpec]) -> Tokenizer:
+        """A copy with several components replaced at once (``from_pretrained(overrides=…)``)."""
+        for kind in changes:
+            self.spec.component(kind)  # unknown kinds fail here, naming the known ones
+        spec = self.spec.updated({k: c.name for k, c in changes.items()}, {k: dict(c.options) for k, c in changes.items()})
+        model = type(self)(spec, self._registry, name=self.name)
+        for kind in PIPELINE_KINDS:
+            if kind in changes:
+                continue
+            old, new = getattr(self, kind), getattr(model, kind)
+            state = old.state_dict()
+            if not state:
+                continue  # nothing to keep (a filter, the pixel estimator)
+            # the upstream facts it read (built-ins record them); else every fact it was given
+            read = old.needed or old.facts_in.values
+            changed = sorted(f for f in read if old.facts_in.values.get(f) != new.facts_in.values.get(f))
+            if changed:
+                fact = changed[0]
+                raise CompositionError(
+                    f"{old.label} cannot keep its weights: its input {fact} changes from "
+                    f"{old.facts_in.values.get(fact)!r} to {new.facts_in.values.get(fact)!r}; replace it too"
+                )
+            try:
+                new.load_state_dict(state)
+            except RuntimeError as exc:
+                raise CompositionError(f"{old.label} cannot keep its weights in the new composition: "
+                                       f"{str(exc).splitlines()[-1].strip()}") from exc
+        reference = next(iter(self.parameters()), None)
+        if reference is not None:
+            model.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        return model.train(self.training)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def weights_digest(self) -> str:
+        """sha256 (hex) of the weights and buffers themselves, as recorded by :meth:`save_pretrained`.
+
+        Independent of device and file format; two tokenizers decode tokens identically only if their
+        specs and weights digests agree (token files record both).
+        """
+        return state_digest(self.state_dict())
+
+    def save_pretrained(self, directory: str | Path, *, push_to_hub: bool = False, repo_id: str | None = None,
+                        **push_to_hub_kwargs: Any) -> Path:
+        """Write ``spec.toml``, ``model.safetensors`` and ``config.json`` into ``directory``, each atomically.
+
+        ``config.json`` (written last) records the format, the name, the spec digest and the weights'
+        size, sha256 and :meth:`weights_digest`; :meth:`from_pretrained` verifies the sha256. With
+        ``push_to_hub`` the folder is then uploaded as :meth:`push_to_hub` does (``repo_id`` defaults to
+        the folder name), following huggingface_hub's ``save_pretrained``.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = save_weights(directory / WEIGHTS_FILE, cpu_state(self), {"format": FORMAT})
+        atomic_write(directory / SPEC_FILE, self.spec.to_toml().encode())
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "tatok_version": _version(), "name": self.name,
+                  "spec_digest": self.spec.digest(), "weights": weights}
+        atomic_write(directory / CONFIG_FILE, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        if push_to_hub:
+            self.push_to_hub(repo_id or directory.name, **push_to_hub_kwargs)
+        return directory
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload TaTok tokenizer", private: bool | None = None,
+                    token: str | None = None, branch: str | None = None, create_pr: bool | None = None) -> Any:
+        """Save into a temporary folder and upload it to Hub repository ``repo_id`` (needs ``tatok[hub]``).
+
+        Returns huggingface_hub's ``CommitInfo``; load it back with ``from_pretrained(repo_id)``.
+        """
+        require("huggingface_hub", "push_to_hub")  # fail before saving anything
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return push_folder(Path(folder), repo_id, commit_message=commit_message, private=private, token=token,
+                               branch=branch, create_pr=create_pr)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path = DEFAULT_PRETRAINED,
+        registry: Registry | None = None,
+        map_location: str | torch.device = "cpu",
+        *,
+        overrides: Mapping[str, str | Mapping[str, Any] | ComponentSpec] | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+    ) -> Tokenizer:
+        """Load a folder written by :meth:`save_pretrained`, a shipped name (``tatok-tiny``) or a Hub repository id.
+
+        Local folders and shipped names never touch the network; an ``owner/name`` that is neither is
+        fetched from the Hugging Face Hub (``tatok[hub]``; ``revision``, ``cache_dir``, ``token`` and
+        ``local_files_only`` as in huggingface_hub). The weights' recorded sha256 is verified. The model
+        is returned in eval mode on ``map_location``. ``overrides`` replaces components as
+        :meth:`with_component` does, one entry per kind: a name, or a table ``{"name": …, "options": {…}}``
+        as in ``spec.toml`` (``{"filter": {"name": "dtf", "options": {"tau": 0.5}}}``).
+        """
+        directory, name = _locate(name_or_dir, registry, revision=revision, cache_dir=cache_dir, token=token,
+                                  local_files_only=local_files_only)
+        spec = PipelineSpec.load(directory / SPEC_FILE)
+        config = _read_config(directory)
+        model = cls(spec, registry, name=name or directory.name)
+        state = load_weights(directory / WEIGHTS_FILE, config.get("weights") if config else None)
+        fit_state(model, state, directory / WEIGHTS_FILE, f"the spec in {directory / SPEC_FILE}")
+        if overrides:
+            model = model._replaced({kind: _component_spec(kind, value) for kind, value in overrides.items()})
+        return model.to(map_location).eval()
+
+
+def _version() -> str:
+    from tatok_core import __version__
+
+    return __version__
+
+
+def _component_spec(kind: str, value: str | Mapping[str, Any] | ComponentSpec) -> ComponentSpec:
+    if isinstance(value, ComponentSpec):
+        return value
+    if isinstance(value, str):
+        return ComponentSpec(value)
+    if isinstance(value, Mapping) and "name" in value and set(value) <= {"name", "options"}:
+        return ComponentSpec(str(value["name"]), value.get("options", {}))
+    raise SpecError(f"override for {kind!r} must be a name or a table {{'name': …, 'options': {{…}}}}, got {value!r}")
+
+
+def _locate(name_or_dir: str | Path, registry: Registry | None, **hub: Any) -> tuple[Path, str | None]:
+    """(folder holding ``spec.toml``, shipped or Hub name or None) for a folder, shipped name or Hub id."""
+    directory = Path(name_or_dir)
+    if (directory / SPEC_FILE).is_file():
+        return directory, None
+    shipped = (registry or get_registry()).pretrained()
+    if str(name_or_dir) in shipped:
+        return Path(shipped[str(name_or_dir)][0]), str(name_or_dir)
+    if directory.exists():
+        raise SpecError(f"{directory} holds no {SPEC_FILE}: not a saved tokenizer")
+    if is_repo_id(str(name_or_dir)):
+        folder = hub_snapshot(str(name_or_dir), [SPEC_FILE, WEIGHTS_FILE, CONFIG_FILE], **hub)
+        if not (folder / SPEC_FILE).is_file():
+            raise SpecError(f"Hub repository {name_or_dir!r} holds no {SPEC_FILE}: not a TaTok tokenizer")
+        return folder, str(name_or_dir)
+    raise UnknownComponentError("pretrained tokenizer", str(name_or_dir), shipped)
+
+
+def _read_config(directory: Path) -> dict[str, Any] | None:
+    """``config.json`` of a saved tokenizer (None for folders saved before it existed)."""
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"{path}: unreadable ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise SpecError(f"{path}: not a TaTok tokenizer config (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("format_version", 0) > FORMAT_VERSION:
+        raise SpecError(f"{path}: format version {config['format_version']} is newer than this tatok reads ({FORMAT_VERSION})")
+    return config

@@ -1,0 +1,111 @@
+"""Pictures of what a tokenizer kept: original | kept-token map | reconstruction (| error), one row per image."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import numpy as np
+from torch import Tensor
+
+from tatok_core.contract.errors import TatokError
+from tatok_core.workflows.metrics import psnr
+from tatok_core.workflows.analysis import Analysed, cannot_tokenize
+from tatok_core.workflows.inference import evaluating
+from tatok_core.workflows.plotting import save_figure
+from tatok_core.workflows.rate_control import check_tau
+from tatok_core.pipeline.tokenizer import Tokenizer
+
+
+@attrs.frozen(eq=False)
+class Shown:
+    """One image tokenized for display: the image, its reconstruction, bits and keep mask per patch."""
+
+    name: str
+    image: Tensor  # (C, H, W) in [0, 1]
+    reconstruction: Tensor  # (C, H, W)
+    bits: np.ndarray  # (rows, cols)
+    keep: np.ndarray  # (rows, cols) bool
+    patch_size: int
+    rate: str  # e.g. "tau 0.9"
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+    @property
+    def num_patches(self) -> int:
+        return int(self.keep.size)
+
+    @property
+    def psnr(self) -> float:
+        return float(psnr(self.reconstruction[None], self.image[None])[0])
+
+
+def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, name: str = "") -> Shown:
+    """Encode and decode one (C, H, W) image; ``tau`` None uses the filter's default."""
+    tau = None if tau is None else check_tau(tau)
+    problem = cannot_tokenize(model, image)
+    if problem:
+        raise TatokError(f"cannot tokenize {name or 'image'}: {problem}")
+    token_filter = model.token_filter()
+    with evaluating(model) as device:
+        analysed = Analysed.of(model.analyse(image[None].to(device)))
+        selection = token_filter.select(analysed.bits, tau)
+        reconstruction = model.decode(analysed.tokens(selection).to(device))[0].cpu()
+    rows, cols = analysed.grid
+    tau = tau if tau is not None else getattr(token_filter, "tau", None)
+    return Shown(
+        name=name,
+        image=image,
+        reconstruction=reconstruction,
+        bits=analysed.bits[0].reshape(rows, cols).numpy(),
+        keep=selection.keep[0].reshape(rows, cols).numpy(),
+        patch_size=model.patch_size,
+        rate=f"tau {tau:g}" if tau is not None else token_filter.label,
+    )
+
+
+def draw_panels(shown: Sequence[Shown], path: str | os.PathLike[str], *, error_map: bool = True) -> Path:
+    """PNG with one row per image: original | bits of kept patches (dropped grey) | reconstruction | error."""
+    from tatok_core.contract.extras import require
+
+    matplotlib = require("matplotlib", "drawing panels")  # imported here: ~0.5 s that encoding need not pay
+    from matplotlib.figure import Figure
+
+    columns = 4 if error_map else 3
+    figure = Figure(figsize=(4 * columns, 4.2 * len(shown)), dpi=100, layout="constrained")
+    grid = figure.subplots(len(shown), columns, squeeze=False)
+    for row, item in zip(grid, shown):
+        height, width = item.image.shape[1:]
+        rows, cols = item.keep.shape
+        p = item.patch_size
+        label = f"{item.name} " if item.name else ""
+        row[0].imshow(item.image.permute(1, 2, 0).numpy(), interpolation="nearest")
+        row[0].set_title(f"{label}original {height}×{width}")
+        heat = np.ma.masked_array(item.bits, mask=~item.keep)
+        mapped = row[1].imshow(heat, cmap=matplotlib.colormaps["magma"].with_extremes(bad="0.8"),
+                               interpolation="nearest", extent=(0, cols * p, rows * p, 0))
+        row[1].set_xlim(0, width)
+        row[1].set_ylim(height, 0)
+        figure.colorbar(mapped, ax=row[1], label="bits (kept patches)", shrink=0.8)
+        row[1].set_title(f"kept {item.kept}/{item.num_patches} patch tokens ({item.rate})")
+        row[2].imshow(item.reconstruction.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
+        row[2].set_title(f"reconstruction {item.psnr:.2f} dB")
+        if error_map:
+            error = row[3].imshow((item.reconstruction - item.image).abs().mean(0).numpy(), cmap="inferno",
+                                  vmin=0, interpolation="nearest")
+            figure.colorbar(error, ax=row[3], label="|error|, mean over RGB", shrink=0.8)
+            row[3].set_title("error")
+        for axes in row:
+            axes.set_axis_off()
+    return save_figure(figure, path)
+
+
+def show_panel(model: Tokenizer, image: Tensor, tau: float | None, path: str | os.PathLike[str]) -> Shown:
+    """One image's panel with the error map (what ``tatok show`` draws); returns what was shown."""
+    shown = tokenize_for_display(model, image, tau)
+    draw_panels([shown], path)
+    return shown
