@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from benchmarks.operating_point import hole_errors
-from tatok_core.bitrate import token_bits
-from tatok_core.data import HELDOUT_PHOTOS, ImageSource
-from tatok_core.imageio import fit_longest_side
-from tatok_core.metrics import psnr
-from tatok_core.selection import Selection
-from tatok_core.tokenizer import DEFAULT_PRETRAINED, Tokenizer
-from tatok_core.tokens import Tokens
+from tatok_core.contract.bitrate import token_bits
+from tatok_core.contract.selection import Selection
+from tatok_core.contract.tokens import Tokens
+from tatok_core.io.images import fit_longest_side
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_core.workflows.data import HELDOUT_PHOTOS, ImageSource
+from tatok_core.workflows.metrics import psnr
 
 SIDE = 256  # longest side of the whole photos
 PSNR_ALL_FLOOR = 20.3  # dB, every patch token kept (20.69 measured at shipping)
