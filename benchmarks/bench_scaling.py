@@ -15,9 +15,8 @@ included) and as the growth over the resident set before the call (``extra_mib``
 
 FSQ is also timed against vector-quantize-pytorch's (``benchmarks/bench_fsq.py``) when that optional
 dependency is installed (``pip install 'tatok[bench]'``). The issue-14 targets are checked in the JSON's ``targets``: encode and decode of 1024² within 20× the
-time of 256² (16× is linear), and the photo within 4 GiB peak. A filter that refuses a size (the DTF
-token cap, before issue 13) is replaced by ``--fallback-filter`` for that size, and when that refuses
-too, every token is kept without a filter; the row's ``note`` says which.
+time of 256² (16× is linear), and the photo within 4 GiB peak. Every size runs the model's own filter
+(DTF has no token cap since issue 13).
 """
 
 from __future__ import annotations
@@ -40,11 +39,8 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tatok_core.contract.errors import TatokError
 from tatok_core.contract.interfaces import EntropyContext
-from tatok_core.contract.selection import Selection
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
-from tatok_core.contract.tokens import Tokens
 
 FULL_SIDES = (64, 128, 256, 512, 768, 1024)
 QUICK_SIDES = (64, 128, 256)
@@ -106,42 +102,11 @@ def seconds(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-class KeepEverything:
-    """Stands in for a filter that refuses the size (the DTF token cap before issue 13): keeps every token."""
-
-    def select(self, bits: torch.Tensor, tau: Any = None) -> Selection:
-        return Selection.from_mask(torch.ones_like(bits, dtype=torch.bool))
-
-
-def pick_filter(model: Tokenizer, images: torch.Tensor, fallback: str) -> tuple[Any, str]:
-    """The model's filter, else ``fallback``, else :class:`KeepEverything`, whichever accepts this size."""
-    bits = model.analyse(images).entropy.bits
-    refusals = []
-    for candidate in (None, fallback):
-        token_filter = model.token_filter(candidate)
-        try:
-            token_filter.select(bits)
-        except TatokError as error:
-            refusals.append(f"{candidate or model.spec.filter.name!r} refused ({error})")
-            continue
-        return token_filter, "; ".join(refusals)
-    return KeepEverything(), "; ".join(refusals) + "; kept every token without a filter"
-
-
-def encode_with(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> Tokens:
-    """:meth:`Tokenizer.encode` with ``token_filter`` (which may be no registered filter)."""
-    analysis = model.analyse(images)
-    selection = token_filter.select(analysis.entropy.bits)
-    return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
-                                 analysis.image_size)
-
-
-@torch.no_grad()
-def memory_row(model: Tokenizer, images: torch.Tensor, token_filter: Any, note: str) -> dict[str, Any]:
+def memory_row(model: Tokenizer, images: torch.Tensor) -> dict[str, Any]:
     """Peak memory of one encode and one decode of ``images``, with nothing else of the benchmark held."""
     start = time.perf_counter()
     with peak_memory(images.device) as encode_memory:
-        tokens = encode_with(model, images, token_filter)
+        tokens = model.encode(images)
     encode_once = time.perf_counter() - start
     start = time.perf_counter()
     with peak_memory(images.device) as decode_memory:
@@ -149,8 +114,7 @@ def memory_row(model: Tokenizer, images: torch.Tensor, token_filter: Any, note: 
     decode_once = time.perf_counter() - start
     return {
         "height": images.shape[2], "width": images.shape[3], "patches": tokens.num_patches,
-        "kept": int(tokens.lengths.sum()), "filter": getattr(token_filter, "label", type(token_filter).__name__),
-        "note": note,
+        "kept": int(tokens.lengths.sum()), "filter": model.filter.label,
         "encode_peak_mib": encode_memory["peak_mib"], "encode_extra_mib": encode_memory["extra_mib"],
         "decode_peak_mib": decode_memory["peak_mib"], "decode_extra_mib": decode_memory["extra_mib"],
         "encode_once_s": encode_once, "decode_once_s": decode_once,  # the first (cold) call, memory sampled
@@ -158,9 +122,9 @@ def memory_row(model: Tokenizer, images: torch.Tensor, token_filter: Any, note: 
 
 
 @torch.no_grad()
-def timed_calls(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> dict[str, Callable[[], Any]]:
+def timed_calls(model: Tokenizer, images: torch.Tensor) -> dict[str, Callable[[], Any]]:
     """encode, decode, and each stage alone on the outputs of the stages before it (the wiring unrolled)."""
-    padded, _ = model._pad(images)
+    padded, _ = model.pad_to_grid(images)
     grid = model.grid_for(*images.shape[2:])
     features = model.encoder(padded)  # (1, N, D)
     global_features, patch_features = model.global_tokenizer(features, grid)
@@ -173,24 +137,23 @@ def timed_calls(model: Tokenizer, images: torch.Tensor, token_filter: Any) -> di
     context = EntropyContext(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
                              quantized.vectors[:, m:], quantized.codes[:, m:], base)
     bits = model.entropy(context).bits  # (1, N)
-    keep = token_filter.select(bits).keep
-    tokens = encode_with(model, images, token_filter)
+    keep = model.filter.select(bits).keep
+    tokens = model.encode(images)
     return {
-        "encode": lambda: encode_with(model, images, token_filter),
+        "encode": lambda: model.encode(images),
         "decode": lambda: model.decode(tokens),
         "encoder": lambda: model.encoder(padded),
         "global_tokenizer": lambda: model.global_tokenizer(features, grid),
         "quantizer": lambda: model.quantizer(joint),
         "base_decode": base_decode if base is not None else lambda: None,
         "entropy": lambda: model.entropy(context),
-        "filter": lambda: token_filter.select(bits),
+        "filter": lambda: model.filter.select(bits),
         "decoder": lambda: model.decoder(quantized.vectors[:, :m], quantized.vectors[:, m:], keep, grid),
     }
 
 
 @torch.no_grad()
-def measure(model: Tokenizer, sizes: Sequence[tuple[int, int]], repeats: int, device: torch.device,
-            fallback_filter: str) -> list[dict[str, Any]]:
+def measure(model: Tokenizer, sizes: Sequence[tuple[int, int]], repeats: int, device: torch.device) -> list[dict[str, Any]]:
     """One row per size: peak memory (each size alone), then times in rounds over all sizes.
 
     Round-robin timing (one warm-up round, then ``repeats`` rounds, every size once per round) keeps the
@@ -200,12 +163,11 @@ def measure(model: Tokenizer, sizes: Sequence[tuple[int, int]], repeats: int, de
     for height, width in sizes:
         images = torch.rand(1, model.encoder.channels, height, width,
                             generator=torch.Generator().manual_seed(0)).to(device)
-        token_filter, note = pick_filter(model, images, fallback_filter)
-        rows.append(memory_row(model, images, token_filter, note))
-        cases.append((images, token_filter))
+        rows.append(memory_row(model, images))
+        cases.append(images)
     if not repeats:  # memory only
         return rows
-    calls = [timed_calls(model, images, token_filter) for images, token_filter in cases]
+    calls = [timed_calls(model, images) for images in cases]
     samples: list[dict[str, list[float]]] = [{name: [] for name in c} for c in calls]
     for round_ in range(repeats + 1):
         for case, sample in zip(calls, samples):
@@ -292,7 +254,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-photo", action="store_true", help=f"skip the {PHOTO[1]}×{PHOTO[0]} photo")
     parser.add_argument("--quick", action="store_true", help=f"sides {QUICK_SIDES}, no photo, one repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timing rounds (0: peak memory only)")
-    parser.add_argument("--fallback-filter", default="all", help="filter for sizes the model's filter refuses")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=Path("runs/bench_scaling.json"))
@@ -305,15 +266,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     repeats = 1 if args.quick else args.repeats
     sizes = [(s, s) for s in sides] + ([] if args.quick or args.no_photo else [PHOTO])
     model = Tokenizer.from_pretrained(args.model).to(device).eval()
-    rows = measure(model, sizes, repeats, device, args.fallback_filter)
+    rows = measure(model, sizes, repeats, device)
     for row in rows:
         encode_s, decode_s = row.get("encode_s", row["encode_once_s"]), row.get("decode_s", row["decode_once_s"])
         stages = "  ".join(f"{k.replace('_tokenizer', '')} {v * 1e3:.1f}" for k, v in row.get("stage_s", {}).items())
         print(f"{row['height']}×{row['width']}: encode {encode_s * 1e3:.1f} ms ({row['encode_peak_mib']:.0f} MiB "
               f"peak, +{row['encode_extra_mib']:.0f})  decode {decode_s * 1e3:.1f} ms "
               f"({row['decode_peak_mib']:.0f} MiB, +{row['decode_extra_mib']:.0f})"
-              + (f"  | {stages} ms" if stages else "  (one cold call each)")
-              + (f"  [{row['note']}]" if row["note"] else ""), flush=True)
+              + (f"  | {stages} ms" if stages else "  (one cold call each)"), flush=True)
     result = {
         "model": args.model,
         "environment": {

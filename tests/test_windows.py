@@ -201,7 +201,7 @@ def dense_attention(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _shipped_outputs(model: Tokenizer, image: torch.Tensor) -> dict[str, torch.Tensor]:
-    padded, _ = model._pad(image)
+    padded, _ = model.pad_to_grid(image)
     grid = model.grid_for(*image.shape[2:])
     features = model.encoder(padded)
     globals_, patches = model.global_tokenizer(features, grid)

@@ -157,8 +157,8 @@ def _ext_list() -> str:
 def fit_longest_side(image: Tensor, max_side: int) -> Tensor:
     """Downscale (C, H, W) so that max(H, W) ≤ ``max_side`` (antialiased bicubic); never upscales.
 
-    Whole photos at full size can exceed DTF's 8192-token limit at 4-pixel patches and cost seconds each
-    on a CPU; a downscaled photo is still the whole photo.
+    Whole photos at full size cost seconds each on a CPU; a downscaled photo is still the whole photo,
+    which is what evaluation on whole photos needs (crops hide the borders and the layout).
     """
     height, width = image.shape[-2:]
     scale = max_side / max(height, width)

@@ -132,7 +132,7 @@ class Tokenizer(nn.Module):
         return rows * cols
 
     # -- pipeline --------------------------------------------------------------------------
-    def _pad(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    def pad_to_grid(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Checked images (see :func:`check_images`) padded to whole patches, and their size before padding."""
         images = check_images(images, next(self.parameters(), torch.empty(0)))
         _, channels, height, width = images.shape
@@ -150,7 +150,7 @@ class Tokenizer(nn.Module):
 
     def analyse(self, images: Tensor) -> Analysis:
         """Encode, add global tokens, quantize and estimate bits per patch token."""
-        padded, size = self._pad(images)
+        padded, size = self.pad_to_grid(images)
         grid = self.grid_for(*size)
         features = self.encoder(padded)  # (B, N, D)
         global_features, patch_features = self.global_tokenizer(features, grid)  # (B, M, D), (B, N, D)
