@@ -59,7 +59,8 @@ def gather_packed(dense: Tensor, where: Tensor, count: int) -> Tensor:
 
 
 def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> Tensor:
-    """Fill dropped positions with the mean of their nearest kept ones, ``steps`` 3×3 rings at most.
+    """Fill dropped positions with the mean of their kept 3×3 neighbours; positions farther away take
+    the mean of the ring filled before them, ``steps`` rings at most.
 
     dense (B, N, C) is read only where ``keep`` (B, N); the result (B, N, C) equals it there and is zero
     where no kept position lies within ``steps``. Why: a dropped patch is best guessed from
