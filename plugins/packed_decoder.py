@@ -7,7 +7,8 @@ learns nothing about filling holes on purpose. Here
    tokens. Per-token work (LayerNorm, qkv, MLP) runs on the packed kept tokens — ``(K, W)``, the
    FlashAttention varlen layout — so it falls with the kept count. Patch tokens attend inside their
    w×w window (alternately shifted by w/2, Swin-style) plus to the *prefix* (globals + layout tokens);
-   the prefix attends to every kept token of its image. Cost O(K·(w² + P)).
+   the prefix attends to every kept token of its image. Cost O(K·(w² + P)); with nothing kept (the
+   globals-only decode) only the prefix attends.
 2. **Fill stage** (``fill_depth`` blocks, ``fill_width``): every grid position — the heavy output where
    a token was kept, a learned mask token where it was dropped (plus, with ``fill_spread``, the mean of
    the nearest kept positions: the fill starts from the neighbours' guess) — attends inside its window plus to the
@@ -127,11 +128,14 @@ class PrefixWindowAttention(nn.Module):
         The projections run on the K packed tokens only; the grid is dense just for the window gather."""
         batch, width = where.shape[0], tokens.shape[1]
         h, g = self.heads, layout.num_windows
-        q, k, v = (scatter_packed(t, where) for t in self.qkv(tokens).chunk(3, dim=-1))  # (B, N, W) each
         pq, pk, pv = self.qkv(prefix).chunk(3, dim=-1)  # (B, P, W)
         sink_k, sink_v = (self.sink[i].expand(batch, 1, width) for i in range(2))  # (B, 1, W)
         pk, pv = torch.cat([sink_k, pk], 1), torch.cat([sink_v, pv], 1)  # (B, 1 + P, W)
         split = lambda t: rearrange(t, "b s (h d) -> b h s d", h=h)  # noqa: E731
+        if not tokens.shape[0]:  # nothing kept (a globals-only decode): no patch query, no patch key
+            out = F.scaled_dot_product_attention(split(pq), split(pk), split(pv))  # (B, H, P, d)
+            return tokens, self.proj(rearrange(out, "b h s d -> b s (h d)"))
+        q, k, v = (scatter_packed(t, where) for t in self.qkv(tokens).chunk(3, dim=-1))  # (B, N, W) each
         # patches → window keys + prefix keys
         wq, wk, wv = (layout.to_windows(t) for t in (q, k, v))  # (B·G, w², W)
         wmask = layout.to_windows(where[..., None].to(q.dtype))[..., 0] > 0  # (B·G, w²) padded slots → False
