@@ -102,7 +102,8 @@ class FSQ(Quantizer):
         with float32_region(x.device):
             levels = self.quantize(z.float())  # (..., L) float32
             codes = self.levels_to_codes(levels)  # (...)
-            aux_loss = self.saturation_loss(z.float()) if self.training and self.bound_penalty else z.new_zeros((), dtype=torch.float32)
+            penalised = self.training and self.bound_penalty > 0
+            aux_loss = self.saturation_loss(z.float()) if penalised else z.new_zeros((), dtype=torch.float32)
         return Quantized(
             vectors=self.project_out(levels).to(dtype),  # (..., D), cast back after float32 quantization
             codes=codes,
