@@ -56,9 +56,9 @@ from tatok_core.workflows.data import ImageSource  # noqa: E402
 from tatok_core.contract.errors import TatokError  # noqa: E402
 from tatok_core.io.images import fit_longest_side  # noqa: E402
 from tatok_core.workflows.metrics import psnr, ssim  # noqa: E402
-from tatok_core.workflows.analysis import Analysed as _Analysed, cannot_tokenize  # noqa: E402
-from tatok_core.workflows.inference import evaluating as _inference  # noqa: E402
-from tatok_core.workflows.progress import progress_bar as _progress  # noqa: E402
+from tatok_core.workflows.analysis import Analysed, cannot_tokenize  # noqa: E402
+from tatok_core.workflows.inference import evaluating  # noqa: E402
+from tatok_core.workflows.progress import progress_bar  # noqa: E402
 from tatok_core.workflows.rate_control import calibrate_bits  # noqa: E402
 from tatok_core.contract.selection import Selection  # noqa: E402
 from tatok_core.pipeline.tokenizer import Tokenizer  # noqa: E402
@@ -140,9 +140,9 @@ class ModelEvaluator:
             if problem:
                 raise TatokError(f"cannot evaluate photo {photo.name}: {problem}")
         self.codebook_size = int(model.quantizer.codebook_size)
-        self.analysed: list[_Analysed] = []
+        self.analysed: list[Analysed] = []
         for photo in self.photos:
-            self.analysed.append(_Analysed.of(model.analyse(photo.image[None].to(device))))
+            self.analysed.append(Analysed.of(model.analyse(photo.image[None].to(device))))
             if progress is not None:
                 progress()
 
@@ -377,7 +377,7 @@ def decode_times(model: Tokenizer, image: Tensor, device: torch.device, repeats:
     """Median seconds of :meth:`Tokenizer.decode` for one (3, S, S) image at each kept fraction (topk),
     the fractions interleaved within each round so all see the same machine state; one run, reported
     side by side with the ratio to the first fraction. A benchmark number, never an assertion."""
-    analysed = _Analysed.of(model.analyse(image[None].to(device)))
+    analysed = Analysed.of(model.analyse(image[None].to(device)))
     n = analysed.bits.shape[1]
     tokens = {f: analysed.tokens(model.token_filter("topk", k=round(f * n), min_keep=0, max_keep=-1)
                                  .select(analysed.bits)).to(device) for f in fractions}
@@ -456,7 +456,7 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
     """Score one model on every photo at every operating point (see the module doc)."""
     reconstructions: dict[tuple[int, str], Tensor] = {}
     keep_masks: dict[tuple[int, str], Tensor] = {}
-    with _inference(model), _progress(progress) as bar:
+    with evaluating(model), progress_bar(progress) as bar:
         task = bar.add_task(f"{label}: analyse", total=len(photos))
         evaluator = ModelEvaluator(model, photos, device, progress=lambda: bar.advance(task))
         methods = reference_methods(evaluator)
@@ -618,7 +618,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     codecs: dict[str, list[list[dict]]] = {codec: [] for codec in CODECS}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("JPEG/WebP", total=len(photos) * len(CODECS))
         for photo in photos:
             for codec in CODECS:
@@ -640,7 +640,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         result = evaluate_model(label, source, model, photos, codecs, fractions=fractions, baseline=baseline,
                                 device=device, seed=args.seed, holes_fraction=args.holes_fraction,
                                 grid_photos=args.grid_photos, progress=progress)
-        with _inference(model):
+        with evaluating(model):
             result.record["decode_time"] = decode_times(model, timing_source, device, repeats=args.timing_repeats,
                                                         warmup=1 if args.quick else 2)
         results[label] = result
