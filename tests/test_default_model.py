@@ -13,9 +13,9 @@ import torch
 from benchmarks.operating_point import hole_errors
 from tatok_core.contract.bitrate import token_bits
 from tatok_core.contract.selection import Selection
-from tatok_core.contract.tokens import Tokens
 from tatok_core.io.images import fit_longest_side
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
+from tatok_core.workflows.analysis import Analysed
 from tatok_core.workflows.data import HELDOUT_PHOTOS, ImageSource
 from tatok_core.workflows.metrics import psnr
 
@@ -62,10 +62,8 @@ def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos
     about the mean colour (docs/results.md says so), and this floor keeps it from getting worse."""
     gaps = []
     for photo in photos:
-        analysis = model.analyse(photo)
-        nothing = Selection.from_mask(torch.zeros(analysis.patches.codes.shape, dtype=torch.bool))
-        tokens = Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, nothing, analysis.grid,
-                                       analysis.image_size)
+        analysed = Analysed.of(model.analyse(photo))
+        tokens = analysed.tokens(Selection.from_mask(torch.zeros(analysed.patch_codes.shape, dtype=torch.bool)))
         flat = photo.mean(dim=(2, 3), keepdim=True).expand_as(photo)
         gaps.append(float(psnr(flat, photo)) - float(psnr(model.decode(tokens), photo)))
     assert sum(gaps) / len(gaps) <= GLOBALS_FLAT_MARGIN, gaps
@@ -77,11 +75,10 @@ def test_dropped_patches_are_filled_about_as_well_as_their_kept_neighbours(model
     generator = torch.Generator().manual_seed(0)
     decoder_db, neighbour_db = [], []
     for photo in photos:
-        analysis = model.analyse(photo)
-        keep = torch.rand(analysis.patches.codes.shape, generator=generator) < 0.5  # (1, N) random holes
-        tokens = Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, Selection.from_mask(keep),
-                                       analysis.grid, analysis.image_size)
-        holes = hole_errors(photo[0], model.decode(tokens)[0], keep[0], analysis.grid, model.patch_size)
+        analysed = Analysed.of(model.analyse(photo))
+        keep = torch.rand(analysed.patch_codes.shape, generator=generator) < 0.5  # (1, N) random holes
+        tokens = analysed.tokens(Selection.from_mask(keep))
+        holes = hole_errors(photo[0], model.decode(tokens)[0], keep[0], analysed.grid, model.patch_size)
         decoder_db.append(holes["decoder"])
         neighbour_db.append(holes["neighbours"])
     gap = sum(neighbour_db) / len(photos) - sum(decoder_db) / len(photos)

@@ -27,12 +27,14 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
+from tatok_core.workflows import analysis
+from tatok_core.workflows.batching import group_by_size
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.contract.bitrate import token_bits
 from tatok_core.ops.dtf.reference import descending_order, keep_first
 from tatok_core.contract.errors import TatokError
 from tatok_core.io.images import fit_longest_side
-from tatok_core.contract.interfaces import Grid, TokenFilter
+from tatok_core.contract.interfaces import TokenFilter
 from tatok_core.workflows.metrics import psnr, ssim
 from tatok_core.contract.selection import Selection
 from tatok_core.contract.registry import get_registry
@@ -40,7 +42,6 @@ from tatok_core.io.atomic import atomic_write_text
 from tatok_core.workflows.plotting import save_figure  # noqa: F401  (the claims modules draw through it)
 from tatok_core.contract.spec import PipelineSpec
 from tatok_core.pipeline.tokenizer import Tokenizer
-from tatok_core.contract.tokens import Tokens
 from tatok_core.workflows.training import FINAL, Recipe, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -227,24 +228,16 @@ def load_photos(settings: Settings, data: str = HELDOUT) -> tuple[list[str], lis
 
 # -- analysis once, filters many times ---------------------------------------------------------------
 @attrs.frozen(eq=False)
-class Batch:
-    """Same-size images, analysed: codes and bits on the CPU."""
+class Batch(analysis.Analysed):
+    """Same-size images analysed (codes and bits on the CPU: the core's
+    :class:`~tatok_core.workflows.analysis.Analysed`), with their places in the evaluated set."""
 
     indices: list[int]  # positions of these images in the evaluated set
     images: Tensor  # (B, C, H, W) unpadded
-    global_codes: Tensor  # (B, M)
-    patch_codes: Tensor  # (B, N)
-    bits: Tensor  # (B, N)
-    grid: Grid
-    image_size: tuple[int, int]
 
     @property
     def num_patches(self) -> int:
         return self.bits.shape[1]
-
-    def tokens(self, selection: Selection) -> Tokens:
-        """The kept tokens, laid out exactly as :meth:`Tokenizer.encode` lays them out."""
-        return Tokens.from_selection(self.global_codes, self.patch_codes, selection, self.grid, self.image_size)
 
 
 @attrs.frozen(eq=False)
@@ -269,31 +262,14 @@ class Analysed:
         return [b.bits for b in self.batches]
 
 
-def group(images: Tensor | Sequence[Tensor], batch_size: int) -> list[tuple[list[int], Tensor]]:
-    """Same-size batches (indices, (B, C, H, W)) of at most ``batch_size`` images, in input order."""
-    if isinstance(images, Tensor):
-        return [(list(range(i, min(i + batch_size, len(images)))), images[i: i + batch_size])
-                for i in range(0, len(images), batch_size)]
-    pending: dict[tuple[int, ...], list[int]] = {}
-    for i, image in enumerate(images):
-        pending.setdefault(tuple(image.shape), []).append(i)
-    out = []
-    for indices in pending.values():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start: start + batch_size]
-            out.append((chunk, torch.stack([images[i] for i in chunk])))
-    return out
-
-
 @torch.no_grad()
 def analyse(model: Tokenizer, images: Tensor | Sequence[Tensor], batch_size: int = 32) -> Analysed:
     """Run encoder → global tokens → quantizer → entropy once per image."""
     model.eval()
     batches = []
-    for indices, batch in group(images, batch_size):
-        a = model.analyse(batch)
-        batches.append(Batch(indices, batch, a.globals_.codes.cpu(), a.patches.codes.cpu(), a.entropy.bits.float().cpu(),
-                             a.grid, a.image_size))
+    for indices, batch in group_by_size(enumerate(images), batch_size):
+        analysed = analysis.Analysed.of(model.analyse(batch))
+        batches.append(Batch(**attrs.asdict(analysed, recurse=False), indices=indices, images=batch))
     return Analysed(batches, len(images))
 
 
