@@ -39,7 +39,6 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tatok_core.contract.interfaces import EntropyContext
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 FULL_SIDES = (64, 128, 256, 512, 768, 1024)
@@ -133,9 +132,9 @@ def timed_calls(model: Tokenizer, images: torch.Tensor) -> dict[str, Callable[[]
     quantized = model.quantizer(joint)
     nothing_kept = torch.zeros(quantized.codes[:, m:].shape, dtype=torch.bool, device=padded.device)  # (1, N)
     base_decode = lambda: model.decoder(quantized.vectors[:, :m], quantized.vectors[:, m:], nothing_kept, grid)  # noqa: E731
-    base = base_decode() if model.entropy.needs_base_reconstruction else None  # (1, C, H', W')
-    context = EntropyContext(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
-                             quantized.vectors[:, m:], quantized.codes[:, m:], base)
+    context = model.entropy_context(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
+                                    quantized.vectors[:, m:], quantized.codes[:, m:])
+    base = context.base_reconstruction  # (1, C, H', W') for estimators that ask
     bits = model.entropy(context).bits  # (1, N)
     keep = model.filter.select(bits).keep
     tokens = model.encode(images)

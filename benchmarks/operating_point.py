@@ -10,9 +10,9 @@ batch 1: photos differ in size), with the expensive half of the pipeline run onc
 
 * **rate**, honestly counted by :func:`rate_bits` (globals + kept codes + which were kept);
 * **quality** (PSNR, SSIM) with every token, globals only, the model's filter as shipped, and at each
-  matched mean kept fraction f of the patch tokens: the model's filter with one τ for the set, one
-  shared absolute threshold θ on the bits for the set, and ``topk`` / ``random`` / ``raster`` at
-  k = round(f·N) per photo; paired differences per photo with win counts;
+  matched mean kept fraction f of the patch tokens: the model's filter with one threshold of its own
+  rule (τ, θ or ε) for the set, one shared absolute threshold θ on the bits for the set, and ``topk`` /
+  ``random`` / ``raster`` at k = round(f·N) per photo; paired differences per photo with win counts;
 * **holes**: on random drops, PSNR on the dropped patches only, decoder against the kept 4-neighbours;
 * **JPEG and WebP** (Pillow) on the same photos: PSNR/SSIM interpolated at the model's bpp per photo,
   and the bpp JPEG needs for the model's PSNR;
@@ -64,7 +64,7 @@ from tatok_core.contract.selection import Selection  # noqa: E402
 from tatok_core.pipeline.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_DATA = "builtin:photos:extended:heldout"
-DEFAULT_FRACTIONS = (0.25, 0.35, 0.5, 0.75)
+DEFAULT_FRACTIONS = (0.2, 0.25, 0.35, 0.5, 0.75)
 MATCHED_METHODS = ("own", "theta", "topk", "random", "raster")  # at each matched fraction, in table order
 #: (a, b): per-photo PSNR of a minus b at each fraction, with how many photos a wins.
 PAIRS = (("theta", "topk"), ("own", "topk"), ("theta", "random"), ("own", "random"), ("own", "theta"),
@@ -238,14 +238,14 @@ def matched_methods(evaluator: ModelEvaluator, fraction: float, seed: int) -> tu
     own = evaluator.model.token_filter()
     try:
         rate = calibrate_bits(own, evaluator.bits(), target, tol=1.0)
-    except TatokError as exc:  # a filter without τ, or a budget out of its reach
+    except TatokError as exc:  # a filter without a threshold, or a budget out of its reach
         notes.append(f"own filter {evaluator.model.spec.filter.name!r} at f={fraction:g}: {exc}")
     else:
         if abs(rate.mean_tokens - target) > 1:
-            notes.append(f"own filter at f={fraction:g}: one τ keeps {rate.mean_tokens:.2f} tokens on average, "
-                         f"the closest to {target:.2f} that a shared τ reaches")
-        methods.append(Method("own", fraction, {"tau": rate.tau, "mean_kept": rate.mean_tokens, "target": target},
-                              lambda i, bits, tau=rate.tau: own.select(bits, tau)))
+            notes.append(f"own filter at f={fraction:g}: one {rate.mode} keeps {rate.mean_tokens:.2f} tokens on average, "
+                         f"the closest to {target:.2f} that a shared {rate.mode} reaches")
+        methods.append(Method("own", fraction, {rate.mode: rate.threshold, "mean_kept": rate.mean_tokens, "target": target},
+                              lambda i, bits, threshold=rate.threshold: own.select(bits, threshold)))
     theta, mean = shared_threshold(evaluator.bits(), target)
     if abs(mean - target) > 1:
         notes.append(f"shared θ at f={fraction:g}: ties in the bits allow {mean:.2f}, not {target:.2f}")
@@ -471,6 +471,7 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
             settings[point_key(method.name, method.fraction)] = method.setting
         rows_by_point: dict[str, list[dict[str, Any]]] = {point_key(m.name, m.fraction): [] for m in methods}
         holes: list[dict[str, Any]] = []
+        own_holes: dict[float, list[dict[str, Any]]] = {}  # the same measure at the model's own drops
         bar.update(task, description=f"{label}: decode", completed=0,
                    total=len(photos) * (len(methods) + (0 if baseline else 1)))
         for i, photo in enumerate(photos):
@@ -487,6 +488,9 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
                     row[f"{codec}_bpp_for_psnr"], row[f"{codec}_bpp_for_psnr_is_bound"] = \
                         codec_bpp_for(codecs[codec][i], score.psnr)
                 rows_by_point[key].append(row)
+                if method.name == "own":
+                    own_holes.setdefault(method.fraction, []).append(hole_errors(
+                        photo.image, reconstruction, selection.keep[0], evaluator.analysed[i].grid, model.patch_size))
                 if i < grid_photos:
                     reconstructions[(i, key)] = reconstruction
                     keep_masks[(i, key)] = selection.keep[0].clone()
@@ -519,6 +523,10 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
             "per_photo": holes,
             **{key: float(np.mean([h[key] for h in holes])) for key in ("decoder", "neighbours", "neighbour_colour")},
         }
+    if own_holes:
+        record["holes_at_own"] = [{"fraction": f, **{key: float(np.mean([h[key] for h in rows if h["scored_patches"]]))
+                                                      for key in ("decoder", "neighbours")}}
+                                  for f, rows in own_holes.items()]
     return ModelResult(record, reconstructions, keep_masks)
 
 
@@ -545,7 +553,8 @@ def targets(record: dict[str, Any], label: str) -> list[dict[str, Any]]:
             d = difference.get(("own", b, fraction))
             out.append(_target(f"own@{fraction:g} − {b}", d and d["mean_psnr_difference"], threshold, True,
                                "mean per-photo PSNR difference (dB)" + (f", own wins {d['wins']}/{d['photos']}" if d else "")))
-    own = sorted((p for p in model["points"].values() if p["point"] == "own"), key=lambda p: p["tokens"])
+    # the own filter's curve runs from globals only (θ = ∞) to every token (θ = 0)
+    own = sorted((p for p in model["points"].values() if p["point"] in ("own", "globals", "all")), key=lambda p: p["tokens"])
     for other_label, other in record["models"].items():
         if other["role"] != "baseline":
             continue
@@ -553,8 +562,14 @@ def targets(record: dict[str, Any], label: str) -> list[dict[str, Any]]:
         at = interp_y([p["tokens"] for p in own], [p["psnr"] for p in own], base["tokens"]) if own else None
         share = (base["tokens"] - model["num_global"]) / model["mean_patches"]
         out.append(_target(f"own − {other_label} at its {base['tokens']:.0f} tokens", None if at is None else at - base["psnr"],
-                           0.0, True, f"the own-filter curve interpolated at the baseline's mean tokens per image "
+                           0.0, True, f"the own-filter curve (globals only … every token) at the baseline's mean tokens per image "
                                       f"({share:.0%} of the patch tokens; the issue asks ≤ 35 %)"))
+    if "holes" in model:
+        out.append(_target("holes, random 50 %: decoder − kept-neighbour average", model["holes"]["decoder"]
+                           - model["holes"]["neighbours"], 0.0, True, "PSNR on the dropped patches (dB)"))
+    for h in model.get("holes_at_own", []):
+        out.append(_target(f"holes, own@{h['fraction']:g}: decoder − kept-neighbour average", h["decoder"] - h["neighbours"],
+                           0.0, True, "PSNR on the dropped patches the filter chose (dB)"))
     times = {p["fraction"]: p["ratio"] for p in model["decode_time"]["points"]}
     out.append(_target("decode time 25 % / 100 %", times.get(0.25), 0.6, False, "one run, medians"))
     everything = model["points"]["all"]
@@ -685,8 +700,8 @@ def markdown(record: dict[str, Any]) -> str:
              f"Held-out whole photos: `{record['data']}` ({len(record['photos'])} photos, longest side "
              f"{record['side']} px, batch 1). Rates count M·log2(codebook) + k·log2(codebook) + log2(N+1) + "
              f"log2 C(N, k) bits (no side bits with every token kept); bpp = bits / pixels of the photo. "
-             f"Matched fractions f are of the patch tokens, mean over the set: `own` = the model's filter with one τ "
-             f"for the set, `theta` = one absolute threshold on the bits for the set, `topk`/`random`/`raster` = "
+             f"Matched fractions f are of the patch tokens, mean over the set: `own` = the model's filter with one threshold "
+             f"of its rule (τ, θ or ε) for the set, `theta` = one absolute threshold on the bits for the set, `topk`/`random`/`raster` = "
              f"k = round(f·N) per photo. JPEG/WebP (Pillow): PSNR interpolated at the model's bpp per photo, "
              f"(n/N) where only n photos lie within the codec's range of qualities; \"JPEG bpp for PSNR\" is the rate "
              f"JPEG needs for the model's PSNR, ≤ where even its lowest quality beats the model on some photo "

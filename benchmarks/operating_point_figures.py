@@ -24,6 +24,7 @@ from benchmarks.operating_point import (
 METHOD_COLOURS = {name: f"C{i}" for i, name in enumerate((*MATCHED_METHODS, "default", "all", "globals"))}
 MODEL_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (1, 1)), "v"))
 CODEC_COLOURS = {"jpeg": "0.35", "webp": "0.6"}
+LEGEND_COLUMNS = 4
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float]) -> Any:
@@ -48,7 +49,8 @@ def rd_figures(record: dict[str, Any], bpp_path: Path, tokens_path: Path) -> tup
     points (as shipped, all tokens, globals only) are single markers; baselines are markers only."""
     paths = []
     for x_key, path in (("bpp", bpp_path), ("tokens", tokens_path)):
-        figure, axes = _figure(1, 2, (12.8, 5.0))
+        entries = len(record["models"]) * (len(MATCHED_METHODS) + 3) + len(CODECS)
+        figure, axes = _figure(1, 2, (12.8, 4.6 + 0.16 * -(-entries // LEGEND_COLUMNS)))
         for column, metric in enumerate(("psnr", "ssim")):
             ax = axes[0, column]
             for m, (label, model) in enumerate(record["models"].items()):
@@ -73,7 +75,8 @@ def rd_figures(record: dict[str, Any], bpp_path: Path, tokens_path: Path) -> tup
                 ax.set_xlabel("tokens per image: globals + kept patch tokens (mean)")
             ax.set_ylabel("PSNR (dB)" if metric == "psnr" else "SSIM")
             ax.grid(alpha=0.3, which="both")
-        axes[0, 1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        handles, labels = axes[0, 1].get_legend_handles_labels()  # below both panels: many models stay readable
+        figure.legend(handles, labels, loc="outside lower center", ncols=LEGEND_COLUMNS, fontsize=7)
         figure.suptitle(f"held-out whole photos ({len(record['photos'])}, longest side {record['side']} px)")
         paths.append(save_figure(figure, path))
     return paths[0], paths[1]

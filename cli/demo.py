@@ -15,7 +15,7 @@ from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 @click.command()
 @click.option("--model", default=DEFAULT_PRETRAINED, show_default=True, help="shipped name or saved directory")
-@click.option("--tau", type=float, default=None, help="DTF threshold (default: the model's)")
+@click.option("--tau", type=float, default=None, help="use the per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
 @click.option("--max-side", default=256, show_default=True, help="downscale photos so the longest side fits")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("tatok-demo.png"),
               show_default=True, help="where to write the PNG panel")

@@ -12,6 +12,7 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 @hookimpl
 def tatok_register(registry: Registry) -> None:
+    from tatok_plugins.entropy_chain import DecodedChainEntropy
     from tatok_plugins.entropy_pixel import PixelHistogramEntropy
     from tatok_plugins.entropy_prior import GlobalConditionalPrior
     from tatok_plugins.entropy_residual import GlobalsResidualEntropy
@@ -31,6 +32,7 @@ def tatok_register(registry: Registry) -> None:
     registry.add("entropy", "prior", GlobalConditionalPrior)
     registry.add("entropy", "pixel", PixelHistogramEntropy)
     registry.add("entropy", "residual", GlobalsResidualEntropy)
+    registry.add("entropy", "chain", DecodedChainEntropy)
     registry.add("filter", "dtf", DynamicTokenFilter)
     registry.add("filter", "all", KeepAll)
     registry.add("filter", "topk", TopKFilter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from einops import rearrange
+from torch import Tensor
 
 from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, EntropyEstimator, Facts
 
@@ -34,8 +35,13 @@ class GlobalsResidualEntropy(EntropyEstimator):
         base = context.base_reconstruction
         if base is None:
             raise ValueError(f"{self.label} needs the globals-only reconstruction in the entropy context")
-        residual = (context.images.detach().float() - base.detach().float()) ** 2  # (B, C, H, W)
-        per_patch = rearrange(residual, "b c (gh p) (gw q) -> b (gh gw) (c p q)", p=self.patch_size, q=self.patch_size)
-        samples = per_patch.shape[-1]
-        bits = 0.5 * samples * torch.log2(1 + per_patch.mean(-1) / self.distortion)  # (B, N)
-        return EntropyEstimate(bits=bits.clamp_min(0), loss=residual.new_zeros(()))
+        squared = patch_squared_error(context.images, base, self.patch_size)  # (B, N)
+        samples = context.images.shape[1] * self.patch_size**2
+        bits = 0.5 * samples * torch.log2(1 + squared / self.distortion)  # (B, N)
+        return EntropyEstimate(bits=bits.clamp_min(0), loss=squared.new_zeros(()))
+
+
+def patch_squared_error(images: Tensor, reconstruction: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) twice → (B, N) mean square error of each patch (row-major grid), detached."""
+    residual = (images.detach().float() - reconstruction.detach().float()) ** 2  # (B, C, H, W)
+    return rearrange(residual, "b c (gh p) (gw q) -> b (gh gw) (c p q)", p=patch_size, q=patch_size).mean(-1)

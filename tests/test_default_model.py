@@ -18,11 +18,15 @@ from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.workflows.analysis import Analysed
 from tatok_core.workflows.data import HELDOUT_PHOTOS, ImageSource
 from tatok_core.workflows.metrics import psnr
+from tatok_core.workflows.rate_control import calibrate_bits
 
 SIDE = 256  # longest side of the whole photos
 PSNR_ALL_FLOOR = 20.3  # dB, every patch token kept (20.69 measured at shipping)
 BPP_ALL_CEILING = 0.25  # the issue's operating point: every token kept, globals and codes counted
 GLOBALS_FLAT_MARGIN = 0.6  # dB the globals-only decode may trail the photo's flat mean colour (0.21 measured)
+# dB one shared θ gains over a per-photo top-k at the same mean count (0.90 / 0.21 measured at shipping;
+# the `residual` bits of the first v2 spec gained −0.09 / 0.00 on the 14 held-out photos)
+ALLOCATION_GAIN_FLOOR = {0.25: 0.6, 0.5: 0.1}
 HOLES_MARGIN = 1.0  # dB the fill of random holes may trail the kept-neighbour average (0.71 measured; 2.75 without fill_spread)
 
 
@@ -36,6 +40,13 @@ def photos() -> list[torch.Tensor]:
     source = ImageSource("builtin:photos:heldout")
     assert tuple(source.names) == HELDOUT_PHOTOS
     return [fit_longest_side(image, SIDE)[None] for image in source.images]  # each (1, C, H, W)
+
+
+@pytest.fixture(scope="module")
+def analysed(model: Tokenizer, photos: list[torch.Tensor]) -> list[Analysed]:
+    """Each photo encoded once (the `chain` estimator decodes it at its probes)."""
+    with torch.no_grad():
+        return [Analysed.of(model.analyse(photo)) for photo in photos]
 
 
 def test_the_default_is_the_shipped_operating_point_model(model: Tokenizer) -> None:
@@ -57,13 +68,13 @@ def test_every_token_kept_reaches_its_floor_within_the_rate(model: Tokenizer, ph
 
 
 @torch.no_grad()
-def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos: list[torch.Tensor]) -> None:
+def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos: list[torch.Tensor],
+                                                        analysed: list[Analysed]) -> None:
     """No patch token kept. The issue asks for a recognisable coarse picture; the shipped model gets only
     about the mean colour (docs/results.md says so), and this floor keeps it from getting worse."""
     gaps = []
-    for photo in photos:
-        analysed = Analysed.of(model.analyse(photo))
-        tokens = analysed.tokens(Selection.from_mask(torch.zeros(analysed.patch_codes.shape, dtype=torch.bool)))
+    for photo, encoded in zip(photos, analysed):
+        tokens = encoded.tokens(Selection.from_mask(torch.zeros(encoded.patch_codes.shape, dtype=torch.bool)))
         flat = photo.mean(dim=(2, 3), keepdim=True).expand_as(photo)
         gaps.append(float(psnr(flat, photo)) - float(psnr(model.decode(tokens), photo)))
     assert sum(gaps) / len(gaps) <= GLOBALS_FLAT_MARGIN, gaps
@@ -71,14 +82,14 @@ def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos
 
 @torch.no_grad()
 def test_dropped_patches_are_filled_about_as_well_as_their_kept_neighbours(model: Tokenizer,
-                                                                           photos: list[torch.Tensor]) -> None:
+                                                                           photos: list[torch.Tensor],
+                                                                           analysed: list[Analysed]) -> None:
     generator = torch.Generator().manual_seed(0)
     decoder_db, neighbour_db = [], []
-    for photo in photos:
-        analysed = Analysed.of(model.analyse(photo))
-        keep = torch.rand(analysed.patch_codes.shape, generator=generator) < 0.5  # (1, N) random holes
-        tokens = analysed.tokens(Selection.from_mask(keep))
-        holes = hole_errors(photo[0], model.decode(tokens)[0], keep[0], analysed.grid, model.patch_size)
+    for photo, encoded in zip(photos, analysed):
+        keep = torch.rand(encoded.patch_codes.shape, generator=generator) < 0.5  # (1, N) random holes
+        tokens = encoded.tokens(Selection.from_mask(keep))
+        holes = hole_errors(photo[0], model.decode(tokens)[0], keep[0], encoded.grid, model.patch_size)
         decoder_db.append(holes["decoder"])
         neighbour_db.append(holes["neighbours"])
     gap = sum(neighbour_db) / len(photos) - sum(decoder_db) / len(photos)
@@ -91,4 +102,25 @@ def test_the_model_filter_adapts_the_count_to_the_photo(model: Tokenizer, photos
     for photo in photos:
         tokens = model.encode(photo)
         fractions.append(float(tokens.lengths.double().mean()) / tokens.num_patches)
-    assert max(fractions) < 0.6 and max(fractions) - min(fractions) > 0.05, fractions  # 0.34 … 0.45 at shipping
+    # 0.00 (gravel: all its tokens buy this model 0.7 dB) … 0.40 at shipping
+    assert max(fractions) < 0.6 and max(fractions) - min(fractions) > 0.05, fractions
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_one_theta_for_the_set_beats_a_fixed_count_per_photo(model: Tokenizer, photos: list[torch.Tensor],
+                                                             analysed: list[Analysed], fraction: float) -> None:
+    """The shipped rule at a budget: ONE θ calibrated for the photos (what `tatok encode --budget` does)
+    against k = f·N per photo ranked by the same bits — the same mean count, only the allocation differs."""
+    bits = [encoded.bits for encoded in analysed]
+    budget = fraction * sum(b.shape[1] for b in bits) / len(bits)
+    own = model.token_filter()
+    theta = calibrate_bits(own, bits, budget, tol=1.0).threshold
+    shared, fixed = [], []
+    for photo, encoded in zip(photos, analysed):
+        shared.append(float(psnr(model.decode(encoded.tokens(own.select(encoded.bits, theta))), photo)))
+        k = round(fraction * encoded.bits.shape[1])
+        topk = model.baseline_filter("top-k", k=k, min_keep=0, max_keep=-1)
+        fixed.append(float(psnr(model.decode(encoded.tokens(topk.select(encoded.bits))), photo)))
+    gain = (sum(shared) - sum(fixed)) / len(photos)
+    assert gain >= ALLOCATION_GAIN_FLOOR[fraction], (shared, fixed)

@@ -120,7 +120,7 @@ def test_encode_containers_are_named_tuples_with_the_same_fields() -> None:
     assert Quantized._fields == ("vectors", "codes", "aux_loss", "metrics")
     assert EntropyEstimate._fields == ("bits", "loss", "metrics")
     assert EntropyContext._fields == ("images", "grid", "global_vectors", "global_codes", "patch_vectors", "patch_codes",
-                                      "base_reconstruction")
+                                      "base_reconstruction", "decode")
     q = Quantized(torch.zeros(1), torch.zeros(1, dtype=torch.long), torch.zeros(()))
     assert dict(q.metrics) == {}
 

@@ -100,8 +100,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path: Path) -> None:
-    out, md = tmp_path / "out", tmp_path / "section.md"
-    argv = ["--model", f"tiny={tiny_model_dir}", "--baseline", f"fixed={tiny_model_dir}",
+    out, md, theta_dir = tmp_path / "out", tmp_path / "section.md", tmp_path / "tiny-theta"
+    Tokenizer.from_pretrained(tiny_model_dir, overrides={"filter": {"name": "dtf", "options": {"mode": "theta"}}}
+                              ).save_pretrained(theta_dir)  # the same model with the absolute rule
+    argv = ["--model", f"tiny={tiny_model_dir}", "--model", f"tiny-theta={theta_dir}", "--baseline", f"fixed={tiny_model_dir}",
             "--data", "builtin:photos:heldout", "--side", "40", "--max-photos", "2", "--quick",
             "--fractions", "0.25,0.5", "--grid-fractions", "0.25", "--grid-photos", "2",
             "--timing-side", "32", "--timing-repeats", "1", "--nice", "0", "--no-progress",
@@ -114,6 +116,9 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
     for fraction in (0.25, 0.5):
         theta = model["points"][f"theta@{fraction:g}"]
         assert abs(theta["kept"] - fraction * sum(n) / 2) <= 1  # the shared threshold's mean count
+        for label in ("tiny", "tiny-theta"):  # `own` is calibrated in the filter's own rule, τ or θ
+            own = record["models"][label]["points"][f"own@{fraction:g}"]
+            assert abs(own["kept"] - fraction * sum(n) / 2) <= 1, (label, own)
         topk = [r for r in model["rows"] if r["point"] == "topk" and r["fraction"] == fraction]
         assert [r["kept"] for r in topk] == [round(fraction * k) for k in n]
     for row in model["rows"]:
@@ -125,6 +130,8 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
     assert all(r["kept"] == 0 for r in globals_only)
     assert {p["a"] + "-" + p["b"] for p in model["paired"]} >= {"theta-topk", "own-random"}
     assert "holes" in model and "holes" not in record["models"]["fixed"]
+    assert [h["fraction"] for h in model["holes_at_own"]] == [0.25, 0.5]
+    assert any(name.startswith("holes, own@0.25") for name in (t["name"] for t in model["targets"]))
     names = [t["name"] for t in model["targets"]]
     assert "own@0.25 − topk" in names and any(name.startswith("own − fixed") for name in names)
     assert {t["status"] for t in model["targets"]} <= {"PASS", "FAIL", "SKIP"}
@@ -134,6 +141,7 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
     for path in record["figures"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {Path(p).name for p in record["figures"].values()} == {
-        "rate_distortion_bpp.png", "rate_distortion_tokens.png", "reconstructions_tiny.png", "kept_tokens_tiny.png"}
+        "rate_distortion_bpp.png", "rate_distortion_tokens.png", "reconstructions_tiny.png", "kept_tokens_tiny.png",
+        "reconstructions_tiny-theta.png", "kept_tokens_tiny-theta.png"}
     text = md.read_text()
     assert text.startswith("## Operating point") and record["command"] in text and "theta − topk" in text

@@ -9,7 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tatok_core import Tokenizer
 from tatok_core.contract.interfaces import EntropyContext, Facts
 from tatok_plugins.entropy_residual import GlobalsResidualEntropy
-from tatok_plugins.packed_decoder import PackedDecoder, WindowLayout, spread_kept
+from tatok_plugins import packed_decoder
+from tatok_plugins.packed_decoder import PackedDecoder, Packing, WindowLayout, packings, spread_kept
 
 from .helpers import small_spec
 
@@ -23,11 +24,25 @@ def decoder(**options: object) -> PackedDecoder:
 
 @pytest.mark.parametrize("grid", [(1, 1), (3, 5), (8, 8), (9, 6)])
 @pytest.mark.parametrize("offset", [0, 1, 3])
-def test_window_layout_round_trips_every_position(grid: tuple[int, int], offset: int) -> None:
+def test_packing_by_window_round_trips_and_groups_only_window_mates(grid: tuple[int, int], offset: int) -> None:
     layout = WindowLayout(grid, 4, offset, torch.device("cpu"))
-    x = torch.randn(2, grid[0] * grid[1], 5)
-    assert layout.slot.unique().numel() == x.shape[1]  # no two positions share a slot
-    torch.testing.assert_close(layout.from_windows(layout.to_windows(x), 2), x, rtol=0, atol=0)
+    n = grid[0] * grid[1]
+    where = torch.rand(2, n, generator=torch.Generator().manual_seed(offset)) < 0.4
+    where[0, 0] = True
+    windows, images = packings(layout, where)
+    image, position = where.nonzero(as_tuple=True)
+    x = torch.randn(image.numel(), 5)
+    for packing in (windows, images):
+        torch.testing.assert_close(packing.unpack(packing.pack(x)), x, rtol=0, atol=0)
+        assert int(packing.valid.sum()) == x.shape[0]  # every token in exactly one slot
+    same_row = windows.row[:, None] == windows.row[None, :]  # (K, K)
+    window = layout.window_of[position]  # (K,)
+    same_window = (image[:, None] == image[None, :]) & (window[:, None] == window[None, :])
+    assert torch.equal(same_row, same_window)
+    held = sorted({(int(i), int(layout.window_of[p])) for i, p in zip(image, position)})  # (image, window) pairs
+    assert windows.rows == len(held) and windows.length <= 16  # only windows that hold a token, ≤ w² each
+    assert windows.image.tolist() == [i for i, _ in held]
+    assert images.rows == 2 and torch.equal(images.image, torch.arange(2))
 
 
 def test_dropped_vectors_are_never_read() -> None:
@@ -36,6 +51,63 @@ def test_dropped_vectors_are_never_read() -> None:
     keep = torch.rand(1, 36) < 0.4
     changed = torch.where(keep[..., None], p, torch.randn_like(p))
     torch.testing.assert_close(dec(g, p, keep, (6, 6)), dec(g, changed, keep, (6, 6)))
+
+
+def dense_reference(dec: PackedDecoder, g: torch.Tensor, p: torch.Tensor, keep: torch.Tensor,
+                    grid: tuple[int, int]) -> torch.Tensor:
+    """The same decoder with attention over the DENSE grid of every window, dropped positions masked out
+    as keys (how it was computed before packing by window): packing must change nothing but the cost."""
+    def dense_packings(layout: WindowLayout, where: torch.Tensor) -> tuple[Packing, Packing]:
+        image, position = where.nonzero(as_tuple=True)
+        everything = torch.ones_like(where).nonzero(as_tuple=True)
+        windows = Packing(everything[0] * layout.num_windows + layout.window_of[everything[1]],
+                          where.shape[0] * layout.num_windows, compact=False, per_image=layout.num_windows)
+        kept = where.reshape(-1)
+        windows.row, windows.slot = windows.row[kept], windows.slot[kept]
+        windows.valid = torch.zeros_like(windows.valid)
+        windows.valid[windows.row, windows.slot] = True
+        return windows, Packing(image, where.shape[0], compact=False)
+
+    original = packed_decoder.packings
+    packed_decoder.packings = dense_packings
+    try:
+        return dec(g, p, keep, grid)
+    finally:
+        packed_decoder.packings = original
+
+
+def test_attention_among_kept_tokens_only_changes_no_output() -> None:
+    dec = decoder()
+    g, p = torch.randn(2, 3, 32), torch.randn(2, 64, 32)
+    keep = torch.zeros(2, 64, dtype=torch.bool)
+    keep[0, :10] = True  # image 0: kept tokens in the top windows only
+    keep[1, torch.tensor([5, 40, 63])] = True  # image 1: three scattered windows
+    torch.testing.assert_close(dec(g, p, keep, (8, 8)), dense_reference(dec, g, p, keep, (8, 8)), rtol=1e-5, atol=1e-6)
+
+
+def test_attention_work_falls_with_the_kept_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attention scores computed (queries × keys, every call), not timed: the FLOP counter does not see
+    the CPU flash kernel. A quarter kept, scattered over every window: attention among kept tokens
+    only: 0.49 of all kept; the dense windows of before computed 1.0 (the fill stage attends everywhere)."""
+    dec = decoder(width=64, depth=4, fill_width=16)
+    g, p = torch.randn(1, 3, 32), torch.randn(1, 256, 32)
+    real = torch.nn.functional.scaled_dot_product_attention
+    scores: list[int] = []
+
+    def counting(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **options: object) -> torch.Tensor:
+        scores.append(q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2])
+        return real(q, k, v, **options)
+
+    monkeypatch.setattr(packed_decoder.F, "scaled_dot_product_attention", counting)
+
+    def work(keep: torch.Tensor) -> int:
+        scores.clear()
+        dec(g, p, keep, (16, 16))
+        return sum(scores)
+
+    scattered = torch.rand(1, 256, generator=torch.Generator().manual_seed(0)) < 0.25
+    everything, quarter = work(torch.ones(1, 256, dtype=torch.bool)), work(scattered)
+    assert quarter < 0.55 * everything
 
 
 def test_images_of_a_batch_do_not_mix() -> None:

@@ -24,6 +24,7 @@ STANDALONE: dict[tuple[str, str], dict] = {
     ("entropy", "prior"): {"code_factors": [4, 4], "dim": 8, "width": 16, "depth": 1, "heads": 2},
     ("entropy", "pixel"): {"patch_size": 4},
     ("entropy", "residual"): {"patch_size": 4},
+    ("entropy", "chain"): {"patch_size": 4},
     ("filter", "dtf"): {"tau": 0.9},
     ("filter", "all"): {},
     ("filter", "topk"): {"k": 3},

@@ -128,3 +128,16 @@ def test_every_builtin_combination_runs_forward_and_backward(names: dict[str, st
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
     model.eval()
     assert model.decode(model.encode(x)).shape == x.shape
+
+
+def test_a_tau_means_tau_even_when_the_filter_ships_an_absolute_rule() -> None:
+    """The shipped default uses the θ rule (bits): a τ handed to encode or the training step must not be
+    read as θ = 0.9 bits (which keeps nearly everything)."""
+    torch.manual_seed(0)
+    per_image = Tokenizer(small_spec(filter="dtf")).eval()
+    absolute = per_image.with_component("filter", "dtf", mode="theta", theta=1e9, min_keep=0)
+    images = torch.rand(3, 3, 16, 16)
+    for tau in (0.3, 0.9):
+        assert torch.equal(absolute.encode(images, tau=tau).lengths, per_image.encode(images, tau=tau).lengths)
+        assert torch.equal(absolute(images, tau=tau).selection.keep, per_image(images, tau=tau).selection.keep)
+    assert int(absolute.encode(images).lengths.sum()) == 0  # without a τ, its own θ rule

@@ -38,7 +38,6 @@ from benchmarks.claims.common import (
     write_json,
 )
 from tatok_core.workflows.data import ImageSource, fixed_crops
-from tatok_core.contract.interfaces import EntropyContext
 from tatok_core.pipeline.tokenizer import Tokenizer
 
 DESCRIPTION = "Claim 4: encode/decode throughput and time per component on this CPU"
@@ -69,8 +68,8 @@ def measure(model: Tokenizer, images: torch.Tensor, min_run_time: float) -> dict
     m = global_features.shape[1]
     joint = torch.cat([global_features, patch_features], dim=1)
     quantized = model.quantizer(joint)
-    context = EntropyContext(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
-                             quantized.vectors[:, m:], quantized.codes[:, m:])
+    context = model.entropy_context(padded, grid, quantized.vectors[:, :m], quantized.codes[:, :m],
+                                    quantized.vectors[:, m:], quantized.codes[:, m:])
     bits = model.entropy(context).bits
     selection = model.filter.select(bits)
     calls = {

@@ -289,6 +289,9 @@ class EntropyContext(NamedTuple):
     patch_vectors: Tensor  # (B, N, D) quantized
     patch_codes: Tensor  # (B, N)
     base_reconstruction: Tensor | None = None  # (B, C, H, W) globals-only decode, for estimators that ask
+    #: For estimators that set ``needs_decoder``: keep (B, N) bool → (B, C, H, W), these images decoded
+    #: from their globals and the kept patch tokens.
+    decode: Callable[[Tensor], Tensor] | None = None
 
 
 class EntropyEstimate(NamedTuple):
@@ -304,11 +307,13 @@ class EntropyEstimator(Component):
 
     The estimator must not change what the encoder learns: implementations train only on detached
     inputs (see the built-in ``prior``). An estimator that sets ``needs_base_reconstruction`` gets the
-    decoder's globals-only picture in :attr:`EntropyContext.base_reconstruction`.
+    decoder's globals-only picture in :attr:`EntropyContext.base_reconstruction`; one that sets
+    ``needs_decoder`` gets :attr:`EntropyContext.decode`, to measure what kept tokens buy.
     """
 
     kind = "entropy"
     needs_base_reconstruction: ClassVar[bool] = False
+    needs_decoder: ClassVar[bool] = False
 
     @abc.abstractmethod
     def forward(self, context: EntropyContext) -> EntropyEstimate: ...

@@ -158,12 +158,24 @@ class Tokenizer(nn.Module):
         quantized = self.quantizer(torch.cat([global_features, patch_features], dim=1))  # one codebook for both
         globals_ = Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics)
         patches = Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics)
+        context = self.entropy_context(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes)
+        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss,
+                        context.base_reconstruction)
+
+    def entropy_context(self, padded: Tensor, grid: Grid, global_vectors: Tensor, global_codes: Tensor,
+                        patch_vectors: Tensor, patch_codes: Tensor) -> EntropyContext:
+        """What the entropy estimator conditions on, built in one place: the quantized tokens, plus the
+        globals-only decode and this model's decoder for estimators that ask for them
+        (``needs_base_reconstruction``, ``needs_decoder``)."""
         base = None
         if self.entropy.needs_base_reconstruction:  # the decoder's picture from the globals alone
-            nothing_kept = torch.zeros(patches.codes.shape, dtype=torch.bool, device=padded.device)  # (B, N)
-            base = self.decoder(globals_.vectors, patches.vectors, nothing_kept, grid)  # (B, C, H', W')
-        context = EntropyContext(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes, base)
-        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss, base)
+            nothing_kept = torch.zeros(patch_codes.shape, dtype=torch.bool, device=padded.device)  # (B, N)
+            base = self.decoder(global_vectors, patch_vectors, nothing_kept, grid)  # (B, C, H', W')
+        decode = None
+        if self.entropy.needs_decoder:
+            def decode(keep: Tensor) -> Tensor:  # (B, N) → (B, C, H', W')
+                return self.decoder(global_vectors, patch_vectors, keep, grid)
+        return EntropyContext(padded, grid, global_vectors, global_codes, patch_vectors, patch_codes, base, decode)
 
     def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
         """The spec's filter, or another one built with the same facts (for baselines on one model)."""
@@ -174,6 +186,15 @@ class Tokenizer(nn.Module):
         merged = {**(current.options if name == current.name else {}), **options}
         registry = self._registry or get_registry()
         return instantiate(registry.get("filter", name), self.facts, "filter", ComponentSpec(name, merged))  # type: ignore[return-value]
+
+    def tau_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
+        """:meth:`token_filter` in its per-image τ rule: what a τ handed to :meth:`encode` or the training
+        step means even when the spec ships an absolute rule (θ, ε: a number of bits, not a fraction).
+        A filter without rules (fixed counts) is returned as it is."""
+        token_filter = self.token_filter(name, **options)
+        if getattr(token_filter, "mode", "tau") == "tau":
+            return token_filter
+        return self.token_filter(name, **{**options, "mode": "tau"})
 
     def baseline_filter(self, role: str, **options: Any) -> TokenFilter:
         """The registered filter playing ``role`` (:data:`~tatok_core.contract.interfaces.FILTER_ROLES`, e.g.
@@ -189,11 +210,15 @@ class Tokenizer(nn.Module):
     def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:
         """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call.
 
+        ``tau`` is DTF's per-image τ in [0, 1] (:meth:`tau_filter`) whatever rule the spec's filter uses,
+        unless the options name a ``mode``: then it is that rule's threshold (``mode="theta"``: bits).
         Images are checked and converted by :func:`check_images` (other float dtypes and devices are
         converted; integer pixels, NaN, values outside [0, 1] and meta tensors are refused).
         """
         analysis = self.analyse(images)
-        selection = self.token_filter(filter, **filter_options).select(analysis.entropy.bits, tau)
+        per_image = tau is not None and "mode" not in filter_options
+        token_filter = (self.tau_filter if per_image else self.token_filter)(filter, **filter_options)
+        selection = token_filter.select(analysis.entropy.bits, tau)
         return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
                                      analysis.image_size)
 
@@ -262,7 +287,7 @@ class Tokenizer(nn.Module):
         else:
             if tau is None and self.training:
                 tau = self.sample_tau(batch, images.device)
-            selection = self.filter.select(bits, tau)
+            selection = (self.filter if tau is None else self.tau_filter()).select(bits, tau)
         reconstruction = self.decoder(analysis.globals_.vectors, analysis.patches.vectors, selection.keep, analysis.grid)
         height, width = analysis.image_size
         reconstruction = reconstruction[..., :height, :width]

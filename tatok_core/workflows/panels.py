@@ -15,7 +15,7 @@ from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.analysis import Analysed, cannot_tokenize
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.plotting import save_figure
-from tatok_core.workflows.rate_control import check_tau
+from tatok_core.workflows.rate_control import applied_rule, check_tau
 from tatok_core.pipeline.tokenizer import Tokenizer
 
 
@@ -45,18 +45,20 @@ class Shown:
 
 
 def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, name: str = "") -> Shown:
-    """Encode and decode one (C, H, W) image; ``tau`` None uses the filter's default."""
+    """Encode and decode one (C, H, W) image; ``tau`` None uses the filter's own rule and threshold, a τ
+    switches it to the per-image τ rule (whatever rule the model ships with)."""
     tau = None if tau is None else check_tau(tau)
     problem = cannot_tokenize(model, image)
     if problem:
         raise TatokError(f"cannot tokenize {name or 'image'}: {problem}")
-    token_filter = model.token_filter()
+    token_filter = model.token_filter() if tau is None else model.tau_filter()
     with evaluating(model) as device:
         analysed = Analysed.of(model.analyse(image[None].to(device)))
         selection = token_filter.select(analysed.bits, tau)
         reconstruction = model.decode(analysed.tokens(selection).to(device))[0].cpu()
     rows, cols = analysed.grid
-    tau = tau if tau is not None else getattr(token_filter, "tau", None)
+    rule, threshold = applied_rule(token_filter)
+    threshold = tau if tau is not None else threshold
     return Shown(
         name=name,
         image=image,
@@ -64,7 +66,7 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
         bits=analysed.bits[0].reshape(rows, cols).numpy(),
         keep=selection.keep[0].reshape(rows, cols).numpy(),
         patch_size=model.patch_size,
-        rate=f"tau {tau:g}" if tau is not None else token_filter.label,
+        rate=f"{rule} {threshold:g}" if threshold is not None else token_filter.label,
     )
 
 

@@ -79,13 +79,14 @@ def rule_filter(model: Tokenizer, mode: str | None, filter: str | None = None,
     """The model's filter (or ``filter``) switched to rule ``mode`` ("tau", "theta", "epsilon"; None: as is).
 
     The spec's filter plays the role; only a DTF-family filter (one with a ``mode`` option) has the
-    absolute rules, so asking another for θ or ε is a one-line error. τ is every filter's ``select``
-    argument, so it needs no option.
+    absolute rules, so asking another for θ or ε is a one-line error; τ is :meth:`Tokenizer.tau_filter`
+    (a filter without rules keeps its own).
     """
     options = dict(filter_options or {})
-    base = model.token_filter(filter, **options)
-    if mode is None or (mode == "tau" and not hasattr(base, "mode")):
-        return base
+    if mode is None:
+        return model.token_filter(filter, **options)
+    if mode == "tau":
+        return model.tau_filter(filter, **options)
     try:
         return model.token_filter(filter, **{**options, "mode": mode})
     except SpecError as exc:

@@ -1,0 +1,186 @@
+"""The decoded chain-rule estimator: bits a token adds given the globals and the tokens ranked above it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tatok_core.contract.interfaces import EntropyContext
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_plugins.entropy_chain import DecodedChainEntropy, concave_slopes
+from tatok_plugins.filters import DynamicTokenFilter
+from tests.helpers import small_spec
+
+PATCH = 2
+GRID = (4, 4)  # 16 patch tokens of 2×2 pixels
+
+
+def patch_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(B, N) → (B, 1, H, W) pixel mask of the kept patches."""
+    return keep.reshape(-1, 1, *GRID).float().repeat_interleave(PATCH, 2).repeat_interleave(PATCH, 3)
+
+
+def context_for(images: torch.Tensor, base: torch.Tensor, decode) -> EntropyContext:
+    batch, n = images.shape[0], GRID[0] * GRID[1]
+    rest = (torch.zeros(batch, 2, 4), torch.zeros(batch, 2), torch.zeros(batch, n, 4), torch.zeros(batch, n))
+    return EntropyContext(images, GRID, *rest, base, decode)
+
+
+def exact_where_kept(images: torch.Tensor, base: torch.Tensor, floor: float = 0.01):
+    """A decoder that restores kept patches (up to a small error everywhere) and leaves the globals-only picture
+    elsewhere, so D(k) is known in closed form."""
+    def decode(keep: torch.Tensor) -> torch.Tensor:
+        mask = patch_mask(keep)
+        return mask * images + (1 - mask) * base + floor
+    return decode
+
+
+def image_error(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return ((a - b) ** 2).mean(dim=(1, 2, 3))
+
+
+@pytest.fixture
+def scene() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 8, 8)
+    base = images + 0.3 * torch.randn(2, 3, 8, 8) * torch.rand(2, 1, 1, 1)  # each image missed by another amount
+    return images, base
+
+
+def test_bits_add_up_to_the_measured_gain_from_globals_only_to_every_token(scene) -> None:
+    images, base = scene
+    decode = exact_where_kept(images, base)
+    estimator = DecodedChainEntropy(probes=(0.25, 0.5), patch_size=PATCH).eval()
+    bits = estimator(context_for(images, base, decode)).bits  # (2, 16)
+    everything = decode(torch.ones(2, 16, dtype=torch.bool))
+    expected = 0.5 * 3 * 8 * 8 * torch.log2(image_error(base, images) / image_error(everything, images))  # (2,)
+    torch.testing.assert_close(bits.sum(1), expected, rtol=1e-3, atol=0)  # the 10⁻³ tilt is all that moves it
+
+
+def test_a_token_the_decoder_infers_from_the_kept_ones_moves_down_the_ranking() -> None:
+    """Patch 0 misses most under the globals alone, patch 1 next; once patch 0 is kept the decoder also
+    gets patch 1 right (it infers it). Reranking by what the decode so far misses puts patch 1 last;
+    ranking by the globals-only error alone would keep it second."""
+    images = torch.zeros(1, 3, 8, 8)
+    base = torch.full_like(images, 0.1)
+    base[..., :2, :2], base[..., :2, 2:4] = 0.9, 0.8  # patch 0 worst, patch 1 second
+    floor = 0.01
+
+    def infers_patch_1(keep: torch.Tensor) -> torch.Tensor:
+        decoded = patch_mask(keep) * images + (1 - patch_mask(keep)) * base + floor
+        if bool(keep[0, 0]):
+            decoded[..., :2, 2:4] = images[..., :2, 2:4] + floor
+        return decoded
+
+    context = context_for(images, base, infers_patch_1)
+    reranked = DecodedChainEntropy(probes=(1 / 16, 0.5), patch_size=PATCH).eval()(context).bits[0]
+    assert int(reranked.argmax()) == 0 and int(reranked.argmin()) == 1
+    static = DecodedChainEntropy(probes=(1 / 16, 0.5), rerank=False, patch_size=PATCH).eval()(context).bits[0]
+    assert static.argsort(descending=True)[:2].tolist() == [0, 1]
+
+
+def test_bits_never_grow_down_the_ranking(scene) -> None:
+    images, base = scene
+    estimator = DecodedChainEntropy(probes=(0.125, 0.25, 0.5, 0.75), rerank=False, patch_size=PATCH).eval()
+    bits = estimator(context_for(images, base, exact_where_kept(images, base))).bits
+    residual = ((images - base) ** 2).reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1).mean(-1)
+    for b in range(2):  # without reranking, the ranking is the globals-only error's
+        ranked = bits[b][residual[b].argsort(descending=True, stable=True)]
+        assert bool((ranked[1:] < ranked[:-1]).all()), ranked  # strictly: every rule keeps a prefix
+
+
+def test_every_rule_keeps_a_prefix_of_the_ranking(scene) -> None:
+    images, base = scene
+    estimator = DecodedChainEntropy(probes=(0.25, 0.5), patch_size=PATCH).eval()
+    bits = estimator(context_for(images, base, exact_where_kept(images, base))).bits
+    order = bits.argsort(dim=1, descending=True)
+    for rule, values in (("theta", bits.flatten().tolist()), ("tau", [0.1, 0.3, 0.6, 0.9])):
+        for threshold in values:
+            keep = DynamicTokenFilter(mode=rule, min_keep=0).select(bits, threshold).keep
+            ranked = keep.gather(1, order)  # (2, 16) in ranking order: kept ones first, then dropped ones
+            assert bool((ranked[:, 1:] <= ranked[:, :-1]).all())
+
+
+def test_a_decoder_that_gets_worse_with_more_tokens_yields_no_negative_bits(scene) -> None:
+    images, base = scene
+    helpful = exact_where_kept(images, base)
+
+    def erratic(keep: torch.Tensor) -> torch.Tensor:  # every token kept is worse than the globals alone
+        return helpful(keep) + (1.0 if bool(keep.all()) else 0.0)
+
+    estimator = DecodedChainEntropy(probes=(0.25, 0.5, 0.75), patch_size=PATCH).eval()
+    bits = estimator(context_for(images, base, erratic)).bits
+    assert bool((bits >= 0).all()) and bool(torch.isfinite(bits).all())
+    with_helpful = estimator(context_for(images, base, helpful)).bits
+    assert float(bits.sum()) < float(with_helpful.sum())  # the last slice's loss is not counted as gain
+
+
+def test_concave_slopes_match_pool_adjacent_violators() -> None:
+    def pava(values: list[float], weights: list[float]) -> list[float]:
+        blocks: list[list[float]] = []
+        for v, w in zip(values, weights):
+            blocks.append([v, w, 1])
+            while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+                (v2, w2, m2), (v1, w1, m1) = blocks.pop(), blocks.pop()
+                blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, m1 + m2])
+        return [v for v, _, m in blocks for _ in range(int(m))]
+
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        slices = int(torch.randint(1, 8, (), generator=generator))
+        cuts = sorted((torch.randperm(30, generator=generator)[: slices - 1] + 1).tolist())
+        counts = torch.tensor([0, *cuts, 31])
+        slice_bits = torch.rand(2, slices, generator=generator, dtype=torch.float64) * 10
+        sizes = (counts[1:] - counts[:-1]).double()
+        got = concave_slopes(slice_bits, counts)
+        for b in range(2):
+            expected = pava((slice_bits[b] / sizes).tolist(), sizes.tolist())
+            torch.testing.assert_close(got[b], torch.tensor(expected, dtype=torch.float64))
+
+
+def test_training_ranks_by_the_globals_only_error_without_decoding(scene) -> None:
+    images, base = scene
+
+    def never(keep: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("training must not pay for probe decodes")
+
+    estimator = DecodedChainEntropy(patch_size=PATCH).train()
+    bits = estimator(context_for(images, base, never)).bits
+    residual = ((images - base) ** 2).reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1).mean(-1)
+    torch.testing.assert_close(bits, residual)
+
+
+def test_bad_options_and_missing_context_are_named() -> None:
+    with pytest.raises(ValueError, match="probes must be increasing fractions"):
+        DecodedChainEntropy(probes=(0.5, 0.25), patch_size=PATCH)
+    with pytest.raises(ValueError, match="probes must be increasing fractions"):
+        DecodedChainEntropy(probes=(0.0, 0.5), patch_size=PATCH)
+    images = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="needs the globals-only reconstruction and the decoder"):
+        DecodedChainEntropy(patch_size=PATCH).eval()(context_for(images, images, None))
+
+
+def test_counts_merge_probes_that_round_to_the_same_count() -> None:
+    estimator = DecodedChainEntropy(probes=(0.1, 0.12, 0.5), patch_size=PATCH)
+    assert estimator.counts(10).tolist() == [0, 1, 5, 10]
+    assert estimator.counts(3).tolist() == [0, 2, 3]
+
+
+@torch.no_grad()
+def test_the_tokenizer_hands_its_decoder_to_the_estimator() -> None:
+    torch.manual_seed(0)
+    model = Tokenizer(small_spec(entropy="chain", decoder="packed")).eval()
+    images = torch.rand(2, 3, 16, 16)
+    analysis = model.analyse(images)
+    order = analysis.entropy.bits.argsort(dim=1, descending=True)  # (2, 16) the ranking the bits follow
+    errors = [image_error(analysis.base_reconstruction, images)]
+    for count in model.entropy.counts(16)[1:].tolist():  # the model's own decoder at every probe
+        keep = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, order[:, :count], True)
+        errors.append(image_error(model.decoder(analysis.globals_.vectors, analysis.patches.vectors, keep,
+                                                analysis.grid), images))
+    best = torch.stack(errors, 1).amin(1)  # (2,) the non-increasing D ends at the best probe
+    expected = 0.5 * images[0].numel() * torch.log2(errors[0] / best)
+    torch.testing.assert_close(analysis.entropy.bits.sum(1), expected, rtol=1e-3, atol=1e-3)
+    assert math.isfinite(float(analysis.entropy.bits.sum()))
