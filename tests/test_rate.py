@@ -201,3 +201,17 @@ def test_photos_beyond_the_old_token_cap_encode(pixel_model: Tokenizer) -> None:
     image = torch.rand(1, 3, 368, 368, generator=torch.Generator().manual_seed(0))  # 8464 patches > 8192
     tokens = pixel_model.encode(image, 0.5)
     assert tokens.num_patches == 8464 and 0 < int(tokens.lengths[0]) < 8464
+
+
+def test_tau_sweeps_mean_tau_for_a_model_that_ships_the_theta_rule(pixel_model: Tokenizer,
+                                                                     heldout_crops: torch.Tensor) -> None:
+    """`tatok eval` and the training evaluation sweep τ: for a θ-rule model a τ must not be read as θ bits."""
+    from tatok_core.workflows.training import evaluate
+
+    absolute = pixel_model.with_component("filter", "dtf", mode="theta", theta=1e9, min_keep=0)
+    images = heldout_crops[:6]
+    for a, b in zip(evaluate_rate_distortion(absolute, images, taus=[0.5, 0.9], filters=("model",)),
+                    evaluate_rate_distortion(pixel_model, images, taus=[0.5, 0.9], filters=("model",))):
+        assert a.mean_tokens == b.mean_tokens and a.psnr == pytest.approx(b.psnr)
+    on_absolute, on_tau = evaluate(absolute, images, taus=(0.5,)), evaluate(pixel_model, images, taus=(0.5,))
+    assert on_absolute["tokens_dtf@0.5"] == on_tau["tokens_dtf@0.5"]

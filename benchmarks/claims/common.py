@@ -318,9 +318,9 @@ def point(per_image: dict[str, list[float]], **fields: Any) -> dict[str, Any]:
 
 
 def adaptive_filter(model: Tokenizer) -> TokenFilter:
-    """The filter under test: the model's own when it has the entropy rules (its options), else the
-    registered filter of role "entropy-rules" at its defaults."""
-    own = model.filter
+    """The filter under test, in its per-image τ rule (the claims sweep τ): the model's own when it has
+    the entropy rules (its options), else the registered filter of role "entropy-rules" at its defaults."""
+    own = model.tau_filter()
     return own if own.role == "entropy-rules" else model.baseline_filter("entropy-rules")
 
 

@@ -115,7 +115,7 @@ def _settings(model: Tokenizer, filters: Sequence[str], taus: Sequence[float], m
                 k = round(target)
                 settings.append((name, f"k={k}", f"tau={t:g}", model.token_filter(name, k=k), None))
         else:
-            settings += [(name, f"tau={t:g}", f"tau={t:g}", model.token_filter(name), t) for t in taus]
+            settings += [(name, f"tau={t:g}", f"tau={t:g}", model.tau_filter(name), t) for t in taus]
     return settings
 
 
@@ -153,7 +153,7 @@ def evaluate_rate_distortion(
                    for indices, batch in group_by_size(enumerate(images), batch_size)]
         count = sum(len(indices) for indices, _, _ in batches)
         bits = [a.bits for _, _, a in batches]
-        own = model.token_filter()
+        own = model.tau_filter()  # the sweep is in τ, whatever rule the spec ships
         matched = [sum(int(own.select(b, t).lengths.sum()) for b in bits) / count for t in taus]
         settings = _settings(model, filters, taus, matched, bits, own)
         per_image = [{key: [0.0] * count for key in ("tokens", "fraction", "psnr", "ssim", "bpp", "codes",

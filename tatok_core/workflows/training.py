@@ -200,7 +200,7 @@ def evaluate(model: Tokenizer, images: torch.Tensor, taus: tuple[float, ...] = (
     """Mean PSNR with every token kept and with DTF at each τ, plus mean tokens kept, on ``images``;
     SSIM with every token kept, and rFID (every token kept) when ``fid`` is given. Batched on the device."""
     results: dict[str, list[torch.Tensor]] = {}
-    keep_all, own = model.baseline_filter("keep-all"), model.filter
+    keep_all, own = model.baseline_filter("keep-all"), model.tau_filter()  # the τs are per-image τ, whatever the spec's rule
     runs = [("all", keep_all, None), *[(f"{model.spec.filter.name}@{t:g}", own, t) for t in taus]]
     with evaluating(model):
         for chunk in images.split(batch_size):
