@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check: the Triton DTF kernel (versions, exactness tests on CUDA, benchmark) and the windowed
 # attention / sync-free inference path of issue 14 (equality with the masked attention on CUDA, CUDA's
-# sync detector, torch.compile with inductor, timing). Total < 8 minutes.
+# sync detector, torch.compile with inductor, timing), and the packed decoder's attention among kept tokens and
+# the chain estimator against the CPU (issue 15). Total < 8 minutes.
 #
 #   OUT_DIR=/some/dir bash benchmarks/gpu_check.sh      (default OUT_DIR: $OUT, else ./runs/gpu_check)
 #
@@ -49,7 +50,7 @@ timeout -k 10 "${GEN_BUDGET_S:-150}" "$PYTHON" benchmarks/bench_generation.py --
 
 echo "== windowed attention, sync-free inference, compile on CUDA (budget ${WINDOWS_TEST_BUDGET_S:-150}s)"
 TATOK_COMPILE_BACKEND=inductor timeout -k 10 "${WINDOWS_TEST_BUDGET_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider \
-  -rs tests/test_windows.py tests/test_hot_path.py 2>&1 | tee "$OUT_DIR/windows_pytest.txt" | tail -n 12
+  -rs tests/test_windows.py tests/test_hot_path.py tests/test_packed_decoder.py tests/test_entropy_chain.py 2>&1 | tee "$OUT_DIR/windows_pytest.txt" | tail -n 12
 windows_rc=${PIPESTATUS[0]}
 timeout -k 10 "${WINDOWS_BENCH_BUDGET_S:-60}" "$PYTHON" benchmarks/bench_windows.py --device cuda \
   --json "$OUT_DIR/windows.json" 2>&1 | tail -n 8  # masked vs windowed: time, memory, max |diff|

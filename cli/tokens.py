@@ -72,7 +72,7 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="new token directory (shards), or a single FILE.safetensors")
-@click.option("--tau", type=float, help="per-image DTF threshold in [0, 1] (default: the model's)")
+@click.option("--tau", type=float, help="per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule and threshold)")
 @click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")
 @click.option("--epsilon", type=float, help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")
 @click.option("--budget", type=float, help="mean patch tokens per image; ONE threshold is calibrated on the inputs")
@@ -263,7 +263,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
 @model_option
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write")
-@click.option("--tau", type=float, help="DTF threshold in [0, 1] (default: the model's)")
+@click.option("--tau", type=float, help="use the per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
 def show(model_name: str, image: Path, output: Path, tau: float | None) -> None:
     """Draw one image, the tokens DTF keeps (bits per patch), the reconstruction and its error."""
     check_rate(tau, None)

@@ -216,3 +216,13 @@ def test_fill_spread_changes_only_dropped_positions() -> None:
 def test_fill_spread_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="fill_spread"):
         decoder(fill_spread=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it)")
+def test_packed_attention_on_cuda_matches_the_cpu() -> None:
+    dec = decoder(width=64, depth=2, fill_width=16)
+    g, p = torch.randn(3, 3, 32), torch.randn(3, 100, 32)
+    keep = torch.rand(3, 100, generator=torch.Generator().manual_seed(2)) < torch.tensor([[0.0], [0.25], [1.0]])
+    on_cpu = dec(g, p, keep, (10, 10))
+    on_cuda = dec.cuda()(g.cuda(), p.cuda(), keep.cuda(), (10, 10)).cpu()
+    torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-3, atol=1e-4)
