@@ -16,10 +16,12 @@ DEFAULT_PROBES = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75, 0.
 class DecodedChainEntropy(EntropyEstimator):
     """The chain rule of conditional entropy, measured with the model's own decoder.
 
-    Tokens are ranked by the error of the globals-only decode on their patch (what the globals leave
-    unexplained, as ``residual`` does). The decoder then reconstructs each image from the globals plus
-    its top k tokens at a few probe counts 0 = k₀ < k₁ < … < k_S = N (``probes``: fractions of N; N is
-    always the last). With D(k) the image's mean square error, the tokens ranked k_{s−1} … k_s − 1
+    The decoder reconstructs each image from the globals plus its top k tokens at a few probe counts
+    0 = k₀ < k₁ < … < k_S = N (``probes``: fractions of N; N is always the last). The ranking is built
+    slice by slice: the first takes the patches the globals-only decode gets most wrong (what
+    ``residual`` measures); with ``rerank`` (the default) each later slice takes those the decode at the
+    previous probe gets most wrong, so a token the decoder already infers from its kept neighbours moves
+    down; without, every slice follows the globals-only error. With D(k) the image's mean square error, the tokens ranked k_{s−1} … k_s − 1
     together carry (n/2)·log2(D(k_{s−1}) / D(k_s)) bits — the Gaussian rate–distortion bits of the
     image's n samples. So a token's bits are what it adds given the globals *and every token ranked
     above it*: the cumulative conditional entropy DTF sums, measured rather than guessed (a token the
