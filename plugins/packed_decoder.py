@@ -154,6 +154,12 @@ def packings(layout: WindowLayout, where: Tensor) -> tuple[Packing, Packing]:
     return windows, Packing(image, where.shape[0], compact=False)
 
 
+def per_block(layouts: tuple[WindowLayout, WindowLayout], where: Tensor, depth: int) -> list[tuple[Packing, Packing]]:
+    """The packings of ``depth`` blocks that alternate between ``layouts``: each layout is packed once."""
+    packed = [packings(layout, where) for layout in layouts[:depth]]
+    return [packed[i % 2] for i in range(depth)]
+
+
 class PrefixWindowAttention(nn.Module):
     """Patches attend to the kept patches of their window and to a prefix of P tokens; the prefix attends to
     itself and every kept patch of its image. One learned sink key keeps every softmax defined."""
@@ -275,25 +281,25 @@ class PackedDecoder(Decoder):
                                     indexing="ij")
         return relative_embedding(rows.reshape(-1), cols.reshape(-1), (self.layout, self.layout), width)
 
-    def _layouts(self, grid: Grid, device: torch.device, depth: int) -> list[WindowLayout]:
-        """Alternate unshifted / half-shifted windows; in training add a random offset so crops contain
-        window borders and partial windows as whole photos do."""
+    def _layouts(self, grid: Grid, device: torch.device) -> tuple[WindowLayout, WindowLayout]:
+        """The unshifted and the half-shifted windows blocks alternate between; in training add a random
+        offset so crops contain window borders and partial windows as whole photos do."""
         base = int(torch.randint(self.window, ())) if self.training else 0
-        return [WindowLayout(grid, self.window, (base + (i % 2) * (self.window // 2)) % self.window, device)
-                for i in range(depth)]
+        shifted = (base + self.window // 2) % self.window
+        return WindowLayout(grid, self.window, base, device), WindowLayout(grid, self.window, shifted, device)
 
     def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor:
         batch, n, _ = patch_vectors.shape
         m, device = global_vectors.shape[1], patch_vectors.device
-        layouts = self._layouts(grid, device, max(len(self.heavy), len(self.fill)))
+        layouts = self._layouts(grid, device)
         positions = grid_positions(grid, self.window, self.width, device).to(patch_vectors.dtype)  # (N, W)
         tokens = self.project(patch_vectors[keep]) + positions.expand(batch, -1, -1)[keep]  # (K, W) packed
         prefix = self.project(global_vectors) + self.global_position[:m]  # (B, M, W)
         if self.layout:
             layout_tokens = self.layout_tokens + self._layout_positions(self.width, device)  # (L², W)
             prefix = torch.cat([prefix, layout_tokens.to(prefix.dtype).expand(batch, -1, -1)], dim=1)  # (B, P, W)
-        for block, layout in zip(self.heavy, layouts):
-            tokens, prefix = block(tokens, prefix, packings(layout, keep))
+        for block, packed in zip(self.heavy, per_block(layouts, keep, len(self.heavy))):
+            tokens, prefix = block(tokens, prefix, packed)
         tokens, prefix = self.to_fill(self.heavy_norm(tokens)), self.to_fill(self.heavy_norm(prefix))
         fill_positions = grid_positions(grid, self.window, self.fill_width, device).to(tokens.dtype)  # (N, F)
         kept = scatter_packed(tokens, keep)  # (B, N, F), zeros where dropped
@@ -303,8 +309,8 @@ class PackedDecoder(Decoder):
         dense = torch.where(keep[..., None], kept, dropped) + fill_positions  # (B, N, F)
         dense = dense.reshape(batch * n, -1)  # every position, packed
         everywhere = torch.ones_like(keep)
-        for block, layout in zip(self.fill, layouts):
-            dense, prefix = block(dense, prefix, packings(layout, everywhere))
+        for block, packed in zip(self.fill, per_block(layouts, everywhere, len(self.fill))):
+            dense, prefix = block(dense, prefix, packed)
         pixels = rearrange(
             self.to_pixels(self.fill_norm(dense)), "(b gh gw) (c p q) -> b c (gh p) (gw q)",
             b=batch, gh=grid[0], gw=grid[1], p=self.patch_size, q=self.patch_size,
