@@ -132,18 +132,19 @@ class Packing:
         groups = held.nonzero()[:, 0] if compact else torch.arange(num_groups, device=group.device)  # (R,)
         self.rows, self.image = groups.numel(), groups // per_image  # R, (R,) the image of each row
         self.length = int(counts.max()) if group.numel() else 0
-        self.valid = torch.zeros(self.rows, self.length, dtype=torch.bool, device=group.device)
-        self.valid[self.row, self.slot] = True  # (R, L)
+        self.flat = self.row * self.length + self.slot  # (K,) each token's slot in the flattened (R·L) rows
+        self.valid = torch.zeros(self.rows * self.length, dtype=torch.bool, device=group.device)
+        self.valid[self.flat] = True
+        self.valid = self.valid.view(self.rows, self.length)  # (R, L)
 
     def pack(self, tokens: Tensor) -> Tensor:
-        """(K, C) → (R, L, C), zeros in the empty slots."""
-        out = tokens.new_zeros(self.rows, self.length, tokens.shape[1])
-        out[self.row, self.slot] = tokens
-        return out
+        """(K, C) → (R, L, C), zeros in the empty slots (index_copy: one flat row index, no advanced indexing)."""
+        out = tokens.new_zeros(self.rows * self.length, tokens.shape[1])
+        return out.index_copy_(0, self.flat, tokens).view(self.rows, self.length, tokens.shape[1])
 
     def unpack(self, grouped: Tensor) -> Tensor:
         """(R, L, C) → (K, C) in the packed order."""
-        return grouped[self.row, self.slot]
+        return grouped.reshape(self.rows * self.length, grouped.shape[-1]).index_select(0, self.flat)
 
 
 def packings(layout: WindowLayout, where: Tensor) -> tuple[Packing, Packing]:

@@ -63,9 +63,9 @@ def dense_reference(dec: PackedDecoder, g: torch.Tensor, p: torch.Tensor, keep: 
         windows = Packing(everything[0] * layout.num_windows + layout.window_of[everything[1]],
                           where.shape[0] * layout.num_windows, compact=False, per_image=layout.num_windows)
         kept = where.reshape(-1)
-        windows.row, windows.slot = windows.row[kept], windows.slot[kept]
+        windows.flat = windows.flat[kept]
         windows.valid = torch.zeros_like(windows.valid)
-        windows.valid[windows.row, windows.slot] = True
+        windows.valid.view(-1)[windows.flat] = True
         return windows, Packing(image, where.shape[0], compact=False)
 
     original = packed_decoder.packings
@@ -184,6 +184,20 @@ def test_topk_training_selection_spans_every_budget_and_ranks_by_bits() -> None:
         assert kept.numel() == 0 or dropped.numel() == 0 or kept.min() >= dropped.max()
     out = model(torch.rand(2, 3, 16, 16))
     assert set(out.losses) >= {"mse", "globals"} and torch.isfinite(out.losses["globals"])
+
+
+def test_full_share_keeps_every_token_for_that_share_of_the_images() -> None:
+    spec = small_spec(entropy="residual", decoder="packed")
+    spec = type(spec).from_dict({**spec.to_dict(), "pipeline": {"train_keep": "topk", "train_full_share": 0.5}})
+    model = Tokenizer(spec).train()
+    torch.manual_seed(0)
+    lengths = model.sample_topk(torch.rand(2000, 16)).lengths
+    full = float((lengths == 16).double().mean())
+    assert 0.47 < full < 0.56, full  # 0.5 + 0.5/17 from the uniform budgets that land on 16
+    assert (lengths < 16).any() and (lengths == 0).any()  # the other half still spans every budget
+    spec = type(spec).from_dict({**spec.to_dict(), "pipeline": {"train_keep": "topk", "train_full_share": 0.0}})
+    plain = Tokenizer(spec).train().sample_topk(torch.rand(2000, 16)).lengths
+    assert float((plain == 16).double().mean()) < 0.1
 
 
 def test_spread_gives_dropped_positions_the_mean_of_their_nearest_kept_ones() -> None:

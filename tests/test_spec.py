@@ -56,6 +56,12 @@ def test_digest_changes_with_options() -> None:
     assert PipelineSpec().digest() != PipelineSpec.compose(options={"filter.tau": 0.5}).digest()
 
 
+def test_digest_ignores_the_training_only_pipeline_options() -> None:
+    """Token files are tagged by the digest: how a model was trained does not change what its tokens mean."""
+    trained_otherwise = PipelineSpec().updated({}, {"pipeline.train_full_share": 0.5, "pipeline.train_keep": "topk"})
+    assert trained_otherwise != PipelineSpec() and trained_otherwise.digest() == PipelineSpec().digest()
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

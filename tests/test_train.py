@@ -34,6 +34,7 @@ from tatok_core.workflows.training import (
     check_memory,
     choose_threads,
     estimate_activation_bytes,
+    initialise_from,
     lr_factor,
     resumed_config,
     train,
@@ -293,3 +294,40 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(os, "getloadavg", lambda: (12.0, 0.0, 0.0))
     assert choose_threads(TrainConfig(), World(local_size=4)) == 1
     assert choose_threads(TrainConfig(threads=3), World()) == 3
+
+
+def test_init_starts_the_components_a_saved_model_shares_and_leaves_the_others_fresh(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    fixed = Tokenizer(small_spec(filter="all", entropy="pixel", decoder="packed"))
+    fixed.save_pretrained(tmp_path / "fixed")
+    adaptive = Tokenizer(small_spec(filter="dtf", entropy="residual", decoder="packed"))
+    started = initialise_from(adaptive, tmp_path / "fixed")
+    assert started == {"encoder": "loaded", "global_tokenizer": "loaded", "quantizer": "loaded",
+                       "entropy": "no weights", "filter": "no weights", "decoder": "loaded"}
+    for kind in ("encoder", "global_tokenizer", "decoder"):
+        theirs = getattr(fixed, kind).state_dict()
+        for key, value in getattr(adaptive, kind).state_dict().items():
+            assert torch.equal(value, theirs[key]), (kind, key)
+    other = Tokenizer(small_spec(decoder="vit"))
+    assert initialise_from(other, tmp_path / "fixed")["decoder"] == "fresh"
+
+
+def test_init_refuses_weights_that_do_not_fit_naming_the_component(tmp_path: Path) -> None:
+    Tokenizer(small_spec(decoder="packed")).save_pretrained(tmp_path / "narrow")
+    wider = Tokenizer(small_spec(decoder="packed").updated({}, {"decoder.depth": 3}))
+    with pytest.raises(SpecError, match=r"train\.init: decoder 'packed' cannot start from"):
+        initialise_from(wider, tmp_path / "narrow")
+
+
+def test_a_run_with_init_trains_on_from_the_saved_weights(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    donor = Tokenizer(small_spec(filter="all", entropy="pixel", decoder="packed"))
+    donor.save_pretrained(tmp_path / "donor")
+    config = TrainConfig(steps=1, batch_size=2, crop=16, warmup=0, lr=1e-9, eval_data="", threads=1,
+                         init=str(tmp_path / "donor"))
+    train(small_spec(filter="dtf", entropy="residual", decoder="packed"), config, "builtin:photos",
+          tmp_path / "run", progress=False)
+    after = weights(tmp_path / "run")
+    theirs = donor.state_dict()
+    assert after.keys() == theirs.keys()
+    assert all(torch.allclose(value, theirs[key], atol=1e-6) for key, value in after.items())

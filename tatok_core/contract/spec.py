@@ -43,6 +43,7 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "train_tau_min": 0.0,  # τ is drawn per image from U(train_tau_min, 1) during training
     "train_keep": "filter",  # training selection: "filter" (the spec's filter at that τ) or "topk" (k ~ U{0…N})
     "train_random_rank": 0.0,  # with "topk": share of images whose tokens are ranked at random
+    "train_full_share": 0.0,  # with "topk": share of images that keep every token (k = N)
 }
 
 
@@ -234,8 +235,11 @@ class PipelineSpec:
         return cls.from_json(text) if path.suffix == ".json" else cls.from_toml(text)
 
     def digest(self) -> str:
-        """A stable hash of the spec (component names and options), e.g. to tag token files."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """A stable hash of the components (names and options), e.g. to tag token files. The pipeline
+        options only steer training, so a new one (or another value) leaves the tokens' meaning and the
+        digest alone."""
+        components = {kind: self.component(kind).to_dict() for kind in PIPELINE_KINDS}
+        canonical = json.dumps(components, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

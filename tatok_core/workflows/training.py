@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tatok_core.io.atomic import atomic_file, atomic_write_text
 from tatok_core.workflows.data import Augment, StreamLoader, evaluation_images, open_source
 from tatok_core.contract.errors import SpecError
+from tatok_core.contract.interfaces import PIPELINE_KINDS
 from tatok_core.workflows.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
 from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.quality import ReconstructionFID, inception_features, ssim
@@ -105,6 +106,7 @@ class TrainConfig:
     discriminator_lr: float = attrs.field(default=1e-4, validator=_at_least(0, above=True))
     eval_fid: bool = False  # rFID at every evaluation (needs the fid extra and cached Inception weights)
     globals_weight: float = 0.0
+    init: str = ""  # a saved model (folder or shipped name) whose matching components start this run: fine-tuning
 
     def __attrs_post_init__(self) -> None:
         if self.ema_decay >= 1:
@@ -221,6 +223,40 @@ def evaluate(model: Tokenizer, images: torch.Tensor, taus: tuple[float, ...] = (
     if fid is not None:
         summary["rfid_all"] = fid.compute()
     return summary
+
+
+def initialise_from(model: Tokenizer, source: str | Path) -> dict[str, str]:
+    """Load into ``model`` the weights of every component of the saved model ``source`` that has the same
+    plugin name; the others start fresh. This is how a fixed-rate model is fine-tuned into an adaptive one:
+    the recipe names another filter, estimator or training selection, and the shared components carry over.
+
+    Returns, per component kind, what happened ("loaded", "fresh" or "no weights"). A component of the same
+    name whose weights do not fit (another width, depth, codebook) is an error naming it; so is a source
+    from which nothing could be loaded.
+    """
+    donor = Tokenizer.from_pretrained(source)
+    started: dict[str, str] = {}
+    for kind in PIPELINE_KINDS:
+        target, origin = getattr(model, kind), getattr(donor, kind)
+        if not target.state_dict():
+            started[kind] = "no weights"
+        elif model.spec.component(kind).name != donor.spec.component(kind).name:
+            started[kind] = "fresh"
+        else:
+            try:
+                target.load_state_dict(origin.state_dict())
+            except RuntimeError as exc:
+                raise SpecError(f"train.init: {target.label} cannot start from {origin.label} of {source}: "
+                                f"{str(exc).splitlines()[-1].strip()}") from exc
+            started[kind] = "loaded"
+    if "loaded" not in started.values():
+        raise SpecError(f"train.init: no component with weights of {source} ({_names(donor.spec)}) is named as "
+                        f"in this recipe ({_names(model.spec)})")
+    return started
+
+
+def _names(spec: PipelineSpec) -> str:
+    return ", ".join(f"{kind} {spec.component(kind).name!r}" for kind in PIPELINE_KINDS)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -435,6 +471,11 @@ def train(
               f"loader worker(s) each); estimated activations {_gib(estimate)} per process", file=sys.stderr, flush=True)
     torch.manual_seed(config.seed + world.rank)
     model = Tokenizer(spec).to(world.device).train()
+    if config.init and state is None:  # a resumed run's checkpoint holds the weights already
+        started = initialise_from(model, config.init)
+        if world.is_main:
+            print(f"started from {config.init}: " + ", ".join(f"{kind} {how}" for kind, how in started.items()),
+                  file=sys.stderr, flush=True)
     ema = ExponentialAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     listings = run_dir / "listings"
     if world.is_main:  # rank 0 lists a folder and caches the listing; the others read that listing
