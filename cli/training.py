@@ -12,7 +12,8 @@ from tatok_cli.console import console
 from tatok_cli.options import at_least
 from tatok_core.contract.errors import SpecError
 from tatok_core.contract.spec import OptionValue, parse_option_assignment
-from tatok_core.workflows.training import Recipe, TrainConfig, World, resumed_config, train as run_training
+from tatok_core.workflows.training import (RECONSTRUCTION_LOSSES, Recipe, TrainConfig, World, resumed_config,
+                                           train as run_training)
 
 #: Lower bounds of numeric [train] settings: (bound, whether the bound itself is allowed).
 _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
@@ -20,7 +21,7 @@ _LOWER_BOUNDS: dict[str, tuple[float, bool]] = {
     "weight_decay": (0, True), "grad_clip": (0, False), "quantizer_weight": (0, True), "entropy_weight": (0, True),
     "eval_every": (1, True), "eval_crops": (1, True), "checkpoint_every": (1, True), "threads": (0, True),
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"reconstruction": ("mse", "l1")}
+_CHOICES: dict[str, tuple[str, ...]] = {"reconstruction": RECONSTRUCTION_LOSSES}
 
 
 def check_train_setting(key: str, value: OptionValue) -> None:

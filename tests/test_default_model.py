@@ -21,13 +21,15 @@ from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.rate_control import calibrate_bits
 
 SIDE = 256  # longest side of the whole photos
-PSNR_ALL_FLOOR = 20.3  # dB, every patch token kept (20.69 measured at shipping)
+PSNR_ALL_FLOOR = 20.1  # dB, every patch token kept (20.45 measured at shipping; the 8-px tatok-small 20.69 at 3.5× the bits)
 BPP_ALL_CEILING = 0.25  # the issue's operating point: every token kept, globals and codes counted
-GLOBALS_FLAT_MARGIN = 0.6  # dB the globals-only decode may trail the photo's flat mean colour (0.21 measured)
-# dB one shared θ gains over a per-photo top-k at the same mean count (0.90 / 0.21 measured at shipping;
-# the `residual` bits of the first v2 spec gained −0.09 / 0.00 on the 14 held-out photos)
-ALLOCATION_GAIN_FLOOR = {0.25: 0.6, 0.5: 0.1}
-HOLES_MARGIN = 1.0  # dB the fill of random holes may trail the kept-neighbour average (0.71 measured; 2.75 without fill_spread)
+GLOBALS_FLAT_MARGIN = 1.3  # dB the globals-only decode may trail the photo's flat mean colour (1.05 measured)
+# dB one shared θ gains over a per-photo top-k at the same mean count (0.72 / 0.38 measured at shipping;
+# the `residual` bits of tatok-small's first spec gained −0.09 / 0.00 on the 14 held-out photos)
+ALLOCATION_GAIN_FLOOR = {0.25: 0.5, 0.5: 0.2}
+# dB the fill of random holes may trail the kept-neighbour average: none, the issue's target (it leads, by
+# 0.36 measured; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
+HOLES_MARGIN = 0.0
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +72,8 @@ def test_every_token_kept_reaches_its_floor_within_the_rate(model: Tokenizer, ph
 @torch.no_grad()
 def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos: list[torch.Tensor],
                                                         analysed: list[Analysed]) -> None:
-    """No patch token kept. The issue asks for a recognisable coarse picture; the shipped model gets only
-    about the mean colour (docs/results.md says so), and this floor keeps it from getting worse."""
+    """No patch token kept. The issue asks for a recognisable coarse picture; the shipped model gets less
+    than the mean colour (docs/results.md says so), and this floor keeps it from getting worse."""
     gaps = []
     for photo, encoded in zip(photos, analysed):
         tokens = encoded.tokens(Selection.from_mask(torch.zeros(encoded.patch_codes.shape, dtype=torch.bool)))
@@ -102,7 +104,7 @@ def test_the_model_filter_adapts_the_count_to_the_photo(model: Tokenizer, photos
     for photo in photos:
         tokens = model.encode(photo)
         fractions.append(float(tokens.lengths.double().mean()) / tokens.num_patches)
-    # 0.00 (gravel: all its tokens buy this model 0.7 dB) … 0.40 at shipping
+    # 0.05 (gravel) … 0.50 at shipping
     assert max(fractions) < 0.6 and max(fractions) - min(fractions) > 0.05, fractions
 
 

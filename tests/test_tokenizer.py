@@ -130,6 +130,23 @@ def test_every_builtin_combination_runs_forward_and_backward(names: dict[str, st
     assert model.decode(model.encode(x)).shape == x.shape
 
 
+def test_log_mse_is_the_mean_of_each_images_log_error() -> None:
+    """The `log_mse` loss (mean PSNR's own): an image's share of the loss follows its relative error, so a
+    badly decoded image (few tokens) does not outweigh a well decoded one the way it does under plain MSE."""
+    torch.manual_seed(0)
+    model = Tokenizer(small_spec(entropy="residual", decoder="packed")).train()
+    x = images(2, 16, 16)
+    out = model(x)
+    per_image = (out.reconstruction - x).pow(2).flatten(1).mean(1)  # (B,)
+    torch.testing.assert_close(out.losses["log_mse"], per_image.log().mean())
+    torch.testing.assert_close(out.losses["mse"], per_image.mean())
+    with torch.no_grad():  # the globals-only decode has its loss in both units too
+        analysis = model.analyse(x)
+    base = (analysis.base_reconstruction - x).pow(2).flatten(1).mean(1)  # (B,)
+    torch.testing.assert_close(out.losses["globals_log_mse"], base.log().mean())
+    torch.testing.assert_close(out.losses["globals"], base.mean())
+
+
 def test_a_tau_means_tau_even_when_the_filter_ships_an_absolute_rule() -> None:
     """The shipped default uses the θ rule (bits): a τ handed to encode or the training step must not be
     read as θ = 0.9 bits (which keeps nearly everything)."""

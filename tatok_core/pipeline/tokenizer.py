@@ -25,7 +25,7 @@ from tatok_core.contract.selection import Selection
 from tatok_core.contract.spec import ComponentSpec, PipelineSpec, instantiate, build_components
 from tatok_core.contract.tokens import Tokens
 
-DEFAULT_PRETRAINED = "tatok-small"  # what `tatok demo`, the CLI and from_pretrained() load by default
+DEFAULT_PRETRAINED = "tatok-small16"  # what `tatok demo`, the CLI and from_pretrained() load by default
 SPEC_FILE = "spec.toml"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # the manifest: format, name, spec digest, weights checksum (huggingface_hub's name)
@@ -51,7 +51,7 @@ class TokenizerOutput:
     """What :meth:`Tokenizer.forward` returns for training."""
 
     reconstruction: Tensor  # (B, C, H, W)
-    losses: Mapping[str, Tensor]  # unweighted: "mse", "l1", "quantizer", "entropy"
+    losses: Mapping[str, Tensor]  # unweighted: "mse", "log_mse", "l1", "quantizer", "entropy" (+ "globals", "globals_log_mse")
     selection: Selection
     tau: float | Tensor | None  # the τ images were filtered with (None: the filter's default)
     metrics: Mapping[str, float]
@@ -295,15 +295,11 @@ class Tokenizer(nn.Module):
         height, width = analysis.image_size
         reconstruction = reconstruction[..., :height, :width]
         target = images.to(reconstruction.dtype)
-        losses = {
-            "mse": F.mse_loss(reconstruction.float(), target.float()),
-            "l1": F.l1_loss(reconstruction.float(), target.float()),
-            "quantizer": analysis.aux_loss,
-            "entropy": analysis.entropy.loss,
-        }
+        losses = {**pixel_losses(reconstruction, target), "quantizer": analysis.aux_loss,
+                  "entropy": analysis.entropy.loss}
         if analysis.base_reconstruction is not None:  # teaches the globals to carry the picture on their own
-            base = analysis.base_reconstruction[..., :height, :width]
-            losses["globals"] = F.mse_loss(base.float(), target.float())
+            base = pixel_losses(analysis.base_reconstruction[..., :height, :width], target)
+            losses["globals"], losses["globals_log_mse"] = base["mse"], base["log_mse"]
         metrics = {
             "tokens": float(selection.lengths.float().mean()),
             "max_tokens": float(selection.num_patches),
@@ -428,6 +424,19 @@ class Tokenizer(nn.Module):
         if overrides:
             model = model._replaced({kind: _component_spec(kind, value) for kind, value in overrides.items()})
         return model.to(map_location).eval()
+
+
+def pixel_losses(reconstruction: Tensor, target: Tensor) -> dict[str, Tensor]:
+    """The pixel losses a recipe can train with (``train.reconstruction``), each a scalar."""
+    error = reconstruction.float() - target.float()  # (B, C, H, W)
+    per_image = error.pow(2).flatten(1).mean(1)  # (B,)
+    return {
+        "mse": per_image.mean(),
+        # mean PSNR's own loss: every image's relative error counts alike, so images decoded from a few
+        # tokens (large errors) do not drown the gradient of those that keep them all
+        "log_mse": per_image.clamp_min(1e-10).log().mean(),
+        "l1": error.abs().mean(),
+    }
 
 
 def _version() -> str:

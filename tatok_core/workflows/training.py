@@ -67,6 +67,7 @@ def _choice(*options: str) -> Any:
     return check
 
 
+RECONSTRUCTION_LOSSES = ("mse", "log_mse", "l1")  # the pixel losses train.reconstruction may name
 _POSITIVE = _at_least(1)
 _NON_NEGATIVE = _at_least(0)
 
@@ -83,7 +84,7 @@ class TrainConfig:
     warmup: int = attrs.field(default=200, validator=_NON_NEGATIVE)
     weight_decay: float = attrs.field(default=0.05, validator=_NON_NEGATIVE)
     grad_clip: float = attrs.field(default=1.0, validator=_at_least(0, above=True))
-    reconstruction: str = attrs.field(default="mse", validator=_choice("mse", "l1"))
+    reconstruction: str = attrs.field(default="mse", validator=_choice(*RECONSTRUCTION_LOSSES))
     quantizer_weight: float = attrs.field(default=1.0, validator=_NON_NEGATIVE)
     entropy_weight: float = attrs.field(default=1.0, validator=_NON_NEGATIVE)
     bf16: bool = False
@@ -636,8 +637,8 @@ def _generator_terms(out: Any, images: torch.Tensor, config: TrainConfig, percep
     """[total, pixel, perceptual, adversarial] losses of the tokenizer for one micro-batch."""
     pixel = out.losses[config.reconstruction]
     loss = pixel + config.quantizer_weight * out.losses["quantizer"] + config.entropy_weight * out.losses["entropy"]
-    if "globals" in out.losses:
-        loss = loss + config.globals_weight * out.losses["globals"]
+    if "globals" in out.losses:  # in the pixel loss's units: log MSE when that trains the full decode
+        loss = loss + config.globals_weight * out.losses["globals_log_mse" if config.reconstruction == "log_mse" else "globals"]
     zero = pixel.new_zeros(())
     perceptual_term = perceptual(out.reconstruction.float(), images.float()) if perceptual is not None else zero
     # the generator's adversarial term flows into the reconstruction only, not into the critic's weights
