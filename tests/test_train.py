@@ -319,6 +319,11 @@ def test_init_refuses_weights_that_do_not_fit_naming_the_component(tmp_path: Pat
         initialise_from(wider, tmp_path / "narrow")
 
 
+def test_init_that_names_no_saved_model_says_which_setting(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"train\.init = '.*missing': unknown pretrained tokenizer"):
+        initialise_from(Tokenizer(small_spec()), tmp_path / "missing")
+
+
 def test_a_run_with_init_trains_on_from_the_saved_weights(tmp_path: Path) -> None:
     torch.manual_seed(1)
     donor = Tokenizer(small_spec(filter="all", entropy="pixel", decoder="packed"))

@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tatok_core.io.atomic import atomic_file, atomic_write_text
 from tatok_core.workflows.data import Augment, StreamLoader, evaluation_images, open_source
-from tatok_core.contract.errors import SpecError
+from tatok_core.contract.errors import SpecError, TatokError
 from tatok_core.contract.interfaces import PIPELINE_KINDS
 from tatok_core.workflows.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
 from tatok_core.workflows.metrics import psnr
@@ -235,7 +235,10 @@ def initialise_from(model: Tokenizer, source: str | Path) -> dict[str, str]:
     name whose weights do not fit (another width, depth, codebook) is an error naming it; so is a source
     from which nothing could be loaded.
     """
-    donor = Tokenizer.from_pretrained(source)
+    try:
+        donor = Tokenizer.from_pretrained(source)
+    except TatokError as exc:  # a run that cannot start from its init stops here, saying which setting
+        raise SpecError(f"train.init = {str(source)!r}: {exc}") from exc
     started: dict[str, str] = {}
     for kind in PIPELINE_KINDS:
         target, origin = getattr(model, kind), getattr(donor, kind)
