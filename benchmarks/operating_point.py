@@ -342,6 +342,22 @@ def decode_codec_bytes(data: bytes) -> Tensor:
     return torch.from_numpy(array).permute(2, 0, 1)
 
 
+def thumbnail_at_bits(image: Tensor, bits: float) -> dict[str, float]:
+    """The largest 8-bit RGB thumbnail of a (3, H, W) photo that fits in ``bits`` (24 bits a pixel, its
+    aspect within 1.5× of the photo's; at least one pixel), area-downscaled and upscaled back bilinearly,
+    scored as the tokenizers are: what the globals' bits buy as a plain picture, the bar a globals-only
+    decode has to clear to be one."""
+    height, width = image.shape[-2:]
+    pixels = max(int(bits // 24), 1)
+    shapes = [(h, min(width, pixels // h)) for h in range(1, min(height, pixels) + 1)]
+    fitting = [(h, w) for h, w in shapes if abs(math.log(w * height / (h * width))) <= math.log(1.5)] or [(1, 1)]
+    h, w = max(fitting, key=lambda s: (s[0] * s[1], -abs(math.log(s[1] * height / (s[0] * width)))))
+    small = (F.interpolate(image[None], size=(h, w), mode="area") * 255).round() / 255  # (1, 3, h, w)
+    up = F.interpolate(small, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
+    return {"height": h, "width": w, "bits": 24.0 * h * w, "psnr": float(psnr(up, image[None])[0]),
+            "ssim": float(ssim(up, image[None])[0])}
+
+
 def codec_envelope(curve: Sequence[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
     """(bpp, best ``key`` reachable at ≤ that bpp), increasing: at a given rate one picks the best quality."""
     xs, ys = [], []
@@ -487,6 +503,8 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
                     row[f"{codec}_psnr"], row[f"{codec}_ssim"] = at["psnr"], at["ssim"]
                     row[f"{codec}_bpp_for_psnr"], row[f"{codec}_bpp_for_psnr_is_bound"] = \
                         codec_bpp_for(codecs[codec][i], score.psnr)
+                if method.name == "globals":
+                    row["thumbnail"] = thumbnail_at_bits(photo.image, score.bits)
                 rows_by_point[key].append(row)
                 if method.name == "own":
                     own_holes.setdefault(method.fraction, []).append(hole_errors(
@@ -570,6 +588,12 @@ def targets(record: dict[str, Any], label: str) -> list[dict[str, Any]]:
     for h in model.get("holes_at_own", []):
         out.append(_target(f"holes, own@{h['fraction']:g}: decoder − kept-neighbour average", h["decoder"] - h["neighbours"],
                            0.0, True, "PSNR on the dropped patches the filter chose (dB)"))
+    thumbnails = [(r["psnr"], r["thumbnail"]) for r in model["rows"] if r["point"] == "globals" and "thumbnail" in r]
+    if thumbnails:
+        sizes = sorted({f"{t['height']}×{t['width']}" for _, t in thumbnails})
+        out.append(_target("globals only − a thumbnail in the same bits", float(np.mean([g - t["psnr"] for g, t in thumbnails])),
+                           0.0, True, f"PSNR (dB); 8-bit RGB thumbnails of {', '.join(sizes)} px, bilinear "
+                                      f"({np.mean([t['psnr'] for _, t in thumbnails]):.2f} dB)"))
     times = {p["fraction"]: p["ratio"] for p in model["decode_time"]["points"]}
     out.append(_target("decode time 25 % / 100 %", times.get(0.25), 0.6, False, "one run, medians"))
     everything = model["points"]["all"]

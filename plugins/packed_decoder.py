@@ -9,12 +9,13 @@ learns nothing about filling holes on purpose. Here
    tokens of their w×w window (alternately shifted by w/2, Swin-style) plus to the *prefix* (globals +
    layout tokens); the prefix attends to every kept token of its image. Attention runs over the windows
    that hold a kept token, each padded only to the fullest one (:class:`Packing`): cost O(K·(L + P)),
-   L ≤ w²; with nothing kept (the globals-only decode) only the prefix attends.
+   L ≤ w²; with nothing kept (the globals-only decode) only the prefix attends. The prefix is the same
+   P tokens at every budget — a fixed cost — so ``prefix_mlp_ratio`` can give it a narrow MLP.
 2. **Fill stage** (``fill_depth`` blocks, ``fill_width``): every grid position — the heavy output where
    a token was kept, a learned mask token where it was dropped (plus, with ``fill_spread``, the mean of
    the nearest kept positions: the fill starts from the neighbours' guess) — attends inside its window plus to the
    prefix, then a linear head makes pixels and a small conv smooths the seams. Cost O(N·(w² + P)) at a
-   small width: the light part.
+   small width: the light part (the last block's prefix is read by nothing and is not updated).
 
 Positions are given twice: within the window (local structure looks the same in a crop and in a
 whole photo) and *image-relative* (normalised coordinates), so that the globals-only decode — no patch
@@ -77,12 +78,13 @@ def box_sum_3x3(x: Tensor) -> Tensor:
     return rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]  # (B, C, H, W)
 
 
-def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> Tensor:
+def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> tuple[Tensor, Tensor]:
     """Fill dropped positions with the mean of their kept 3×3 neighbours; positions farther away take
     the mean of the ring filled before them, ``steps`` rings at most.
 
     dense (B, N, C) is read only where ``keep`` (B, N); the result (B, N, C) equals it there and is zero
-    where no kept position lies within ``steps``. Why: a dropped patch is best guessed from
+    where no kept position lies within ``steps``, which the second result, ``reached`` (B, N), tells
+    (True where kept or filled). Why: a dropped patch is best guessed from
     its kept neighbours (averaging them beats a mask token by several dB), so the fill stage starts from
     that guess and learns only the correction. Cost O(steps · N · C).
     """
@@ -95,7 +97,7 @@ def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> Tensor:
         fresh = (known == 0) & (weight > 0)  # (B, 1, gh, gw) reached for the first time
         value = torch.where(fresh, total / weight.clamp_min(1.0), value)
         known = torch.where(fresh, torch.ones_like(known), known)
-    return value.reshape(batch, channels, n).transpose(1, 2)
+    return value.reshape(batch, channels, n).transpose(1, 2), known.reshape(batch, n) > 0
 
 
 class WindowLayout:
@@ -172,10 +174,12 @@ class PrefixWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.sink = init_tokens(2, dim)  # one key and one value
 
-    def forward(self, tokens: Tensor, prefix: Tensor, packed: tuple[Packing, Packing]) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, prefix: Tensor, packed: tuple[Packing, Packing], *,
+                update_prefix: bool = True) -> tuple[Tensor, Tensor | None]:
         """tokens (K, W) packed, prefix (B, P, W), ``packed``: the tokens by window and by image
-        (:func:`packings`) → updated (tokens (K, W), prefix (B, P, W)). Every projection runs on the K
-        kept tokens only, and attention only among them (plus the prefix)."""
+        (:func:`packings`) → updated (tokens (K, W), prefix (B, P, W), or None without ``update_prefix``:
+        the last block's prefix is read by nothing). Every projection runs on the K kept tokens only, and
+        attention only among them (plus the prefix)."""
         windows, images = packed
         batch, width = prefix.shape[0], prefix.shape[2]
         pq, pk, pv = self.qkv(prefix).chunk(3, dim=-1)  # (B, P, W)
@@ -191,6 +195,8 @@ class PrefixWindowAttention(nn.Module):
             mask = torch.cat([windows.valid.new_ones(windows.valid.shape[0], pk.shape[1]), windows.valid], 1)
             out = F.scaled_dot_product_attention(split(wq), split(keys), split(values), attn_mask=mask[:, None, None])
             tokens = windows.unpack(merge(out))  # (K, W)
+        if not update_prefix:
+            return self.proj(tokens), None
         # prefix → prefix + every kept patch of its image
         keys = torch.cat([pk, images.pack(k)], 1)  # (B, 1 + P + L_img, W)
         values = torch.cat([pv, images.pack(v)], 1)
@@ -200,22 +206,41 @@ class PrefixWindowAttention(nn.Module):
 
 
 class PackedBlock(nn.Module):
-    """Pre-norm block whose per-token work runs only on the tokens that exist (the packed ones)."""
+    """Pre-norm block whose per-token work runs only on the tokens that exist (the packed ones).
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float) -> None:
+    The prefix's MLP uses only the first ``prefix_hidden`` hidden units of the patches' MLP (same
+    weights, no extra parameters): the prefix is the same P tokens at every budget, so its share of a
+    decode is a fixed cost that a full-width MLP makes as large as the work on ~P kept patches.
+    """
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, prefix_mlp_ratio: float | None = None) -> None:
         super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.prefix_hidden = hidden if prefix_mlp_ratio is None else int(dim * prefix_mlp_ratio)
         self.norm1 = nn.LayerNorm(dim)
         self.attn = PrefixWindowAttention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
 
-    def forward(self, tokens: Tensor, prefix: Tensor, packed: tuple[Packing, Packing]) -> tuple[Tensor, Tensor]:
-        """tokens (K, W) packed; ``packed`` says where they sit (:func:`packings`)."""
-        update, prefix_update = self.attn(self.norm1(tokens), self.norm1(prefix), packed)
+    def _prefix_mlp(self, prefix: Tensor) -> Tensor:
+        """(B, P, W) → (B, P, W) through the first ``prefix_hidden`` hidden units of ``mlp``."""
+        up, down, hidden = self.mlp[0], self.mlp[2], self.prefix_hidden
+        if hidden == up.out_features:
+            return self.mlp(prefix)
+        inner = F.gelu(F.linear(prefix, up.weight[:hidden], up.bias[:hidden]))  # (B, P, hidden)
+        return F.linear(inner, down.weight[:, :hidden], down.bias)
+
+    def forward(self, tokens: Tensor, prefix: Tensor, packed: tuple[Packing, Packing], *,
+                update_prefix: bool = True) -> tuple[Tensor, Tensor]:
+        """tokens (K, W) packed; ``packed`` says where they sit (:func:`packings`). Without
+        ``update_prefix`` (the last block) the prefix is only attended to and returned as it came."""
+        update, prefix_update = self.attn(self.norm1(tokens), self.norm1(prefix), packed, update_prefix=update_prefix)
         tokens = tokens + update  # (K, W)
-        prefix = prefix + prefix_update  # (B, P, W)
         tokens = tokens + self.mlp(self.norm2(tokens))
-        prefix = prefix + self.mlp(self.norm2(prefix))
+        if prefix_update is not None:
+            prefix = prefix + prefix_update  # (B, P, W)
+            if self.prefix_hidden:
+                prefix = prefix + self._prefix_mlp(self.norm2(prefix))
         return tokens, prefix
 
 
@@ -226,7 +251,12 @@ class PackedDecoder(Decoder):
     ``fill_depth``, ``window`` (patches per window side), ``layout`` (a layout×layout grid of learned
     tokens at image-relative positions that gather the coarse picture), ``refine`` (conv channels, 0 =
     none), ``fill_spread`` (3×3 rings over which a dropped position takes the mean of the nearest kept
-    ones before the fill stage; 0 = the mask token alone).
+    ones before the fill stage; 0 = the mask token alone), ``canvas`` (a dropped position that no kept
+    token is within ``fill_spread`` rings of starts from the layout tokens' output interpolated to its
+    place instead: a coarse picture laid out by the globals, all there is in a globals-only decode),
+    ``prefix_mlp_ratio`` (the heavy blocks' MLP
+    width for the prefix, ≤ ``mlp_ratio``; 0 = attention only; default ``mlp_ratio``: the prefix is a
+    fixed cost of every decode, so a narrow one lets the cost fall further with the kept tokens).
     """
 
     def __init__(
@@ -247,6 +277,8 @@ class PackedDecoder(Decoder):
         layout: int = 4,
         refine: int = 32,
         fill_spread: int = 0,
+        canvas: bool = False,
+        prefix_mlp_ratio: float | None = None,
     ) -> None:
         super().__init__(facts)
         dim = self.need("dim", dim)
@@ -255,14 +287,19 @@ class PackedDecoder(Decoder):
         self.num_global = self.need("num_global", num_global)
         if window < 1 or layout < 0 or depth < 0 or fill_depth < 1 or fill_spread < 0:
             raise ValueError(f"{self.label}: need window ≥ 1, layout ≥ 0, depth ≥ 0, fill_depth ≥ 1, fill_spread ≥ 0")
-        self.fill_spread = fill_spread
+        if prefix_mlp_ratio is not None and not 0 <= prefix_mlp_ratio <= mlp_ratio:
+            raise ValueError(f"{self.label}: prefix_mlp_ratio must lie in [0, mlp_ratio = {mlp_ratio:g}], "
+                             f"got {prefix_mlp_ratio:g}")
+        if canvas and not layout:
+            raise ValueError(f"{self.label}: canvas = true interpolates the layout tokens, so it needs layout ≥ 1")
+        self.fill_spread, self.canvas = fill_spread, canvas
         self.width, self.fill_width, self.window, self.layout = width or dim, fill_width, window, layout
         check_heads(self.width, heads, self.label)
         check_heads(self.fill_width, heads, self.label)
         self.project = nn.Linear(dim, self.width)
         self.global_position = init_tokens(max(self.num_global, 1), self.width)
         self.layout_tokens = init_tokens(max(layout * layout, 1), self.width)
-        self.heavy = nn.ModuleList(PackedBlock(self.width, heads, mlp_ratio) for _ in range(depth))
+        self.heavy = nn.ModuleList(PackedBlock(self.width, heads, mlp_ratio, prefix_mlp_ratio) for _ in range(depth))
         self.heavy_norm = nn.LayerNorm(self.width)
         self.to_fill = nn.Linear(self.width, self.fill_width)
         self.mask_token = init_tokens(self.fill_width)
@@ -281,6 +318,12 @@ class PackedDecoder(Decoder):
         rows, cols = torch.meshgrid(torch.arange(self.layout, device=device), torch.arange(self.layout, device=device),
                                     indexing="ij")
         return relative_embedding(rows.reshape(-1), cols.reshape(-1), (self.layout, self.layout), width)
+
+    def _canvas(self, layout_tokens: Tensor, grid: Grid) -> Tensor:
+        """(B, L², F) layout tokens (row-major, image-relative) → (B, N, F) bilinear at every grid position."""
+        batch, _, width = layout_tokens.shape
+        coarse = layout_tokens.transpose(1, 2).reshape(batch, width, self.layout, self.layout)  # (B, F, L, L)
+        return F.interpolate(coarse, size=grid, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
 
     def _layouts(self, grid: Grid, device: torch.device) -> tuple[WindowLayout, WindowLayout]:
         """The unshifted and the half-shifted windows blocks alternate between; in training add a random
@@ -305,13 +348,17 @@ class PackedDecoder(Decoder):
         fill_positions = grid_positions(grid, self.window, self.fill_width, device).to(tokens.dtype)  # (N, F)
         kept = scatter_packed(tokens, keep)  # (B, N, F), zeros where dropped
         dropped = self.mask_token.to(tokens.dtype).expand(batch, n, -1)  # (B, N, F)
+        reached = keep  # (B, N) positions with a kept token within fill_spread rings
         if self.fill_spread:
-            dropped = dropped + spread_kept(kept, keep, grid, self.fill_spread)
+            spread, reached = spread_kept(kept, keep, grid, self.fill_spread)
+            dropped = dropped + spread
+        if self.canvas:  # only where the neighbours say nothing: their mean is the better guess
+            dropped = dropped + self._canvas(prefix[:, m:], grid) * (~reached)[..., None]
         dense = torch.where(keep[..., None], kept, dropped) + fill_positions  # (B, N, F)
         dense = dense.reshape(batch * n, -1)  # every position, packed
         everywhere = torch.ones_like(keep)
-        for block, packed in zip(self.fill, per_block(layouts, everywhere, len(self.fill))):
-            dense, prefix = block(dense, prefix, packed)
+        for i, (block, packed) in enumerate(zip(self.fill, per_block(layouts, everywhere, len(self.fill)))):
+            dense, prefix = block(dense, prefix, packed, update_prefix=i < len(self.fill) - 1)
         pixels = rearrange(
             self.to_pixels(self.fill_norm(dense)), "(b gh gw) (c p q) -> b c (gh p) (gw q)",
             b=batch, gh=grid[0], gw=grid[1], p=self.patch_size, q=self.patch_size,

@@ -7,10 +7,12 @@ held-out photos are used because they exist on every install (the Debian photos 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from benchmarks.operating_point import hole_errors
+from benchmarks.operating_point import hole_errors, thumbnail_at_bits
 from tatok_core.contract.bitrate import token_bits
 from tatok_core.contract.selection import Selection
 from tatok_core.io.images import fit_longest_side
@@ -21,14 +23,16 @@ from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.rate_control import calibrate_bits
 
 SIDE = 256  # longest side of the whole photos
-PSNR_ALL_FLOOR = 20.1  # dB, every patch token kept (20.45 measured at shipping; the 8-px tatok-small 20.69 at 3.5× the bits)
+PSNR_ALL_FLOOR = 20.1  # dB, every patch token kept (20.41 measured at shipping; the 8-px tatok-small 20.69 at 3.5× the bits)
 BPP_ALL_CEILING = 0.25  # the issue's operating point: every token kept, globals and codes counted
-GLOBALS_FLAT_MARGIN = 1.3  # dB the globals-only decode may trail the photo's flat mean colour (1.05 measured)
-# dB one shared θ gains over a per-photo top-k at the same mean count (0.72 / 0.38 measured at shipping;
+# dB the globals-only decode may trail an 8-bit thumbnail in the globals' bits (2.52 measured; tatok-small16,
+# without the canvas, 3.24)
+GLOBALS_THUMBNAIL_MARGIN = 2.8
+# dB one shared θ gains over a per-photo top-k at the same mean count (1.14 / 0.52 measured at shipping;
 # the `residual` bits of tatok-small's first spec gained −0.09 / 0.00 on the 14 held-out photos)
-ALLOCATION_GAIN_FLOOR = {0.25: 0.5, 0.5: 0.2}
+ALLOCATION_GAIN_FLOOR = {0.25: 0.9, 0.5: 0.4}
 # dB the fill of random holes may trail the kept-neighbour average: none, the issue's target (it leads, by
-# 0.36 measured; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
+# 0.38 measured; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
 HOLES_MARGIN = 0.0
 
 
@@ -70,16 +74,17 @@ def test_every_token_kept_reaches_its_floor_within_the_rate(model: Tokenizer, ph
 
 
 @torch.no_grad()
-def test_the_globals_alone_decode_about_the_mean_colour(model: Tokenizer, photos: list[torch.Tensor],
-                                                        analysed: list[Analysed]) -> None:
-    """No patch token kept. The issue asks for a recognisable coarse picture; the shipped model gets less
-    than the mean colour (docs/results.md says so), and this floor keeps it from getting worse."""
+def test_the_globals_alone_decode_against_a_thumbnail_in_their_bits(model: Tokenizer, photos: list[torch.Tensor],
+                                                                    analysed: list[Analysed]) -> None:
+    """No patch token kept. The issue asks for a recognisable coarse picture: the bar is the 8-bit
+    thumbnail the globals' bits would buy (benchmarks/operating_point.py). The shipped model is still
+    under it (docs/results.md says so); this floor keeps it from getting worse."""
     gaps = []
     for photo, encoded in zip(photos, analysed):
         tokens = encoded.tokens(Selection.from_mask(torch.zeros(encoded.patch_codes.shape, dtype=torch.bool)))
-        flat = photo.mean(dim=(2, 3), keepdim=True).expand_as(photo)
-        gaps.append(float(psnr(flat, photo)) - float(psnr(model.decode(tokens), photo)))
-    assert sum(gaps) / len(gaps) <= GLOBALS_FLAT_MARGIN, gaps
+        bits = model.num_global * math.log2(model.quantizer.codebook_size)
+        gaps.append(thumbnail_at_bits(photo[0], bits)["psnr"] - float(psnr(model.decode(tokens), photo)))
+    assert sum(gaps) / len(gaps) <= GLOBALS_THUMBNAIL_MARGIN, gaps
 
 
 @torch.no_grad()
@@ -104,8 +109,8 @@ def test_the_model_filter_adapts_the_count_to_the_photo(model: Tokenizer, photos
     for photo in photos:
         tokens = model.encode(photo)
         fractions.append(float(tokens.lengths.double().mean()) / tokens.num_patches)
-    # 0.05 (gravel) … 0.50 at shipping
-    assert max(fractions) < 0.6 and max(fractions) - min(fractions) > 0.05, fractions
+    # 0.0 (gravel) … 0.60 at shipping
+    assert max(fractions) < 0.7 and max(fractions) - min(fractions) > 0.05, fractions
 
 
 @torch.no_grad()

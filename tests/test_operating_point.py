@@ -18,6 +18,7 @@ from benchmarks.operating_point import (
     rate_bits,
     shared_threshold,
     side_information_bits,
+    thumbnail_at_bits,
     threshold_selection,
 )
 from tatok_core.contract.spec import PipelineSpec
@@ -75,6 +76,19 @@ def test_hole_errors_compare_the_decoder_with_the_kept_neighbours() -> None:
     assert errors["scored_patches"] == errors["dropped_patches"] == 1
 
 
+def test_the_thumbnail_reference_is_the_largest_that_fits_the_bits() -> None:
+    """The bar for a globals-only decode: a 32-global, 16-bit model (512 bits) buys a 20-pixel thumbnail;
+    a flat photo is one exactly (up to 8 bits), a two-colour one needs more than one pixel."""
+    flat = torch.full((3, 30, 45), 0.25)
+    small = thumbnail_at_bits(flat, 512.0)
+    assert (small["height"], small["width"], small["bits"]) == (4, 5, 480)  # 21 px fit; 3×7 is too elongated
+    assert small["psnr"] > 60
+    halves = torch.zeros(3, 30, 45)
+    halves[:, :, 23:] = 1.0
+    assert thumbnail_at_bits(halves, 24.0)["psnr"] < 7 < thumbnail_at_bits(halves, 512.0)["psnr"]
+    assert thumbnail_at_bits(halves, 10.0)["bits"] == 24  # never less than one pixel
+
+
 def test_codec_interpolation_uses_the_best_quality_at_each_rate() -> None:
     curve = [{"bpp": 0.5, "psnr": 30.0, "ssim": 0.8}, {"bpp": 1.0, "psnr": 34.0, "ssim": 0.9},
              {"bpp": 0.8, "psnr": 29.0, "ssim": 0.7}]  # the 0.8-bpp point is dominated
@@ -128,12 +142,14 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
                                                            if p["name"] == row["photo"]))
     globals_only = [r for r in model["rows"] if r["point"] == "globals"]
     assert all(r["kept"] == 0 for r in globals_only)
+    assert all(r["thumbnail"]["bits"] <= r["bits"] for r in globals_only)  # the same bits, at most
     assert {p["a"] + "-" + p["b"] for p in model["paired"]} >= {"theta-topk", "own-random"}
     assert "holes" in model and "holes" not in record["models"]["fixed"]
     assert [h["fraction"] for h in model["holes_at_own"]] == [0.25, 0.5]
     assert any(name.startswith("holes, own@0.25") for name in (t["name"] for t in model["targets"]))
     names = [t["name"] for t in model["targets"]]
     assert "own@0.25 − topk" in names and any(name.startswith("own − fixed") for name in names)
+    assert "globals only − a thumbnail in the same bits" in names
     assert {t["status"] for t in model["targets"]} <= {"PASS", "FAIL", "SKIP"}
     assert set(record["models"]["fixed"]["points"]) == {"default", "all", "globals"}
     assert [p["fraction"] for p in model["decode_time"]["points"]] == [1.0, 0.5, 0.25, 0.0]

@@ -145,6 +145,78 @@ def test_decoding_costs_less_with_fewer_kept_tokens() -> None:
     assert nothing < 0.25 * everything and quarter < 0.45 * everything
 
 
+def test_the_last_fill_block_skips_the_prefix_update_and_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last block's prefix is read by nothing, so the decoder does not compute it: forcing the update
+    back on must give the same pixels (and every heavy block still updates it)."""
+    dec = decoder(fill_depth=2)
+    g, p = torch.randn(2, 3, 32), torch.randn(2, 36, 32)
+    keep = torch.rand(2, 36, generator=torch.Generator().manual_seed(1)) < 0.5
+    skipped = dec(g, p, keep, (6, 6))
+    real, flags = packed_decoder.PackedBlock.forward, []
+
+    def always_update(self, tokens, prefix, packed, *, update_prefix=True):  # noqa: ANN001, ANN202
+        flags.append(update_prefix)
+        return real(self, tokens, prefix, packed, update_prefix=True)
+
+    monkeypatch.setattr(packed_decoder.PackedBlock, "forward", always_update)
+    torch.testing.assert_close(dec(g, p, keep, (6, 6)), skipped, rtol=0, atol=0)
+    assert flags == [True, True, True, False]  # 2 heavy, 2 fill: only the very last skips
+
+
+def test_a_narrow_prefix_mlp_is_the_first_hidden_units_of_the_shared_one() -> None:
+    """prefix_mlp_ratio r: the prefix goes through hidden units [0, r·W) of each heavy block's MLP. So a
+    full-width decoder whose units beyond r·W are switched off (GELU(0) = 0) decodes globals-only (the
+    prefix path alone) exactly as the narrow one; and r = 0 leaves the prefix to attention alone."""
+    narrow, full = decoder(prefix_mlp_ratio=1.0), decoder()
+    with torch.no_grad():
+        for block in narrow.heavy:  # MLPs that matter (a fresh init barely moves the prefix)
+            block.mlp[0].weight.mul_(30)
+            block.mlp[2].weight.mul_(30)
+    full.load_state_dict(narrow.state_dict())
+    switched_off = decoder()
+    switched_off.load_state_dict(narrow.state_dict())
+    with torch.no_grad():
+        for block in switched_off.heavy:
+            block.mlp[0].weight[32:] = 0
+            block.mlp[0].bias[32:] = 0
+    g, p, nothing = torch.randn(2, 3, 32), torch.randn(2, 16, 32), torch.zeros(2, 16, dtype=torch.bool)
+    torch.testing.assert_close(narrow(g, p, nothing, (4, 4)), switched_off(g, p, nothing, (4, 4)), rtol=1e-5, atol=1e-6)
+    assert (narrow(g, p, nothing, (4, 4)) - full(g, p, nothing, (4, 4))).abs().max() > 1e-4  # 100× the tolerance: the units beyond r·W do matter
+    attention_only = decoder(prefix_mlp_ratio=0.0)
+    with torch.no_grad():
+        for block in attention_only.heavy:
+            block.mlp[2].bias.add_(5.0)  # the prefix never reads the MLP: its decode must not move
+    torch.testing.assert_close(attention_only(g, p, nothing, (4, 4)), decoder(prefix_mlp_ratio=0.0)(g, p, nothing, (4, 4)))
+
+
+def test_the_canvas_reaches_dropped_positions_only() -> None:
+    """canvas: the layout tokens, interpolated, start the dropped positions that no kept token is near.
+    With every token kept, or a kept token within fill_spread rings of every position, the decode is the
+    canvas-free one; globals only, each position gets its own start, following the layout tokens."""
+    with_canvas, without = decoder(canvas=True, fill_spread=3), decoder(fill_spread=3)
+    without.load_state_dict(with_canvas.state_dict())  # the option adds no parameter
+    g, p = torch.randn(1, 3, 32), torch.randn(1, 36, 32)
+    everything, nothing = torch.ones(1, 36, dtype=torch.bool), torch.zeros(1, 36, dtype=torch.bool)
+    near = torch.zeros(1, 36, dtype=torch.bool)
+    near[0, 14] = True  # (2, 2): every position of the 6×6 grid lies within 3 rings
+    far = torch.zeros(1, 36, dtype=torch.bool)
+    far[0, 0] = True  # (0, 0): the far corner is 5 rings away
+    for reached_everywhere in (everything, near):
+        torch.testing.assert_close(with_canvas(g, p, reached_everywhere, (6, 6)), without(g, p, reached_everywhere, (6, 6)),
+                                   rtol=0, atol=0)
+    for somewhere_unreached in (nothing, far):
+        assert (with_canvas(g, p, somewhere_unreached, (6, 6)) - without(g, p, somewhere_unreached, (6, 6))).abs().max() > 1e-4
+    canvas = with_canvas._canvas(torch.arange(4.0).reshape(1, 4, 1), (6, 6))  # a 2×2 layout of one channel
+    assert canvas.shape == (1, 36, 1) and canvas[0, 0, 0] == 0 and canvas[0, -1, 0] == 3  # corners: their tokens
+    with pytest.raises(ValueError, match="canvas = true interpolates the layout tokens"):
+        decoder(canvas=True, layout=0)
+
+
+def test_a_prefix_mlp_wider_than_the_blocks_mlp_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"prefix_mlp_ratio must lie in \[0, mlp_ratio = 4\], got 6"):
+        decoder(prefix_mlp_ratio=6.0)
+
+
 def test_residual_bits_measure_what_the_globals_miss() -> None:
     estimator = GlobalsResidualEntropy(FACTS, distortion=1e-3)
     images = torch.rand(1, 3, 8, 8)
@@ -206,7 +278,8 @@ def test_spread_gives_dropped_positions_the_mean_of_their_nearest_kept_ones() ->
     keep = torch.zeros(1, 9, dtype=torch.bool)
     keep[0, [0, 2]] = True
     dense[0, 4] = 100.0  # a dropped position's own vector is never read
-    one, two = spread_kept(dense, keep, (3, 3), 1), spread_kept(dense, keep, (3, 3), 2)
+    (one, reached_one), (two, reached_two) = spread_kept(dense, keep, (3, 3), 1), spread_kept(dense, keep, (3, 3), 2)
+    assert reached_one[0].tolist() == [True] * 6 + [False] * 3 and bool(reached_two.all())
     torch.testing.assert_close(one[0, [0, 2]], dense[0, [0, 2]])  # kept positions unchanged
     torch.testing.assert_close(one[0, 1], torch.tensor([2.0, 4.0]))  # between both: their mean
     torch.testing.assert_close(one[0, 3], dense[0, 0])  # below the first corner: only it is in reach

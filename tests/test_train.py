@@ -284,6 +284,17 @@ def test_recipes_parse_and_dry_run(name: str, tmp_path: Path) -> None:
     assert result.steps == 2 and math.isfinite(result.final_eval["psnr_all"])
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").rglob("*.toml")), ids=lambda p: p.name)
+def test_every_recipe_composes(path: Path) -> None:
+    """Each documented recipe parses and its components compose (a typo in a recipe fails here, not an
+    hour into a training run); a recipe that starts from another model names a run directory or a shipped model."""
+    recipe = Recipe.load(path)
+    recipe.spec.check()
+    Tokenizer(recipe.spec)  # builds: the options every component takes
+    shipped = {p.name for p in (ROOT / "plugins" / "pretrained").iterdir() if p.is_dir()}
+    assert recipe.train.init in {"", *shipped} or recipe.train.init.startswith("runs/"), recipe.train.init
+
+
 def test_default_threads_leave_busy_cores_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
