@@ -254,9 +254,9 @@ class PackedDecoder(Decoder):
     ones before the fill stage; 0 = the mask token alone), ``canvas`` (a dropped position that no kept
     token is within ``fill_spread`` rings of starts from the layout tokens' output interpolated to its
     place instead: a coarse picture laid out by the globals, all there is in a globals-only decode),
-    ``prefix_mlp_ratio`` (the heavy blocks' MLP
-    width for the prefix, ≤ ``mlp_ratio``; 0 = attention only; default ``mlp_ratio``: the prefix is a
-    fixed cost of every decode, so a narrow one lets the cost fall further with the kept tokens).
+    ``prefix_mlp_ratio`` (the heavy blocks' MLP width for the prefix, ≤ ``mlp_ratio``; 0 = attention
+    only; default ``mlp_ratio``: the prefix is a fixed cost of every decode, so a narrow one lets the
+    cost fall further with the kept tokens).
     """
 
     def __init__(
