@@ -10,19 +10,26 @@ from rich.table import Table
 
 from tatok_cli.console import console
 from tatok_core.workflows.demo import run_demo
+from tatok_core.workflows.rate_control import check_rate, with_rule
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 
 
 @click.command()
 @click.option("--model", default=DEFAULT_PRETRAINED, show_default=True, help="shipped name or saved directory")
 @click.option("--tau", type=float, default=None, help="use the per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
+@click.option("--theta", type=float, help="use the absolute rule: keep every token holding more than THETA bits")
+@click.option("--epsilon", type=float, help="use the absolute rule: keep the fewest tokens dropping at most EPSILON bits")
 @click.option("--max-side", default=256, show_default=True, help="downscale photos so the longest side fits")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("tatok-demo.png"),
               show_default=True, help="where to write the PNG panel")
-def demo(model: str, tau: float | None, max_side: int, output: Path) -> None:
+def demo(model: str, tau: float | None, theta: float | None, epsilon: float | None, max_side: int,
+         output: Path) -> None:
     """Tokenize the held-out photos with the shipped tokenizer: a table and a PNG panel."""
     start = time.perf_counter()
+    rule = check_rate(tau, None, theta=theta, epsilon=epsilon)
     tokenizer = Tokenizer.from_pretrained(model)
+    if rule in ("theta", "epsilon"):
+        tokenizer = with_rule(tokenizer, rule, theta if rule == "theta" else epsilon)
     report = run_demo(tokenizer, max_side=max_side, tau=tau, out=output)
     table = Table(title=f"{model}: whole held-out photos (never seen in training)")
     for column in ("image", "photo size", "tokenized at", "tokens kept / max", "kept", "PSNR (dB)"):

@@ -26,7 +26,7 @@ from tatok_core.workflows.allocation import allocation_report
 from tatok_core.io.images import fit_longest_side
 from tatok_core.workflows.analysis import cannot_tokenize
 from tatok_core.workflows.encoding import source_names
-from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, check_tau
+from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, check_tau, with_rule
 from tatok_core.workflows.rate_distortion import DEFAULT_METHODS, evaluate_rate_distortion, save_rate_distortion
 from tatok_core.workflows.token_sets import decode_token_set, encode_token_set, ignored_rate_option
 from tatok_core.workflows.panels import show_panel
@@ -264,11 +264,16 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write")
 @click.option("--tau", type=float, help="use the per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
-def show(model_name: str, image: Path, output: Path, tau: float | None) -> None:
+@click.option("--theta", type=float, help="use the absolute rule: keep every token holding more than THETA bits")
+@click.option("--epsilon", type=float, help="use the absolute rule: keep the fewest tokens dropping at most EPSILON bits")
+def show(model_name: str, image: Path, output: Path, tau: float | None, theta: float | None,
+         epsilon: float | None) -> None:
     """Draw one image, the tokens DTF keeps (bits per patch), the reconstruction and its error."""
-    check_rate(tau, None)
+    rule = check_rate(tau, None, theta=theta, epsilon=epsilon)
     picture = read_image(image)
     model = _load(model_name)
+    if rule in ("theta", "epsilon"):
+        model = with_rule(model, rule, theta if rule == "theta" else epsilon)
     reason = cannot_tokenize(model, picture)
     if reason:
         raise TatokError(f"cannot tokenize {image}: {reason}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,6 +165,18 @@ def test_show_writes_a_panel(run, images: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "patch tokens (tau 0.5)" in result.stdout
     assert (tmp_path / "panel.png").read_bytes().startswith(PNG)
+
+
+def test_show_takes_the_absolute_rules_one_at_a_time(run, images: Path, tmp_path: Path) -> None:
+    none = run("show", images / "crop1.png", "-o", tmp_path / "none.png", "--theta", "1e9")
+    assert none.exit_code == 0, none.output
+    assert "kept 1/64 patch tokens (theta 1e+09)" in none.stdout  # no token holds 1e9 bits: the floor min_keep = 1
+    lossless = run("show", images / "crop1.png", "-o", tmp_path / "lossless.png", "--epsilon", "0")
+    assert lossless.exit_code == 0 and "patch tokens (epsilon 0)" in lossless.stdout, lossless.output
+    kept = int(re.search(r"kept (\d+)/64", lossless.stdout).group(1))  # every token holding any bits
+    assert kept > 1
+    one_line_error(run("show", images / "crop1.png", "-o", tmp_path / "both.png", "--tau", "0.5", "--theta", "3"),
+                   "tau and theta exclude each other")
 
 
 def test_eval_prints_a_table_and_writes_json_and_plot(run, images: Path, tmp_path: Path) -> None:

@@ -50,6 +50,14 @@ def test_quality_floors_on_held_out_crops(shipped: Tokenizer, held_out_crops: to
     assert adaptive.lengths.min() < adaptive.lengths.max()  # the count adapts to the content
 
 
+def test_demo_takes_an_absolute_threshold(tmp_path: Path) -> None:
+    """--theta replaces the shipped θ: at 10⁹ bits no token of any photo is kept (the default has no floor)."""
+    result = CliRunner().invoke(cli, ["demo", "--max-side", "64", "--theta", "1e9", "-o", str(tmp_path / "demo.png")],
+                                terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "theta 1e+09" in result.output and result.output.count(" 0% ") == len(HELDOUT_PHOTOS), result.output
+
+
 def test_demo_runs_and_writes_the_panel(tmp_path: Path) -> None:
     out = tmp_path / "demo.png"
     result = CliRunner().invoke(cli, ["demo", "-o", str(out)])

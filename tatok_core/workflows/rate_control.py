@@ -94,6 +94,15 @@ def rule_filter(model: Tokenizer, mode: str | None, filter: str | None = None,
                          f"use --budget-mode tau or a DTF-family filter ({exc})") from None
 
 
+def with_rule(model: Tokenizer, mode: str, value: float) -> Tokenizer:
+    """A copy of ``model`` whose filter applies the absolute rule ``mode`` ("theta" or "epsilon") at
+    ``value`` bits by default — what ``tatok demo/show --theta`` draw. Only the filter changes (weights
+    are shared); a filter without absolute rules is the one-line error of :func:`rule_filter`."""
+    check_bits_threshold(mode, value)
+    rule_filter(model, mode)
+    return model.with_component("filter", model.spec.filter.name, mode=mode, **{mode: value})
+
+
 def applied_rule(token_filter: TokenFilter) -> tuple[str | None, float | None]:
     """(rule, default threshold) of a filter: ("tau", 0.9) for DTF's default; (None, None) for count filters."""
     mode = getattr(token_filter, "mode", "tau" if hasattr(token_filter, "tau") else None)
