@@ -26,10 +26,8 @@ def demo(model: str, tau: float | None, theta: float | None, epsilon: float | No
          output: Path) -> None:
     """Tokenize the held-out photos with the shipped tokenizer: a table and a PNG panel."""
     start = time.perf_counter()
-    rule = check_rate(tau, None, theta=theta, epsilon=epsilon)
-    tokenizer = Tokenizer.from_pretrained(model)
-    if rule in ("theta", "epsilon"):
-        tokenizer = with_rule(tokenizer, rule, theta if rule == "theta" else epsilon)
+    check_rate(tau, None, theta=theta, epsilon=epsilon)  # before the model loads
+    tokenizer = with_rule(Tokenizer.from_pretrained(model), tau=tau, theta=theta, epsilon=epsilon)
     report = run_demo(tokenizer, max_side=max_side, tau=tau, out=output)
     table = Table(title=f"{model}: whole held-out photos (never seen in training)")
     for column in ("image", "photo size", "tokenized at", "tokens kept / max", "kept", "PSNR (dB)"):

@@ -269,11 +269,9 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
 def show(model_name: str, image: Path, output: Path, tau: float | None, theta: float | None,
          epsilon: float | None) -> None:
     """Draw one image, the tokens DTF keeps (bits per patch), the reconstruction and its error."""
-    rule = check_rate(tau, None, theta=theta, epsilon=epsilon)
+    check_rate(tau, None, theta=theta, epsilon=epsilon)  # before the image and the model load
     picture = read_image(image)
-    model = _load(model_name)
-    if rule in ("theta", "epsilon"):
-        model = with_rule(model, rule, theta if rule == "theta" else epsilon)
+    model = with_rule(_load(model_name), tau=tau, theta=theta, epsilon=epsilon)
     reason = cannot_tokenize(model, picture)
     if reason:
         raise TatokError(f"cannot tokenize {image}: {reason}")

@@ -94,13 +94,17 @@ def rule_filter(model: Tokenizer, mode: str | None, filter: str | None = None,
                          f"use --budget-mode tau or a DTF-family filter ({exc})") from None
 
 
-def with_rule(model: Tokenizer, mode: str, value: float) -> Tokenizer:
-    """A copy of ``model`` whose filter applies the absolute rule ``mode`` ("theta" or "epsilon") at
-    ``value`` bits by default — what ``tatok demo/show --theta`` draw. Only the filter changes (weights
-    are shared); a filter without absolute rules is the one-line error of :func:`rule_filter`."""
-    check_bits_threshold(mode, value)
+def with_rule(model: Tokenizer, *, tau: float | None = None, theta: float | None = None,
+              epsilon: float | None = None) -> Tokenizer:
+    """``model`` with its filter switched to the absolute rule θ or ε at the given bits, when one is given
+    (one of τ, θ, ε at most: :func:`check_rate`) — what ``tatok demo/show --theta`` draw; otherwise
+    ``model`` itself (a τ is applied per call, not here). Only the filter changes (weights are shared); a
+    filter without absolute rules is the one-line error of :func:`rule_filter`."""
+    mode = check_rate(tau, None, theta=theta, epsilon=epsilon)
+    if mode not in ("theta", "epsilon"):
+        return model
     rule_filter(model, mode)
-    return model.with_component("filter", model.spec.filter.name, mode=mode, **{mode: value})
+    return model.with_component("filter", model.spec.filter.name, mode=mode, **{mode: theta if mode == "theta" else epsilon})
 
 
 def applied_rule(token_filter: TokenFilter) -> tuple[str | None, float | None]:
