@@ -18,6 +18,7 @@ Triton's interpreter there, which measures Python, not the kernel.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import json
 import os
@@ -159,17 +160,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             kept = int(ref.cu_seqlens[-1])
             row["kept_fraction"] = kept / (batch * tokens)
             row["bytes"] = traffic_bytes(batch, tokens, kept)
-            row["ref_s"] = median_seconds(lambda: select_by_rule(bits, args.mode, value, args.min_keep),
+            row["ref_s"] = median_seconds(functools.partial(select_by_rule, bits, args.mode, value, args.min_keep),
                                           args.min_run_time)
             row["ref_gbps"] = row["bytes"] / row["ref_s"] / 1e9
             if triton_fn is not None:
                 got = triton_fn(bits, value, args.min_keep, mode=args.mode)
                 row["exact"] = bool(got.equal(ref))
-                row["triton_s"] = median_seconds(lambda: triton_fn(bits, value, args.min_keep, mode=args.mode),
+                row["triton_s"] = median_seconds(functools.partial(triton_fn, bits, value, args.min_keep, mode=args.mode),
                                                  args.min_run_time)
                 cap = batch * tokens
                 row["triton_cap_s"] = median_seconds(
-                    lambda: triton_fn(bits, value, args.min_keep, mode=args.mode, max_total=cap), args.min_run_time
+                    functools.partial(triton_fn, bits, value, args.min_keep, mode=args.mode, max_total=cap),
+                    args.min_run_time,
                 )
                 row["speedup"] = row["ref_s"] / row["triton_s"]
                 row["triton_gbps"] = row["bytes"] / row["triton_s"] / 1e9

@@ -17,13 +17,15 @@ from benchmarks.operating_point import (
     Photo,
     closest_quality,
     codec_bytes,
+    codec_envelope,
     decode_codec_bytes,
     point_key,
 )
 
 METHOD_COLOURS = {name: f"C{i}" for i, name in enumerate((*MATCHED_METHODS, "default", "all", "globals"))}
 MODEL_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ((0, (1, 1)), "v"))
-CODEC_COLOURS = {"jpeg": "0.35", "webp": "0.6"}
+CODEC_COLOURS = {"jpeg": "0.35", "webp": "0.6", "jpeg-scaled": "0.2", "webp-scaled": "0.75"}
+CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "jpeg-scaled": "JPEG, best downscale", "webp-scaled": "WebP, best downscale"}
 LEGEND_COLUMNS = 4
 
 
@@ -35,12 +37,12 @@ def _figure(rows: int, cols: int, size: tuple[float, float]) -> Any:
 
 
 def _codec_mean_curve(record: dict[str, Any], codec: str, key: str) -> tuple[list[float], list[float]]:
-    """(mean bpp, mean ``key``) over the photos at each quality."""
+    """(mean bpp, mean ``key``) over the photos at each setting (quality, and scale for a ``-scaled``
+    codec), the best ``key`` at each rate: a scaled codec's settings interleave."""
     per_photo = list(record["codecs"][codec]["per_photo"].values())
-    qualities = record["codecs"][codec]["qualities"]
-    xs = [float(np.mean([curve[j]["bpp"] for curve in per_photo])) for j in range(len(qualities))]
-    ys = [float(np.mean([curve[j][key] for curve in per_photo])) for j in range(len(qualities))]
-    return xs, ys
+    means = [{"bpp": float(np.mean([curve[j]["bpp"] for curve in per_photo])),
+              key: float(np.mean([curve[j][key] for curve in per_photo]))} for j in range(len(per_photo[0]))]
+    return codec_envelope(means, key)
 
 
 def rd_figures(record: dict[str, Any], bpp_path: Path, tokens_path: Path) -> tuple[Path, Path]:
@@ -68,7 +70,7 @@ def rd_figures(record: dict[str, Any], bpp_path: Path, tokens_path: Path) -> tup
             if x_key == "bpp":
                 for codec in CODECS:
                     xs, ys = _codec_mean_curve(record, codec, metric)
-                    ax.plot(xs, ys, color=CODEC_COLOURS[codec], linewidth=2, label=f"{codec.upper()} (Pillow)")
+                    ax.plot(xs, ys, color=CODEC_COLOURS[codec], linewidth=2, label=f"{CODEC_NAMES[codec]} (Pillow)")
                 ax.set_xscale("log")
                 ax.set_xlabel("bits per pixel (mean over photos, log scale)")
             else:
@@ -106,7 +108,7 @@ def _matched_key(result: ModelResult, fraction: float) -> str:
 def reconstruction_grid(result: ModelResult, photos: Sequence[Photo], fractions: Sequence[float],
                         jpeg_curves: Sequence[Sequence[dict[str, float]]], path: Path) -> Path:
     """Rows: photos; columns: original, globals only, the model's filter at each fraction, every token,
-    and JPEG at the highest quality whose bpp does not exceed the every-token bpp of that photo."""
+    and JPEG at its best quality and downscale whose bpp does not exceed the every-token bpp of that photo."""
     keys = ["globals", *(_matched_key(result, f) for f in fractions), "all"]
     columns = 2 + len(keys)
     aspect = max(p.image.shape[-1] / p.image.shape[-2] for p in photos)
@@ -116,8 +118,10 @@ def reconstruction_grid(result: ModelResult, photos: Sequence[Photo], fractions:
         for j, key in enumerate(keys, start=1):
             _show(axes[i, j], result.reconstructions[(i, key)], f"{key}\n{_caption(_row_of(result, key, photo.name))}")
         point = closest_quality(jpeg_curves[i], _row_of(result, "all", photo.name)["bpp"])
-        jpeg = decode_codec_bytes(codec_bytes(photo.image, "jpeg", int(point["quality"])))
-        _show(axes[i, -1], jpeg, f"JPEG q={point['quality']}\n{point['bpp']:.3f} bpp, {point['psnr']:.1f} dB")
+        data = codec_bytes(photo.image, "jpeg", int(point["quality"]), point.get("scale", 1.0))
+        jpeg = decode_codec_bytes(data, photo.image.shape[-2:])
+        _show(axes[i, -1], jpeg, f"JPEG q={point['quality']} ×{point.get('scale', 1.0):g}\n"
+                                 f"{point['bpp']:.3f} bpp, {point['psnr']:.1f} dB")
     figure.suptitle(f"{result.record['label']}: reconstructions of held-out photos")
     return save_figure(figure, path)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -20,6 +21,18 @@ def sincos_at(rows: Tensor, cols: Tensor, dim: int) -> Tensor:
     y = rows.float().reshape(-1, 1) * omega  # (N, D/4)
     x = cols.float().reshape(-1, 1) * omega
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)  # (N, D)
+
+
+def relative_embedding(rows: Tensor, cols: Tensor, grid: tuple[int, int], dim: int) -> Tensor:
+    """(N, dim) Fourier features of image-relative coordinates in [0, 1): the same for any image size.
+    Why: within-window positions say where a patch sits in its window, never where in the picture; a
+    token that must lay out the whole image (a global, a layout token) needs the image-relative place."""
+    y = (rows.float() + 0.5) / grid[0]  # (N,)
+    x = (cols.float() + 0.5) / grid[1]
+    quarter = dim // 4
+    freqs = math.pi * (2.0 ** torch.linspace(0, 4, quarter, device=rows.device))  # (D/4,) 1 … 16 cycles
+    y, x = y[:, None] * freqs, x[:, None] * freqs  # (N, D/4)
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
 
 
 def grid_coordinates(grid: tuple[int, int], device: torch.device | None = None) -> tuple[Tensor, Tensor]:

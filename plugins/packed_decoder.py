@@ -26,7 +26,6 @@ window look alike to the globals, which then carry only the mean colour.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -34,17 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tatok_core.contract.interfaces import Decoder, Facts, Grid
-from tatok_plugins.layers import check_heads, init_tokens, init_weights, sincos_at
-
-
-def relative_embedding(rows: Tensor, cols: Tensor, grid: Grid, dim: int) -> Tensor:
-    """(N, dim) Fourier features of image-relative coordinates in [0, 1): the same for any image size."""
-    y = (rows.float() + 0.5) / grid[0]  # (N,)
-    x = (cols.float() + 0.5) / grid[1]
-    quarter = dim // 4
-    freqs = math.pi * (2.0 ** torch.linspace(0, 4, quarter, device=rows.device))  # (D/4,) 1 … 16 cycles
-    y, x = y[:, None] * freqs, x[:, None] * freqs  # (N, D/4)
-    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=1)
+from tatok_plugins.layers import check_heads, init_tokens, init_weights, relative_embedding, sincos_at
 
 
 @functools.lru_cache(maxsize=16)

@@ -480,3 +480,22 @@ def test_augment_modes_and_evaluation_images(solid_folder: Path) -> None:
     assert images.shape == (5, 3, 12, 12) and _labels(images) == [10, 20, 40, 50, 70]  # listing order, centre crops
     assert torch.equal(evaluation_images("builtin:photos:heldout", 16, 3),
                        fixed_crops(ImageSource("builtin:photos:heldout").images, 16, 3))
+
+
+def test_zoomed_crops_see_the_image_at_every_scale_down_to_zoom_min() -> None:
+    """A horizontal ramp's slope in a crop is its zoom: zoomed crops span [zoom_min, 1] of the native slope,
+    never beyond, and zoom_min = 1 is a random crop at the image's own scale."""
+    ramp = torch.linspace(0, 1, 400).expand(3, 200, 400)  # (3, 200, 400): slope 1/399 per pixel
+    native = 1 / 399
+
+    def slope(out: torch.Tensor) -> float:
+        return float((out[0, :, -1] - out[0, :, 0]).abs().mean() / (out.shape[-1] - 1))
+
+    zoomed = Augment(32, mode="zoomed", zoom_min=0.25, flip=False)
+    slopes = [slope(zoomed(ramp, torch.Generator().manual_seed(s))) / native for s in range(64)]
+    assert all(0.99 <= s <= 4.05 for s in slopes)  # zoom in [0.25, 1] → slope × [1, 4]
+    assert min(slopes) < 1.3 and max(slopes) > 3.0  # both ends are reached
+    same = Augment(32, mode="zoomed", zoom_min=1.0, flip=False)(ramp, torch.Generator().manual_seed(5))
+    assert slope(same) == pytest.approx(native, rel=1e-3)
+    tiny = torch.rand(3, 20, 30)  # zoomed below the crop: upscaled, still a full crop of real content
+    assert Augment(32, mode="zoomed", zoom_min=0.5)(tiny, torch.Generator().manual_seed(0)).shape == (3, 32, 32)

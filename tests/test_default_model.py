@@ -23,16 +23,17 @@ from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.rate_control import calibrate_bits
 
 SIDE = 256  # longest side of the whole photos
-PSNR_ALL_FLOOR = 20.1  # dB, every patch token kept (20.41 measured at shipping; the 8-px tatok-small 20.69 at 3.5× the bits)
+PSNR_ALL_FLOOR = 20.2  # dB, every patch token kept (20.45 measured at shipping; tatok-small16-canvas 20.41, the 8-px tatok-small 20.69 at 3.5× the bits)
 BPP_ALL_CEILING = 0.25  # the issue's operating point: every token kept, globals and codes counted
-# dB the globals-only decode may trail an 8-bit thumbnail in the globals' bits (2.52 measured; tatok-small16,
-# without the canvas, 3.24)
-GLOBALS_THUMBNAIL_MARGIN = 2.8
-# dB one shared θ gains over a per-photo top-k at the same mean count (1.14 / 0.52 measured at shipping;
-# the `residual` bits of tatok-small's first spec gained −0.09 / 0.00 on the 14 held-out photos)
-ALLOCATION_GAIN_FLOOR = {0.25: 0.9, 0.5: 0.4}
+# dB the globals-only decode may trail an 8-bit thumbnail in the globals' bits (2.47 measured; tatok-small16-canvas
+# 2.52, tatok-small16, without the canvas, 3.24)
+GLOBALS_THUMBNAIL_MARGIN = 2.75
+# dB one shared θ gains over a per-photo top-k at the same mean count (0.68 / 0.38 measured at shipping; the
+# issue's bar is 0.3; tatok-small16-canvas, whose top-k was weaker, 1.14 / 0.52; the `residual` bits of
+# tatok-small's first spec gained −0.09 / 0.00 on the 14 held-out photos)
+ALLOCATION_GAIN_FLOOR = {0.25: 0.5, 0.5: 0.3}
 # dB the fill of random holes may trail the kept-neighbour average: none, the issue's target (it leads, by
-# 0.38 measured; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
+# 0.46 measured; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
 HOLES_MARGIN = 0.0
 
 
@@ -109,7 +110,7 @@ def test_the_model_filter_adapts_the_count_to_the_photo(model: Tokenizer, photos
     for photo in photos:
         tokens = model.encode(photo)
         fractions.append(float(tokens.lengths.double().mean()) / tokens.num_patches)
-    # 0.0 (gravel) … 0.60 at shipping
+    # 0.0 (gravel) … 0.50 at shipping
     assert max(fractions) < 0.7 and max(fractions) - min(fractions) > 0.05, fractions
 
 

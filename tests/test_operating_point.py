@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from benchmarks.operating_point import (
+    CODEC_SCALES,
     codec_at,
     codec_bpp_for,
+    codec_curve,
     hole_errors,
     main,
     rate_bits,
@@ -113,6 +115,23 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Tokenizer(spec).save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
 
 
+def test_a_downscaled_codec_reaches_the_rates_the_full_size_one_cannot_and_is_scored_at_full_size() -> None:
+    """What a user does for a low rate: code the photo smaller and upscale it back. Its curve holds the
+    full-size one, reaches far lower rates, and every point is scored against the photo as it is."""
+    from tatok_core.workflows.data import load_builtin_photo
+    from tatok_core.io.images import fit_longest_side
+
+    photo = fit_longest_side(load_builtin_photo("astronaut"), 128)  # (3, 128, 128)
+    full = codec_curve(photo, "jpeg", (1, 50))
+    scaled = codec_curve(photo, "jpeg-scaled", (1, 50))
+    assert [p["scale"] for p in scaled] == [s for s in CODEC_SCALES for _ in range(2)]
+    assert scaled[:2] == full  # scale 1 is the full-size codec
+    assert min(p["bpp"] for p in scaled) < 0.5 * min(p["bpp"] for p in full)
+    smallest = min(scaled, key=lambda p: p["bpp"])
+    assert smallest["scale"] == min(CODEC_SCALES) and 10 < smallest["psnr"] < full[0]["psnr"] + 3  # a real picture
+    assert codec_at(scaled, min(p["bpp"] for p in full))["psnr"] >= codec_at(full, min(p["bpp"] for p in full))["psnr"]
+
+
 def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path: Path) -> None:
     out, md, theta_dir = tmp_path / "out", tmp_path / "section.md", tmp_path / "tiny-theta"
     Tokenizer.from_pretrained(tiny_model_dir, overrides={"filter": {"name": "dtf", "options": {"mode": "theta"}}}
@@ -153,7 +172,8 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
     assert {t["status"] for t in model["targets"]} <= {"PASS", "FAIL", "SKIP"}
     assert set(record["models"]["fixed"]["points"]) == {"default", "all", "globals"}
     assert [p["fraction"] for p in model["decode_time"]["points"]] == [1.0, 0.5, 0.25, 0.0]
-    assert len(record["codecs"]["jpeg"]["per_photo"]) == 2
+    assert all(len(record["codecs"][codec]["per_photo"]) == 2 for codec in ("jpeg", "webp", "jpeg-scaled", "webp-scaled"))
+    assert "all − JPEG at its best scale at the same bpp" in names
     for path in record["figures"].values():
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert {Path(p).name for p in record["figures"].values()} == {

@@ -183,7 +183,9 @@ def test_bad_settings_refused_in_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
     for settings, words in [({"steps": -5}, "train.steps must be ≥ 1"), ({"lr": "abc"}, "train.lr must be float"),
                             ({"lr": -1.0}, "train.lr must be > 0"), ({"reconstruction": "l3"}, "'mse', 'log_mse', 'l1'"),
-                            ({"batch_size": 0}, "train.batch_size"), ({"ema_decay": 1.0}, "ema_decay must be < 1")]:
+                            ({"batch_size": 0}, "train.batch_size"), ({"ema_decay": 1.0}, "ema_decay must be < 1"),
+                            ({"zoom_min": 1.5}, "train.zoom_min must be ≤ 1"), ({"zoom_min": 0.0}, "train.zoom_min"),
+                            ({"augment": "scaled"}, "'random', 'resized', 'zoomed'")]:
         with pytest.raises(SpecError, match=words):
             TrainConfig.from_dict(settings)
 

@@ -227,3 +227,32 @@ def test_shipped_weights_give_the_masked_versions_outputs(request: pytest.Fixtur
     for name, reference in dense.items():
         torch.testing.assert_close(windowed[name], reference, rtol=1e-4, atol=1e-4, msg=name)
 
+
+
+def _swapped_windows() -> tuple[torch.Tensor, tuple[int, int]]:
+    """Two (1, N, D) feature maps on a 4×8 grid of two 4×4 windows: one marked patch at the same place
+    within its window, in the left window of the first and the right window of the second."""
+    torch.manual_seed(3)
+    grid, dim = (4, 8), 32
+    plain, mark = torch.randn(dim), 3.0 * torch.randn(dim)
+    features = plain.expand(2, 32, dim).clone()  # (2, N, D)
+    features[0, 1 * 8 + 1] += mark  # (1, 1): left window, (1, 1) within it
+    features[1, 1 * 8 + 5] += mark  # (1, 5): right window, (1, 1) within it
+    return features, grid
+
+
+@pytest.mark.parametrize("relative", [False, True])
+def test_globals_tell_where_only_with_image_relative_positions(relative: bool) -> None:
+    """Within-window positions make the two maps the same multiset of windows, so globals (which attend to
+    every patch) cannot tell them apart; image-relative positions are what let them lay out a picture."""
+    from tatok_plugins.global_tokens import LearnedGlobalTokens
+
+    features, grid = _swapped_windows()
+    tokenizer = LearnedGlobalTokens(num_global=4, depth=1, heads=4, window=4, relative_positions=relative,
+                                    dim=32).eval()
+    with torch.no_grad():
+        for parameter in tokenizer.parameters():  # a trained-like model: no zero-initialised branch
+            parameter.copy_(torch.randn_like(parameter) * 0.2)
+        globals_, _ = tokenizer(features, grid)  # (2, M, D)
+    same = torch.allclose(globals_[0], globals_[1], atol=1e-5)
+    assert same is not relative

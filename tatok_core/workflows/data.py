@@ -626,13 +626,18 @@ class Augment:
 
     ``mode``: ``"random"`` (a random crop at the image's own scale; smaller images upscaled first),
     ``"resized"`` (a random-resized crop: area fraction in [``scale_min``, 1], aspect ratio in
-    [3/4, 4/3], resized to the crop, as ImageNet training does) or ``"center"`` (shorter side resized
-    to the crop, centre crop: evaluation). ``flip``: horizontal flip with probability 1/2.
+    [3/4, 4/3], resized to the crop, as ImageNet training does), ``"zoomed"`` (the whole image scaled
+    by a log-uniform factor in [``zoom_min``, 1], aspect kept, then a random crop: the crops see the
+    scene at the scales the model will meet, e.g. photos shown whole at 256 px when the training copies
+    are 512 px) or ``"center"`` (shorter side resized to the crop, centre crop: evaluation).
+    ``flip``: horizontal flip with probability 1/2.
     """
 
     crop: int
-    mode: str = attrs.field(default="random", validator=attrs.validators.in_(("random", "resized", "center")))
+    mode: str = attrs.field(default="random",
+                            validator=attrs.validators.in_(("random", "resized", "zoomed", "center")))
     scale_min: float = 0.8
+    zoom_min: float = 0.5
     flip: bool = True
 
     def __call__(self, image: Tensor, g: torch.Generator) -> Tensor:
@@ -642,6 +647,8 @@ class Augment:
             out = _center_crop(image, c)
         elif self.mode == "resized":
             out = _resize(_random_box(image, self.scale_min, g), c, c)
+        elif self.mode == "zoomed":
+            out = _crop(_fit(_zoom(image, self.zoom_min, g), c, c), c, c, g, flip=False)
         else:
             out = _crop(_fit(image, c, c), c, c, g, flip=False)
         if self.flip and self.mode != "center" and bool(torch.rand((), generator=g) < 0.5):
@@ -654,6 +661,13 @@ def _resize(image: Tensor, h: int, w: int) -> Tensor:
         return image
     out = F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)
     return out[0].clamp(0.0, 1.0)
+
+
+def _zoom(image: Tensor, zoom_min: float, g: torch.Generator) -> Tensor:
+    """The whole image scaled by a log-uniform factor in [``zoom_min``, 1] (aspect kept, antialiased)."""
+    factor = math.exp(math.log(zoom_min) * float(torch.rand((), generator=g)))
+    ih, iw = image.shape[-2:]
+    return _resize(image, max(1, round(ih * factor)), max(1, round(iw * factor)))
 
 
 def _center_crop(image: Tensor, c: int) -> Tensor:

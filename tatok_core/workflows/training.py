@@ -95,8 +95,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = attrs.field(default=0, validator=_NON_NEGATIVE)  # torch CPU threads per process, 0 = idle cores / processes
     workers: int = attrs.field(default=0, validator=_NON_NEGATIVE)  # DataLoader worker processes per process
-    augment: str = attrs.field(default="random", validator=_choice("random", "resized"))
+    augment: str = attrs.field(default="random", validator=_choice("random", "resized", "zoomed"))
     crop_scale_min: float = attrs.field(default=0.8, validator=_at_least(0, above=True))  # for augment = "resized"
+    zoom_min: float = attrs.field(default=0.5, validator=_at_least(0, above=True))  # for augment = "zoomed"
     flip: bool = True
     accumulate: int = attrs.field(default=1, validator=_POSITIVE)  # micro-batches per optimizer step
     ema_decay: float = attrs.field(default=0.0, validator=_NON_NEGATIVE)  # 0 = no EMA weights
@@ -114,6 +115,8 @@ class TrainConfig:
             raise SpecError(f"train.ema_decay must be < 1 (0 disables EMA), got {self.ema_decay!r}")
         if self.crop_scale_min > 1:
             raise SpecError(f"train.crop_scale_min must be ≤ 1, got {self.crop_scale_min!r}")
+        if self.zoom_min > 1:
+            raise SpecError(f"train.zoom_min must be ≤ 1, got {self.zoom_min!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -495,7 +498,8 @@ def train(
             skipped_names.add(message)
             print(f"skipped (rank {world.rank}): {message}", file=sys.stderr, flush=True)
 
-    augment = Augment(config.crop, mode=config.augment, scale_min=config.crop_scale_min, flip=config.flip)
+    augment = Augment(config.crop, mode=config.augment, scale_min=config.crop_scale_min, zoom_min=config.zoom_min,
+                      flip=config.flip)
     loader = StreamLoader(source, augment, config.batch_size, seed=config.seed, rank=world.rank,
                           world_size=world.size, workers=config.workers, on_skip=report_skip,
                           pin_memory=world.device.type == "cuda")
