@@ -14,7 +14,8 @@ batch 1: photos differ in size), with the expensive half of the pipeline run onc
   rule (τ, θ or ε) for the set, one shared absolute threshold θ on the bits for the set, and ``topk`` /
   ``random`` / ``raster`` at k = round(f·N) per photo; paired differences per photo with win counts;
 * **holes**: on random drops, PSNR on the dropped patches only, decoder against the kept 4-neighbours;
-* **JPEG and WebP** (Pillow) on the same photos: PSNR/SSIM interpolated at the model's bpp per photo,
+* **JPEG and WebP** (Pillow) on the same photos, at full size and at their best downscale (what a user
+  does for rates they cannot reach at full size): PSNR/SSIM interpolated at the model's bpp per photo,
   and the bpp JPEG needs for the model's PSNR;
 * **decode time** at 100 / 50 / 25 / 0 % kept (benchmark numbers, never assertions);
 * pictures (reconstruction grid, kept-token maps, rate–distortion plots), a JSON file and, with
