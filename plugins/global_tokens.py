@@ -21,8 +21,8 @@ class LearnedGlobalTokens(GlobalTokenizer):
     normalised coordinates). With windowed attention a patch's position is otherwise only its place in
     its window, so the globals can tell *what* the image holds but never *where* (in the shipped 16-px
     models a linear probe reads each crop's mean colour from the global codes, R² 0.97, and nothing of
-    its layout). It makes a laid-out globals-only picture possible; 700 fine-tuning steps with it did
-    not teach one (docs/default-tokenizer.md), so the globals-only objective has to train it from the start.
+    its layout). It makes a laid-out globals-only picture possible, not learned: neither a fine-tune
+    nor a first stage trained with it and a globals-only loss taught one (docs/default-tokenizer.md).
     """
 
     def __init__(self, facts: Facts | None = None, *, num_global: int = 8, depth: int = 2, heads: int = 4,
