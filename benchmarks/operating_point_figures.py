@@ -118,9 +118,9 @@ def reconstruction_grid(result: ModelResult, photos: Sequence[Photo], fractions:
         for j, key in enumerate(keys, start=1):
             _show(axes[i, j], result.reconstructions[(i, key)], f"{key}\n{_caption(_row_of(result, key, photo.name))}")
         point = closest_quality(jpeg_curves[i], _row_of(result, "all", photo.name)["bpp"])
-        data = codec_bytes(photo.image, "jpeg", int(point["quality"]), point.get("scale", 1.0))
+        data = codec_bytes(photo.image, "jpeg", int(point["quality"]), point["scale"])
         jpeg = decode_codec_bytes(data, photo.image.shape[-2:])
-        _show(axes[i, -1], jpeg, f"JPEG q={point['quality']} ×{point.get('scale', 1.0):g}\n"
+        _show(axes[i, -1], jpeg, f"JPEG q={point['quality']} ×{point['scale']:g}\n"
                                  f"{point['bpp']:.3f} bpp, {point['psnr']:.1f} dB")
     figure.suptitle(f"{result.record['label']}: reconstructions of held-out photos")
     return save_figure(figure, path)

@@ -228,9 +228,8 @@ def test_shipped_weights_give_the_masked_versions_outputs(request: pytest.Fixtur
         torch.testing.assert_close(windowed[name], reference, rtol=1e-4, atol=1e-4, msg=name)
 
 
-
 def _swapped_windows() -> tuple[torch.Tensor, tuple[int, int]]:
-    """Two (1, N, D) feature maps on a 4×8 grid of two 4×4 windows: one marked patch at the same place
+    """(2, N, D) features, one map per image, on a 4×8 grid of two 4×4 windows: one marked patch at the same place
     within its window, in the left window of the first and the right window of the second."""
     torch.manual_seed(3)
     grid, dim = (4, 8), 32
