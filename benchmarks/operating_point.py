@@ -374,6 +374,13 @@ def thumbnail_at_bits(image: Tensor, bits: float) -> dict[str, float]:
             "ssim": float(ssim(up, image[None])[0])}
 
 
+def flat_mean_colour(image: Tensor) -> dict[str, float]:
+    """A (3, H, W) photo's mean colour everywhere, scored as the tokenizers are: three numbers, the floor
+    below which a globals-only decode says less than the mean colour of the photo."""
+    flat = image.mean((1, 2), keepdim=True).expand_as(image)[None]  # (1, 3, H, W)
+    return {"psnr": float(psnr(flat, image[None])[0]), "ssim": float(ssim(flat, image[None])[0])}
+
+
 def codec_envelope(curve: Sequence[dict[str, float]], key: str) -> tuple[list[float], list[float]]:
     """(bpp, best ``key`` reachable at ≤ that bpp), increasing: at a given rate one picks the best quality."""
     xs, ys = [], []
@@ -522,6 +529,7 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
                         codec_bpp_for(codecs[codec][i], score.psnr)
                 if method.name == "globals":
                     row["thumbnail"] = thumbnail_at_bits(photo.image, score.bits)
+                    row["flat_mean"] = flat_mean_colour(photo.image)
                 rows_by_point[key].append(row)
                 if method.name == "own":
                     own_holes.setdefault(method.fraction, []).append(hole_errors(
@@ -611,6 +619,11 @@ def targets(record: dict[str, Any], label: str) -> list[dict[str, Any]]:
         out.append(_target("globals only − a thumbnail in the same bits", float(np.mean([g - t["psnr"] for g, t in thumbnails])),
                            0.0, True, f"PSNR (dB); 8-bit RGB thumbnails of {', '.join(sizes)} px, bilinear "
                                       f"({np.mean([t['psnr'] for _, t in thumbnails]):.2f} dB)"))
+    flats = [(r["psnr"], r["flat_mean"]["psnr"]) for r in model["rows"] if r["point"] == "globals" and "flat_mean" in r]
+    if flats:
+        out.append(_target("globals only − the photo's flat mean colour", float(np.mean([g - f for g, f in flats])), 0.0,
+                           True, f"PSNR (dB); the mean colour everywhere ({np.mean([f for _, f in flats]):.2f} dB): "
+                                 "what the globals say beyond three numbers"))
     times = {p["fraction"]: p["ratio"] for p in model["decode_time"]["points"]}
     out.append(_target("decode time 25 % / 100 %", times.get(0.25), 0.6, False, "one run, medians"))
     everything = model["points"]["all"]

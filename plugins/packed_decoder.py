@@ -78,15 +78,17 @@ def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> tuple[Te
     that guess and learns only the correction. Cost O(steps · N · C).
     """
     batch, n, channels = dense.shape
-    value = dense.transpose(1, 2).reshape(batch, channels, *grid) * keep.reshape(batch, 1, *grid)  # (B, C, gh, gw)
-    known = keep.reshape(batch, 1, *grid).to(dense.dtype)  # (B, 1, gh, gw)
+    keep_map = keep.reshape(batch, 1, *grid).to(dense.dtype)  # (B, 1, gh, gw)
+    value = dense.transpose(1, 2).reshape(batch, channels, *grid) * keep_map  # (B, C, gh, gw)
+    # the known-flag rides along as one more channel: one box sum per ring gives the neighbours' total and
+    # their count, and total / count sets the flag of a freshly reached position to exactly 1
+    state = torch.cat([value, keep_map], dim=1)  # (B, C + 1, gh, gw)
     for _ in range(steps):
-        total = box_sum_3x3(value)  # (B, C, gh, gw): value is zero wherever nothing is known yet
-        weight = box_sum_3x3(known)  # (B, 1, gh, gw) how many known neighbours
-        fresh = (known == 0) & (weight > 0)  # (B, 1, gh, gw) reached for the first time
-        value = torch.where(fresh, total / weight.clamp_min(1.0), value)
-        known = torch.where(fresh, torch.ones_like(known), known)
-    return value.reshape(batch, channels, n).transpose(1, 2), known.reshape(batch, n) > 0
+        total = box_sum_3x3(state)  # (B, C + 1, gh, gw): zero wherever nothing is known yet
+        weight = total[:, -1:]  # (B, 1, gh, gw) how many known neighbours
+        fresh = (state[:, -1:] == 0) & (weight > 0)  # (B, 1, gh, gw) reached for the first time
+        state = torch.where(fresh, total / weight.clamp_min(1.0), state)
+    return state[:, :-1].reshape(batch, channels, n).transpose(1, 2), state[:, -1].reshape(batch, n) > 0
 
 
 class WindowLayout:
@@ -146,9 +148,26 @@ def packings(layout: WindowLayout, where: Tensor) -> tuple[Packing, Packing]:
     return windows, Packing(image, where.shape[0], compact=False)
 
 
-def per_block(layouts: tuple[WindowLayout, WindowLayout], where: Tensor, depth: int) -> list[tuple[Packing, Packing]]:
-    """The packings of ``depth`` blocks that alternate between ``layouts``: each layout is packed once."""
-    packed = [packings(layout, where) for layout in layouts[:depth]]
+@functools.lru_cache(maxsize=64)
+def window_layout(grid: Grid, window: int, offset: int, device: torch.device) -> WindowLayout:
+    """:class:`WindowLayout`, cached: decodes of one size share it (and so :func:`dense_packings`)."""
+    return WindowLayout(grid, window, offset, device)
+
+
+@functools.lru_cache(maxsize=64)
+def dense_packings(layout: WindowLayout, batch: int) -> tuple[Packing, Packing]:
+    """:func:`packings` with every position kept (the fill stage): the same for every decode of a size, so
+    built once — a fixed cost of each decode otherwise. Never modified in place."""
+    return packings(layout, torch.ones(batch, layout.window_of.numel(), dtype=torch.bool,
+                                       device=layout.window_of.device))
+
+
+def per_block(layouts: tuple[WindowLayout, WindowLayout], where: Tensor | None, depth: int,
+              batch: int = 0) -> list[tuple[Packing, Packing]]:
+    """The packings of ``depth`` blocks that alternate between ``layouts``: each layout is packed once.
+    ``where`` None: every position of ``batch`` images (:func:`dense_packings`)."""
+    packed = [packings(layout, where) if where is not None else dense_packings(layout, batch)
+              for layout in layouts[:depth]]
     return [packed[i % 2] for i in range(depth)]
 
 
@@ -246,6 +265,10 @@ class PackedDecoder(Decoder):
     ``prefix_mlp_ratio`` (the heavy blocks' MLP width for the prefix, ≤ ``mlp_ratio``; 0 = attention
     only; default ``mlp_ratio``: the prefix is a fixed cost of every decode, so a narrow one lets the
     cost fall further with the kept tokens).
+
+    Facts: ``dim``, ``patch_size``, ``channels``, ``num_global`` and, optionally, ``global_grid`` (a global
+    tokenizer whose first a×a globals stand for grid cells: those get their cells' image-relative
+    positions, the same features the layout tokens and fill positions carry).
     """
 
     def __init__(
@@ -256,6 +279,7 @@ class PackedDecoder(Decoder):
         patch_size: int | None = None,
         channels: int | None = None,
         num_global: int | None = None,
+        global_grid: int | None = None,
         width: int = 0,
         depth: int = 4,
         heads: int = 4,
@@ -274,6 +298,12 @@ class PackedDecoder(Decoder):
         self.patch_size = self.need("patch_size", patch_size)
         self.channels = self.need("channels", channels, default=3)
         self.num_global = self.need("num_global", num_global)
+        # a global tokenizer whose first a×a globals stand for the cells of an a×a grid says so: those
+        # globals then carry their cell's image-relative place, which the layout and fill tokens match by
+        self.global_grid = int(self.need("global_grid", global_grid, default=0, optional=True))
+        if self.global_grid**2 > self.num_global:
+            raise ValueError(f"{self.label}: global_grid = {self.global_grid} needs {self.global_grid}² ≤ "
+                             f"num_global = {self.num_global}")
         if window < 1 or layout < 0 or depth < 0 or fill_depth < 1 or fill_spread < 0:
             raise ValueError(f"{self.label}: need window ≥ 1, layout ≥ 0, depth ≥ 0, fill_depth ≥ 1, fill_spread ≥ 0")
         if prefix_mlp_ratio is not None and not 0 <= prefix_mlp_ratio <= mlp_ratio:
@@ -303,10 +333,11 @@ class PackedDecoder(Decoder):
             nn.init.zeros_(self.refine[-1].weight)
             nn.init.zeros_(self.refine[-1].bias)
 
-    def _layout_positions(self, width: int, device: torch.device) -> Tensor:
-        rows, cols = torch.meshgrid(torch.arange(self.layout, device=device), torch.arange(self.layout, device=device),
-                                    indexing="ij")
-        return relative_embedding(rows.reshape(-1), cols.reshape(-1), (self.layout, self.layout), width)
+    @staticmethod
+    def _grid_positions(side: int, width: int, device: torch.device) -> Tensor:
+        """(side², width) image-relative positions of the cells of a side×side grid, row-major."""
+        rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
+        return relative_embedding(rows.reshape(-1), cols.reshape(-1), (side, side), width)
 
     def _canvas(self, layout_tokens: Tensor, grid: Grid) -> Tensor:
         """(B, L², F) layout tokens (row-major, image-relative) → (B, N, F) bilinear at every grid position."""
@@ -319,7 +350,7 @@ class PackedDecoder(Decoder):
         offset so crops contain window borders and partial windows as whole photos do."""
         base = int(torch.randint(self.window, ())) if self.training else 0
         shifted = (base + self.window // 2) % self.window
-        return WindowLayout(grid, self.window, base, device), WindowLayout(grid, self.window, shifted, device)
+        return window_layout(grid, self.window, base, device), window_layout(grid, self.window, shifted, device)
 
     def forward(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, grid: Grid) -> Tensor:
         batch, n, _ = patch_vectors.shape
@@ -328,8 +359,11 @@ class PackedDecoder(Decoder):
         positions = grid_positions(grid, self.window, self.width, device).to(patch_vectors.dtype)  # (N, W)
         tokens = self.project(patch_vectors[keep]) + positions.expand(batch, -1, -1)[keep]  # (K, W) packed
         prefix = self.project(global_vectors) + self.global_position[:m]  # (B, M, W)
+        if self.global_grid:
+            cells = self._grid_positions(self.global_grid, self.width, device).to(prefix.dtype)  # (a², W)
+            prefix = prefix + F.pad(cells, (0, 0, 0, m - cells.shape[0]))
         if self.layout:
-            layout_tokens = self.layout_tokens + self._layout_positions(self.width, device)  # (L², W)
+            layout_tokens = self.layout_tokens + self._grid_positions(self.layout, self.width, device)  # (L², W)
             prefix = torch.cat([prefix, layout_tokens.to(prefix.dtype).expand(batch, -1, -1)], dim=1)  # (B, P, W)
         for block, packed in zip(self.heavy, per_block(layouts, keep, len(self.heavy))):
             tokens, prefix = block(tokens, prefix, packed)
@@ -345,8 +379,7 @@ class PackedDecoder(Decoder):
             dropped = dropped + self._canvas(prefix[:, m:], grid) * (~reached)[..., None]
         dense = torch.where(keep[..., None], kept, dropped) + fill_positions  # (B, N, F)
         dense = dense.reshape(batch * n, -1)  # every position, packed
-        everywhere = torch.ones_like(keep)
-        for i, (block, packed) in enumerate(zip(self.fill, per_block(layouts, everywhere, len(self.fill)))):
+        for i, (block, packed) in enumerate(zip(self.fill, per_block(layouts, None, len(self.fill), batch))):
             dense, prefix = block(dense, prefix, packed, update_prefix=i < len(self.fill) - 1)
         pixels = rearrange(
             self.to_pixels(self.fill_norm(dense)), "(b gh gw) (c p q) -> b c (gh p) (gw q)",

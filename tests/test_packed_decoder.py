@@ -313,3 +313,35 @@ def test_packed_attention_on_cuda_matches_the_cpu() -> None:
     on_cpu = dec(g, p, keep, (10, 10))
     on_cuda = dec.cuda()(g.cuda(), p.cuda(), keep.cuda(), (10, 10)).cpu()
     torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-3, atol=1e-4)
+
+
+def test_the_global_grid_reaches_the_decoder_and_places_the_anchored_globals() -> None:
+    """A tokenizer with anchored globals provides ``global_grid``; the packed decoder adds each anchored
+    global's cell position — the very features its layout tokens carry at the same cells."""
+    spec = small_spec(decoder="packed")
+    plain = Tokenizer(spec).eval()
+    anchored = Tokenizer(spec.updated({}, {"global_tokenizer.anchored": 2})).eval()
+    assert plain.decoder.global_grid == 0 and anchored.decoder.global_grid == 2
+    anchored.load_state_dict(plain.state_dict())  # the same weights: only the placement differs
+    seen: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):  # the prefix (B, P, W) entering the first heavy block
+        return lambda module, args: seen.__setitem__(name, args[1])
+
+    inputs = (torch.randn(1, 4, 32), torch.randn(1, 16, 32), torch.zeros(1, 16, dtype=torch.bool), (4, 4))
+    for name, model in (("plain", plain), ("anchored", anchored)):
+        model.decoder.heavy[0].register_forward_pre_hook(capture(name))
+        with torch.no_grad():
+            model.decoder(*inputs)
+    dec = anchored.decoder
+    cells = dec._grid_positions(2, dec.width, torch.device("cpu"))  # (4, W) = the 2×2 layout tokens' positions
+    torch.testing.assert_close(seen["anchored"][0, :4] - seen["plain"][0, :4], cells)
+    torch.testing.assert_close(seen["anchored"][0, 4:], seen["plain"][0, 4:])
+
+
+def test_a_decoder_told_another_global_grid_than_the_tokenizer_provides_fails_at_compose_time() -> None:
+    from tatok_core import CompositionError
+
+    spec = small_spec(decoder="packed").updated({}, {"global_tokenizer.anchored": 2, "decoder.global_grid": 1})
+    with pytest.raises(CompositionError, match=r"global_grid=1 but global_tokenizer 'learned' provides global_grid=2"):
+        Tokenizer(spec)

@@ -255,3 +255,37 @@ def test_globals_tell_where_only_with_image_relative_positions(relative: bool) -
         globals_, _ = tokenizer(features, grid)  # (2, M, D)
     same = torch.allclose(globals_[0], globals_[1], atol=1e-5)
     assert same is not relative
+
+
+def test_anchored_globals_start_from_the_mean_patch_of_their_cell() -> None:
+    """anchored = 2 on a 4×8 grid: global i < 4 starts from its 2×4 cell's mean patch (row-major), the
+    rest from their learned token alone; depth 0 leaves only the final norm to see it through."""
+    from tatok_plugins.global_tokens import LearnedGlobalTokens
+
+    tokenizer = LearnedGlobalTokens(num_global=6, depth=0, heads=4, window=4, anchored=2, dim=32).eval()
+    features = torch.randn(2, 32, 32)  # (B, N, D) on a 4×8 grid
+    with torch.no_grad():
+        globals_, _ = tokenizer(features, (4, 8))
+        cells = features.reshape(2, 2, 2, 2, 4, 32).mean((2, 4)).reshape(2, 4, 32)  # (B, 4, D) cell means
+        start = tokenizer.tokens.expand(2, -1, -1).clone()
+        start[:, :4] += cells
+        torch.testing.assert_close(globals_, tokenizer.transformer.norm(start))
+
+
+def test_anchored_globals_tell_where_without_relative_positions() -> None:
+    """The two maps of :func:`_swapped_windows` hold the same windows in another order: within-window
+    positions alone make the globals identical (above); anchored cells tell them apart."""
+    from tatok_plugins.global_tokens import LearnedGlobalTokens
+
+    features, grid = _swapped_windows()
+    tokenizer = LearnedGlobalTokens(num_global=4, depth=1, heads=4, window=4, anchored=2, dim=32).eval()
+    with torch.no_grad():
+        globals_, _ = tokenizer(features, grid)  # (2, M, D)
+    assert not torch.allclose(globals_[0], globals_[1], atol=1e-5)
+
+
+def test_more_anchored_cells_than_globals_is_refused() -> None:
+    from tatok_plugins.global_tokens import LearnedGlobalTokens
+
+    with pytest.raises(ValueError, match=r"anchored = 3 needs 3² ≤ num_global = 8"):
+        LearnedGlobalTokens(num_global=8, anchored=3, dim=32)

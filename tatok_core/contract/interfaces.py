@@ -127,14 +127,20 @@ class Component(nn.Module, abc.ABC):
         self.facts_in = facts if facts is not None else Facts(standalone=True)
         self.label = self.facts_in.building or f"{self.kind} {type(self).__name__!r}"  # e.g. "decoder 'vit'", for errors
 
-    def need(self, fact: str, given: Any = None, *, default: Any = None) -> Any:
+    def need(self, fact: str, given: Any = None, *, default: Any = None, optional: bool = False) -> Any:
         """The upstream value ``fact`` (``dim``, ``patch_size`` …) this component is built on.
 
         Composed: what upstream provides; ``given`` (the component's keyword argument of that name),
         when not ``None``, must agree with it. Standalone: ``given``, else ``default``; with neither,
         a ``TypeError`` naming the keyword. Standalone values are recorded in ``facts_in`` too.
+        ``optional``: a fact only some upstream components provide (``global_grid``); where none does,
+        ``default`` in both modes.
         """
         facts = self.facts_in
+        if optional and facts.values.get(fact) is None and (facts.standalone or given is None):
+            given = default if given is None else given
+            self.needed[fact] = given
+            return given
         if not facts.standalone:
             have = facts.need(fact, self.label)
             if given is not None and not _same(given, have):
@@ -184,7 +190,9 @@ class GlobalTokenizer(Component):
     """Patch features (B, N, D) → (global features (B, M, D), refined patch features (B, N, D)).
 
     The globals carry what is shared across patches; patches are refined knowing the globals.
-    Provides ``num_global`` (M, may be 0 for a patch-only ablation).
+    Provides ``num_global`` (M, may be 0 for a patch-only ablation); one whose first a×a globals stand
+    for the cells of an a×a grid over the image (row-major) also provides ``global_grid`` = a, which a
+    decoder may read (optionally: :meth:`Component.need` with ``optional=True``) to place them.
     """
 
     kind = "global_tokenizer"
