@@ -361,7 +361,7 @@ class PackedDecoder(Decoder):
         prefix = self.project(global_vectors) + self.global_position[:m]  # (B, M, W)
         if self.global_grid:
             cells = self._grid_positions(self.global_grid, self.width, device).to(prefix.dtype)  # (a², W)
-            prefix = prefix + F.pad(cells, (0, 0, 0, m - cells.shape[0]))
+            prefix = prefix + F.pad(cells, (0, 0, 0, m - cells.shape[0]))  # (B, M, W)
         if self.layout:
             layout_tokens = self.layout_tokens + self._grid_positions(self.layout, self.width, device)  # (L², W)
             prefix = torch.cat([prefix, layout_tokens.to(prefix.dtype).expand(batch, -1, -1)], dim=1)  # (B, P, W)
