@@ -33,16 +33,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tatok_core.contract.interfaces import Decoder, Facts, Grid
-from tatok_plugins.layers import check_heads, init_tokens, init_weights, relative_embedding, sincos_at
+from tatok_plugins.layers import check_heads, grid_coordinates, init_tokens, init_weights, relative_embedding, sincos_at
 
 
 @functools.lru_cache(maxsize=16)
 def grid_positions(grid: Grid, window: int, width: int, device: torch.device) -> Tensor:
     """(N, width) position embedding of every grid position: half within its window, half image-relative.
     Cached: a decode of the same size reuses it (never modified in place)."""
-    rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
-                                indexing="ij")
-    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    rows, cols = grid_coordinates(grid, device)  # (N,) each
     half = width // 2 - (width // 2) % 4
     local = sincos_at(rows % window, cols % window, half)  # (N, ~W/2) within the window
     relative = relative_embedding(rows, cols, grid, width - half)  # (N, ~W/2) within the image
@@ -96,9 +94,8 @@ class WindowLayout:
     borders. ``window_of`` (N,) indexes the G windows of one image, row-major."""
 
     def __init__(self, grid: Grid, window: int, offset: int, device: torch.device) -> None:
-        rows, cols = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
-                                    indexing="ij")
-        r, c = rows.reshape(-1) + offset, cols.reshape(-1) + offset  # (N,)
+        rows, cols = grid_coordinates(grid, device)  # (N,) each
+        r, c = rows + offset, cols + offset  # (N,)
         windows_per_row = -(-(grid[1] + offset) // window)
         self.num_windows = -(-(grid[0] + offset) // window) * windows_per_row
         self.window_of = (r // window) * windows_per_row + c // window  # (N,)
@@ -336,8 +333,7 @@ class PackedDecoder(Decoder):
     @staticmethod
     def _grid_positions(side: int, width: int, device: torch.device) -> Tensor:
         """(side², width) image-relative positions of the cells of a side×side grid, row-major."""
-        rows, cols = torch.meshgrid(torch.arange(side, device=device), torch.arange(side, device=device), indexing="ij")
-        return relative_embedding(rows.reshape(-1), cols.reshape(-1), (side, side), width)
+        return relative_embedding(*grid_coordinates((side, side), device), (side, side), width)
 
     def _canvas(self, layout_tokens: Tensor, grid: Grid) -> Tensor:
         """(B, L², F) layout tokens (row-major, image-relative) → (B, N, F) bilinear at every grid position."""
