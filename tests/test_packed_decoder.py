@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tatok_core import Tokenizer
+from tatok_core.contract.spec import SpecError
 from tatok_core.contract.interfaces import EntropyContext, Facts
 from tatok_plugins.entropy_residual import GlobalsResidualEntropy
 from tatok_plugins import packed_decoder
@@ -270,6 +271,24 @@ def test_full_share_keeps_every_token_for_that_share_of_the_images() -> None:
     spec = type(spec).from_dict({**spec.to_dict(), "pipeline": {"train_keep": "topk", "train_full_share": 0.0}})
     plain = Tokenizer(spec).train().sample_topk(torch.rand(2000, 16)).lengths
     assert float((plain == 16).double().mean()) < 0.1
+
+
+def test_max_fraction_bounds_the_partial_budgets_and_still_draws_globals_only() -> None:
+    spec = small_spec(entropy="residual", decoder="packed")
+    pipeline = {"train_keep": "topk", "train_full_share": 0.25, "train_max_fraction": 0.5}
+    spec = type(spec).from_dict({**spec.to_dict(), "pipeline": pipeline})
+    torch.manual_seed(0)
+    lengths = Tokenizer(spec).train().sample_topk(torch.rand(4000, 16)).lengths
+    partial = lengths[lengths < 16]
+    assert int(partial.max()) == 8 and (partial == 0).any()  # k ~ U{0 … ⌊0.5·16⌋}
+    assert 0.22 < float((lengths == 16).double().mean()) < 0.28  # only the full share keeps every token
+    assert abs(float((partial == 0).double().mean()) - 1 / 9) < 0.03  # uniform over the 9 budgets
+
+
+def test_max_fraction_outside_zero_to_one_is_refused_by_name() -> None:
+    spec = small_spec(entropy="residual", decoder="packed")
+    with pytest.raises(SpecError, match="train_max_fraction.*1.5"):
+        type(spec).from_dict({**spec.to_dict(), "pipeline": {"train_max_fraction": 1.5}})
 
 
 def test_spread_gives_dropped_positions_the_mean_of_their_nearest_kept_ones() -> None:

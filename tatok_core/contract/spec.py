@@ -44,6 +44,7 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "train_keep": "filter",  # training selection: "filter" (the spec's filter at that τ) or "topk" (k ~ U{0…N})
     "train_random_rank": 0.0,  # with "topk": share of images whose tokens are ranked at random
     "train_full_share": 0.0,  # with "topk": share of images that keep every token (k = N)
+    "train_max_fraction": 1.0,  # with "topk": the other images draw k ~ U{0 … ⌊fraction·N⌋}
 }
 
 
@@ -107,6 +108,9 @@ class PipelineSpec:
             raise SpecError(f"unknown pipeline options {sorted(unknown)} (known: {sorted(PIPELINE_OPTIONS)})")
         if value.get("train_keep", "filter") not in ("filter", "topk"):
             raise SpecError(f"pipeline option train_keep must be 'filter' or 'topk', got {value['train_keep']!r}")
+        fraction = value.get("train_max_fraction", 1.0)
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
+            raise SpecError(f"pipeline option train_max_fraction must be a number in [0, 1], got {fraction!r}")
 
     # -- construction -----------------------------------------------------------------------
     @classmethod

@@ -264,18 +264,19 @@ class Tokenizer(nn.Module):
         return self.train_tau_min + (1 - self.train_tau_min) * torch.rand(batch, device=device)
 
     def sample_topk(self, bits: Tensor) -> Selection:
-        """Training selection ``train_keep = "topk"``: per image k ~ U{0 … N} (0 = globals only) of the
-        highest-bits tokens, so the decoder learns every budget and the globals-only case; with
-        probability ``train_random_rank`` an image ranks its tokens at random instead, so the decoder
-        also fills arbitrary holes; with probability ``train_full_share`` it keeps every token, so the
-        full set is not taxed by the budgets below it."""
+        """Training selection ``train_keep = "topk"``: per image k ~ U{0 … ⌊f·N⌋} (0 = globals only,
+        f = ``train_max_fraction``) of the highest-bits tokens, so the decoder learns every budget it
+        will serve and the globals-only case; with probability ``train_random_rank`` an image ranks its
+        tokens at random instead, so the decoder also fills arbitrary holes; with probability
+        ``train_full_share`` it keeps every token, so the full set is not taxed by the budgets below it."""
         batch, n = bits.shape
         score = bits.float().clone()  # (B, N)
         shuffled = torch.rand(batch, device=bits.device) < float(self.spec.pipeline["train_random_rank"])
         score[shuffled] = torch.rand(int(shuffled.sum()), n, device=bits.device)
         order = score.argsort(dim=1, descending=True, stable=True)  # (B, N)
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=bits.device).expand(batch, -1))
-        k = torch.randint(0, n + 1, (batch, 1), device=bits.device)  # (B, 1)
+        largest = int(float(self.spec.pipeline["train_max_fraction"]) * n)
+        k = torch.randint(0, largest + 1, (batch, 1), device=bits.device)  # (B, 1)
         full = torch.rand(batch, 1, device=bits.device) < float(self.spec.pipeline["train_full_share"])
         k = torch.where(full, n, k)  # (B, 1)
         return Selection.from_mask(rank < k)
