@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # ``python benchmarks/bits_breakdown.py``: import
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.claims.common import environment, interp_y, write_json  # noqa: E402
-from tatok_core.contract.bitrate import log2_binomial  # noqa: E402
+from tatok_core.contract.bitrate import token_bits  # noqa: E402
 from tatok_core.contract.interfaces import mixed_radix_digits  # noqa: E402
 from tatok_core.io.images import fit_longest_side  # noqa: E402
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer  # noqa: E402
@@ -141,11 +141,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         threshold = calibrate_bits(own, bits, target, tol=1.0).threshold
         enumerative, context, kept = [], [], []
         for analysis, photo_bits in zip(heldout, bits):
-            keep = own.select(photo_bits, threshold).keep[0]  # (N,)
-            n, k = keep.numel(), int(keep.sum())
-            enumerative.append(math.log2(n + 1) + float(log2_binomial(n, torch.tensor([k]))[0]))
-            context.append(mask_context_bits(keep, tuple(analysis.grid)))
-            kept.append(k)
+            selection = own.select(photo_bits, threshold)
+            counted = token_bits(selection.lengths, selection.num_patches, 0, 1, analysis.image_size)
+            enumerative.append(float(counted.side[0]))  # the side bits TaTok counts
+            context.append(mask_context_bits(selection.keep[0], tuple(analysis.grid)))
+            kept.append(int(selection.lengths[0]))
         report["positions"].append({
             "fraction": fraction, "mean_kept": sum(kept) / len(kept),
             "enumerative_bits": sum(enumerative) / len(enumerative), "context_bits": sum(context) / len(context),
