@@ -1,7 +1,7 @@
 """``tatok encode | decode | eval | show``: images ↔ token files, rate-distortion curves, one image up close.
 
 The tokenizer is the ``--model`` option (a shipped name or a directory written by ``save_pretrained``,
-default ``tatok-small8-anchored``), not a leading positional argument: in ``tatok encode [MODEL] INPUTS…`` a
+default ``tatok-small8-covered``), not a leading positional argument: in ``tatok encode [MODEL] INPUTS…`` a
 model directory and an image folder could not be told apart.
 """
 

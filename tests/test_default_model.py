@@ -23,21 +23,26 @@ from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.rate_control import calibrate_bits
 
 SIDE = 256  # longest side of the whole photos
-PSNR_ALL_FLOOR = 23.0  # dB, every patch token kept (23.25 measured at shipping; the 16-px tatok-small16-anchored 20.37 at 0.28× the bits)
+PSNR_ALL_FLOOR = 23.0  # dB, every patch token kept (23.27 measured at shipping; tatok-small8-anchored 23.25; the 16-px tatok-small16-anchored 20.37 at 0.28× the bits)
 BPP_ALL_CEILING = 0.25  # the issue's operating point: every token kept, globals and codes counted
-# dB the globals-only decode may trail an 8-bit thumbnail in the globals' bits (0.78 measured; the 16-px
+# dB the globals-only decode may trail an 8-bit thumbnail in the globals' bits (0.53 measured; tatok-small8-anchored 0.78; the 16-px
 # tatok-small16-anchored 1.75; tatok-small16-long, whose globals are not anchored, 2.47; tatok-small16, without the canvas, 3.24)
 GLOBALS_THUMBNAIL_MARGIN = 1.0
-# dB the globals-only decode must beat each photo's flat mean colour by (1.41 measured; tatok-small16-anchored 0.45;
+# dB the globals-only decode must beat each photo's flat mean colour by (1.66 measured; tatok-small8-anchored 1.41;
+# tatok-small16-anchored 0.45;
 # tatok-small16-long −0.28: its globals said less than three numbers)
 GLOBALS_OVER_MEAN_COLOUR = 1.2
-# dB one shared θ gains over a per-photo top-k at the same mean count (1.44 / 0.06 measured at shipping: the
-# issue's bar of 0.3 is missed at 50 % on these five photos (0.24 on the 14 held-out ones), so that floor only says
-# the shared θ does not lose; tatok-small16-anchored 0.97 / 0.28, tatok-small16-long 0.68 / 0.38; the `residual`
-# bits of tatok-small's first spec gained −0.09 / 0.00 on the 14 held-out photos)
-ALLOCATION_GAIN_FLOOR = {0.25: 1.2, 0.5: 0.0}
+# dB one shared θ gains over a per-photo top-k at the same mean count (0.85 / 0.12 measured at shipping: the
+# issue's bar of 0.3 is missed at 50 % (0.19 on the 14 held-out photos), so that floor only says the shared θ does
+# not lose; top-k follows the same coverage order, which made it 1.5 dB better at 25 % than worst-first: under
+# worst-first tatok-small8-anchored gained 1.44 / 0.06, tatok-small16-anchored 0.97 / 0.28, tatok-small16-long
+# 0.68 / 0.38; the `residual` bits of tatok-small's first spec gained −0.09 / 0.00 on the 14 held-out photos)
+ALLOCATION_GAIN_FLOOR = {0.25: 0.7, 0.5: 0.0}
+# dB the coverage order gains over worst-first on the same weights, one θ each at 25 % (0.87 measured; on the 12
+# training photos 21.14 against 20.53 dB, docs/default-tokenizer.md)
+COVERAGE_GAIN_FLOOR = 0.6
 # dB the fill of random holes may trail the kept-neighbour average: none, the issue's target (it leads, by
-# 0.64 measured; tatok-small16-anchored 0.42; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
+# 0.68 measured; tatok-small8-anchored 0.64; tatok-small16-anchored 0.42; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
 HOLES_MARGIN = 0.0
 
 
@@ -118,25 +123,49 @@ def test_the_model_filter_adapts_the_count_to_the_photo(model: Tokenizer, photos
     for photo in photos:
         tokens = model.encode(photo)
         fractions.append(float(tokens.lengths.double().mean()) / tokens.num_patches)
-    # 0.0 (gravel) … 0.50 at shipping (cat 0.50, cup 0.40, rocket 0.20, flower 0.35)
+    # 0.0 (gravel) … 0.40 at shipping (cat 0.40, cup 0.40, rocket 0.30, flower 0.35)
     assert max(fractions) < 0.7 and max(fractions) - min(fractions) > 0.05, fractions
+
+
+def shared_theta_psnr(model: Tokenizer, photos: list[torch.Tensor], analysed: list[Analysed],
+                      fraction: float) -> list[float]:
+    """Per photo PSNR with ONE θ calibrated to keep ``fraction`` of the tokens on average over the photos
+    (what `tatok encode --budget` does)."""
+    bits = [encoded.bits for encoded in analysed]
+    budget = fraction * sum(b.shape[1] for b in bits) / len(bits)
+    own = model.token_filter()
+    theta = calibrate_bits(own, bits, budget, tol=1.0).threshold
+    return [float(psnr(model.decode(encoded.tokens(own.select(encoded.bits, theta))), photo))
+            for photo, encoded in zip(photos, analysed)]
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
 def test_one_theta_for_the_set_beats_a_fixed_count_per_photo(model: Tokenizer, photos: list[torch.Tensor],
                                                              analysed: list[Analysed], fraction: float) -> None:
-    """The shipped rule at a budget: ONE θ calibrated for the photos (what `tatok encode --budget` does)
-    against k = f·N per photo ranked by the same bits — the same mean count, only the allocation differs."""
-    bits = [encoded.bits for encoded in analysed]
-    budget = fraction * sum(b.shape[1] for b in bits) / len(bits)
-    own = model.token_filter()
-    theta = calibrate_bits(own, bits, budget, tol=1.0).threshold
-    shared, fixed = [], []
+    """The shipped rule at a budget: one θ for the photos against k = f·N per photo ranked by the same
+    bits — the same mean count, only the allocation differs."""
+    shared = shared_theta_psnr(model, photos, analysed, fraction)
+    fixed = []
     for photo, encoded in zip(photos, analysed):
-        shared.append(float(psnr(model.decode(encoded.tokens(own.select(encoded.bits, theta))), photo)))
         k = round(fraction * encoded.bits.shape[1])
         topk = model.baseline_filter("top-k", k=k, min_keep=0, max_keep=-1)
         fixed.append(float(psnr(model.decode(encoded.tokens(topk.select(encoded.bits))), photo)))
     gain = (sum(shared) - sum(fixed)) / len(photos)
     assert gain >= ALLOCATION_GAIN_FLOOR[fraction], (shared, fixed)
+
+
+@torch.no_grad()
+def test_the_coverage_ranking_beats_worst_first_at_a_quarter_of_the_tokens(model: Tokenizer,
+                                                                          photos: list[torch.Tensor],
+                                                                          analysed: list[Analysed]) -> None:
+    """The same weights ranked worst-first (``coverage = 0``: each slice takes the patches the decode so
+    far misses most) against the shipped coverage order, one θ each at 25 % of the tokens."""
+    assert model.spec.entropy.options["coverage"] > 0
+    worst_first = Tokenizer(model.spec.updated({}, {"entropy.coverage": 0})).eval()
+    worst_first.load_state_dict(model.state_dict())
+    plain = [Analysed.of(worst_first.analyse(photo)) for photo in photos]
+    covered = shared_theta_psnr(model, photos, analysed, 0.25)
+    piled = shared_theta_psnr(worst_first, photos, plain, 0.25)
+    gain = (sum(covered) - sum(piled)) / len(photos)
+    assert gain >= COVERAGE_GAIN_FLOOR, (covered, piled)

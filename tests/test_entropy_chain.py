@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tatok_core.contract.interfaces import EntropyContext
 from tatok_core.pipeline.tokenizer import Tokenizer
-from tatok_plugins.entropy_chain import DecodedChainEntropy, concave_slopes
+from tatok_plugins.entropy_chain import DecodedChainEntropy, concave_slopes, coverage_kernel, coverage_order
 from tatok_plugins.filters import DynamicTokenFilter
 from tests.helpers import small_spec
 
@@ -49,10 +51,11 @@ def scene() -> tuple[torch.Tensor, torch.Tensor]:
     return images, base
 
 
-def test_bits_add_up_to_the_measured_gain_from_globals_only_to_every_token(scene) -> None:
+@pytest.mark.parametrize("coverage", [0, 1])
+def test_bits_add_up_to_the_measured_gain_from_globals_only_to_every_token(scene, coverage: int) -> None:
     images, base = scene
     decode = exact_where_kept(images, base)
-    estimator = DecodedChainEntropy(probes=(0.25, 0.5), patch_size=PATCH).eval()
+    estimator = DecodedChainEntropy(probes=(0.25, 0.5), coverage=coverage, patch_size=PATCH).eval()
     bits = estimator(context_for(images, base, decode)).bits  # (2, 16)
     everything = decode(torch.ones(2, 16, dtype=torch.bool))
     expected = 0.5 * 3 * 8 * 8 * torch.log2(image_error(base, images) / image_error(everything, images))  # (2,)
@@ -91,9 +94,10 @@ def test_bits_never_grow_down_the_ranking(scene) -> None:
         assert bool((ranked[1:] < ranked[:-1]).all()), ranked  # strictly: every rule keeps a prefix
 
 
-def test_every_rule_keeps_a_prefix_of_the_ranking(scene) -> None:
+@pytest.mark.parametrize("coverage", [0, 1])
+def test_every_rule_keeps_a_prefix_of_the_ranking(scene, coverage: int) -> None:
     images, base = scene
-    estimator = DecodedChainEntropy(probes=(0.25, 0.5), patch_size=PATCH).eval()
+    estimator = DecodedChainEntropy(probes=(0.25, 0.5), coverage=coverage, patch_size=PATCH).eval()
     bits = estimator(context_for(images, base, exact_where_kept(images, base))).bits
     order = bits.argsort(dim=1, descending=True)
     for rule, values in (("theta", bits.flatten().tolist()), ("tau", [0.1, 0.3, 0.6, 0.9])):
@@ -152,7 +156,106 @@ def test_training_ranks_by_the_globals_only_error_without_decoding(scene) -> Non
     torch.testing.assert_close(bits, residual)
 
 
+def test_coverage_spreads_the_first_tokens_over_the_error_instead_of_piling_them_on_the_worst() -> None:
+    """A 2×2 blob of error 1.0 and one lone patch of 0.9: worst-first spends the first four tokens on the
+    blob; once one blob token covers its neighbours (decay 0.8), the lone patch is worth more than the rest
+    of the blob."""
+    grid = (8, 8)
+    missed = torch.zeros(1, 64)
+    missed[0, [0, 1, 8, 9]] = 1.0  # the blob, top left
+    missed[0, 63] = 0.9  # the lone patch, bottom right
+    kept = torch.zeros(1, 64, dtype=torch.bool)
+    worst_first = coverage_order(missed, kept, 4, grid, coverage_kernel(0, 0.8))
+    assert sorted(worst_first[0].tolist()) == [0, 1, 8, 9]
+    spread = coverage_order(missed, kept, 2, grid, coverage_kernel(1, 0.8))
+    assert spread[0, 0].item() in (0, 1, 8, 9) and spread[0, 1].item() == 63
+
+
+def test_coverage_on_an_even_error_keeps_the_first_tokens_apart() -> None:
+    grid = (8, 8)
+    chosen = coverage_order(torch.ones(1, 64), torch.zeros(1, 64, dtype=torch.bool), 4, grid, coverage_kernel(1, 1.0))
+    rows, cols = chosen[0] // 8, chosen[0] % 8
+    apart = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs())  # (4, 4)
+    assert int(apart[~torch.eye(4, dtype=torch.bool)].min()) >= 2  # no two of the first four are neighbours
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), rings=st.integers(0, 2), decay=st.floats(0.05, 1.0), held=st.floats(0.0, 0.9))
+def test_coverage_order_ranks_every_position_not_yet_kept_exactly_once(seed: int, rings: int, decay: float,
+                                                                        held: float) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    grid = (5, 7)
+    missed = torch.rand(2, 35, generator=generator) ** 3
+    kept = torch.rand(2, 35, generator=generator) < held
+    count = int((~kept).sum(1).min())
+    chosen = coverage_order(missed, kept, count, grid, coverage_kernel(rings, decay))  # (2, count)
+    for b in range(2):
+        picked = chosen[b].tolist()
+        assert len(set(picked)) == count and not kept[b, picked].any()
+
+
+def greedy_by_recounting(missed: torch.Tensor, kept: torch.Tensor, count: int, grid: tuple[int, int],
+                         rings: int, decay: float) -> tuple[list[int], list[float]]:
+    """The coverage order of one image and the worth of each choice, every worth recounted from scratch at
+    every step (loops)."""
+    height, width = grid
+    uncovered = [0.0 if k else float(m) for m, k in zip(missed.tolist(), kept.tolist())]
+    taken = list(kept.tolist())
+
+    def weight(i: int, j: int) -> float:
+        ring = max(abs(i // width - j // width), abs(i % width - j % width))
+        return decay**ring if ring <= rings else 0.0
+
+    order, worths = [], []
+    for _ in range(count):
+        worth = [-math.inf if taken[i] else sum(weight(i, j) * uncovered[j] for j in range(height * width))
+                 for i in range(height * width)]
+        best = max(range(height * width), key=lambda i: (worth[i], -i))  # the first of equal worths
+        order.append(best)
+        worths.append(worth[best])
+        taken[best] = True
+        uncovered = [u * (1 - weight(best, j)) for j, u in enumerate(uncovered)]
+    return order, worths
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), rings=st.integers(1, 2), decay=st.floats(0.1, 0.9))
+def test_coverage_order_updates_equal_recounting_every_worth(seed: int, rings: int, decay: float) -> None:
+    """Below decay 1 no worth is left exactly equal to another by covering (at 1 a covered neighbourhood
+    is exactly 0, and equal sums then tie up to rounding, which the two ways of adding break apart)."""
+    generator = torch.Generator().manual_seed(seed)
+    grid = (4, 6)
+    missed = torch.rand(2, 24, generator=generator, dtype=torch.float64)
+    kept = torch.rand(2, 24, generator=generator) < 0.25
+    count = int((~kept).sum(1).min())
+    chosen = coverage_order(missed, kept, count, grid, coverage_kernel(rings, decay).double())
+    for b in range(2):
+        expected, worths = greedy_by_recounting(missed[b], kept[b], count, grid, rings, decay)
+        telling = sum(w > 1e-9 for w in worths)  # after these only positions worth nothing are left: any order
+        assert chosen[b, :telling].tolist() == expected[:telling]
+        assert sorted(chosen[b].tolist()) == sorted(expected)
+
+
+def test_training_deals_the_globals_only_error_in_the_coverage_order(scene) -> None:
+    images, base = scene
+
+    def never(keep: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("training must not pay for probe decodes")
+
+    estimator = DecodedChainEntropy(coverage=1, coverage_decay=0.5, patch_size=PATCH).train()
+    bits = estimator(context_for(images, base, never)).bits  # (2, 16)
+    residual = ((images - base) ** 2).reshape(2, 3, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(2, 16, -1).mean(-1)
+    torch.testing.assert_close(bits.sort(dim=1).values, residual.sort(dim=1).values)  # the same values …
+    expected = coverage_order(residual, torch.zeros(2, 16, dtype=torch.bool), 16, GRID, coverage_kernel(1, 0.5))
+    assert torch.equal(bits.argsort(dim=1, descending=True), expected)  # … in the coverage order
+    assert not torch.equal(expected, residual.argsort(dim=1, descending=True))  # which is not the worst-first one
+
+
 def test_bad_options_and_missing_context_are_named() -> None:
+    with pytest.raises(ValueError, match="coverage ≥ 0 rings and 0 < coverage_decay ≤ 1"):
+        DecodedChainEntropy(coverage=-1, patch_size=PATCH)
+    with pytest.raises(ValueError, match="coverage ≥ 0 rings and 0 < coverage_decay ≤ 1"):
+        DecodedChainEntropy(coverage=1, coverage_decay=0.0, patch_size=PATCH)
     with pytest.raises(ValueError, match="probes must be increasing fractions"):
         DecodedChainEntropy(probes=(0.5, 0.25), patch_size=PATCH)
     with pytest.raises(ValueError, match="probes must be increasing fractions"):

@@ -25,7 +25,7 @@ from tatok_core.contract.selection import Selection
 from tatok_core.contract.spec import ComponentSpec, PipelineSpec, instantiate, build_components
 from tatok_core.contract.tokens import Tokens
 
-DEFAULT_PRETRAINED = "tatok-small8-anchored"  # what `tatok demo`, the CLI and from_pretrained() load by default
+DEFAULT_PRETRAINED = "tatok-small8-covered"  # what `tatok demo`, the CLI and from_pretrained() load by default
 SPEC_FILE = "spec.toml"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"  # the manifest: format, name, spec digest, weights checksum (huggingface_hub's name)
