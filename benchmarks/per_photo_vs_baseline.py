@@ -1,6 +1,6 @@
 """Photo by photo: a model's own filter at one matched fraction against a fixed-rate baseline.
 
-    python benchmarks/per_photo_vs_baseline.py --operating-point runs/op13/operating_point.json \\
+    python benchmarks/per_photo_vs_baseline.py --operating-point runs/op14/operating_point.json \\
         --label tatok-small8-covered --fraction 0.25 --baseline runs/coarse16-11800/final
 
 ``operating_point.py`` compares set means (the own curve at the baseline's mean tokens). This says
