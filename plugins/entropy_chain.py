@@ -28,7 +28,7 @@ class DecodedChainEntropy(EntropyEstimator):
     neighbourhood by the same weights — the decoder fills a dropped patch from its kept neighbours, so
     the error is spread over the image instead of piled on the worst patches and their neighbours
     (on the 12 training photos at 25 % of the tokens: +1.4 dB by top-k, +0.45 dB by a shared θ; see
-    docs/results.md). With D(k) the image's mean square error, the tokens ranked k_{s−1} … k_s − 1
+    docs/default-tokenizer.md). With D(k) the image's mean square error, the tokens ranked k_{s−1} … k_s − 1
     together carry (n/2)·log2(D(k_{s−1}) / D(k_s)) bits — the Gaussian rate–distortion bits of the
     image's n samples. So a token's bits are what it adds given the globals *and every token ranked
     above it*: the cumulative conditional entropy DTF sums, measured rather than guessed (a token the
@@ -43,8 +43,8 @@ class DecodedChainEntropy(EntropyEstimator):
     Between probes log D is taken as linear in k, and made convex (the least concave majorant of the
     cumulative bits: diminishing returns), so bits never grow down the ranking and every rule keeps a
     prefix of it — the sets whose error was measured. A 10⁻³ tilt by rank breaks the ties inside a
-    slice in the ranking's favour. Cost: S extra decodes per image at encode (and, with ``coverage``, N
-    small convolutions). In training the decodes are skipped and the bits are the globals-only mean
+    slice in the ranking's favour. Cost: S extra decodes per image at encode (and, with ``coverage``, one
+    greedy pass of N small steps). In training the decodes are skipped and the bits are the globals-only mean
     square error per patch — with ``coverage``, its values re-dealt in the coverage order of that error:
     the training selection needs only the order, and so sees the sets the filter will keep.
     """
@@ -58,8 +58,8 @@ class DecodedChainEntropy(EntropyEstimator):
         fractions = [float(f) for f in probes]
         if any(not 0 < f < 1 for f in fractions) or fractions != sorted(set(fractions)):
             raise ValueError(f"{self.label}: probes must be increasing fractions strictly between 0 and 1, got {probes!r}")
-        if coverage < 0 or not 0 < coverage_decay <= 1:
-            raise ValueError(f"{self.label}: need coverage ≥ 0 rings and 0 < coverage_decay ≤ 1, "
+        if isinstance(coverage, bool) or int(coverage) != coverage or coverage < 0 or not 0 < coverage_decay <= 1:
+            raise ValueError(f"{self.label}: need coverage ≥ 0 rings (a whole number) and 0 < coverage_decay ≤ 1, "
                              f"got {coverage} and {coverage_decay:g}")
         self.probes, self.rerank = tuple(fractions), bool(rerank)
         self.kernel = coverage_kernel(int(coverage), float(coverage_decay)) if coverage else None
@@ -131,10 +131,10 @@ class DecodedChainEntropy(EntropyEstimator):
 
 
 def coverage_kernel(rings: int, decay: float) -> Tensor:
-    """(1, 1, 2r + 1, 2r + 1) weights decay^i on the i-th ring around the centre (1 at the centre)."""
+    """(2r + 1, 2r + 1) weights decay^i on the i-th ring around the centre (1 at the centre)."""
     offsets = torch.arange(-rings, rings + 1).abs()
     ring = torch.maximum(offsets[:, None], offsets[None, :])  # (2r + 1, 2r + 1) Chebyshev distance
-    return (decay ** ring.double()).float()[None, None]
+    return (decay ** ring.double()).float()
 
 
 def neighbourhoods(grid: Grid, rings: int, device: torch.device) -> Tensor:

@@ -252,10 +252,12 @@ def test_training_deals_the_globals_only_error_in_the_coverage_order(scene) -> N
 
 
 def test_bad_options_and_missing_context_are_named() -> None:
-    with pytest.raises(ValueError, match="coverage ≥ 0 rings and 0 < coverage_decay ≤ 1"):
+    with pytest.raises(ValueError, match="coverage ≥ 0 rings .a whole number. and 0 < coverage_decay ≤ 1"):
         DecodedChainEntropy(coverage=-1, patch_size=PATCH)
-    with pytest.raises(ValueError, match="coverage ≥ 0 rings and 0 < coverage_decay ≤ 1"):
+    with pytest.raises(ValueError, match="coverage ≥ 0 rings .a whole number. and 0 < coverage_decay ≤ 1"):
         DecodedChainEntropy(coverage=1, coverage_decay=0.0, patch_size=PATCH)
+    with pytest.raises(ValueError, match="coverage ≥ 0 rings .a whole number."):
+        DecodedChainEntropy(coverage=1.5, patch_size=PATCH)
     with pytest.raises(ValueError, match="probes must be increasing fractions"):
         DecodedChainEntropy(probes=(0.5, 0.25), patch_size=PATCH)
     with pytest.raises(ValueError, match="probes must be increasing fractions"):
