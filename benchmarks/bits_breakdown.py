@@ -37,10 +37,9 @@ if __package__ in (None, ""):  # ``python benchmarks/bits_breakdown.py``: import
 
 from benchmarks.claims.common import environment, interp_y, write_json  # noqa: E402
 from tatok_core.contract.bitrate import token_bits  # noqa: E402
+from benchmarks.operating_point import load_photos  # noqa: E402
 from tatok_core.contract.interfaces import mixed_radix_digits  # noqa: E402
-from tatok_core.io.images import fit_longest_side  # noqa: E402
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer  # noqa: E402
-from tatok_core.workflows.data import ImageSource  # noqa: E402
 from tatok_core.workflows.inference import evaluating  # noqa: E402
 from tatok_core.workflows.rate_control import calibrate_bits  # noqa: E402
 
@@ -99,9 +98,8 @@ def jpeg_gap_with_tables(operating_point: Path, label: str, patch_bits: float, g
 
 def analyse_set(model: Tokenizer, data: str, side: int) -> list:
     """Per photo the model's analysis (codes, bits, grid), photos fitted to the longest side."""
-    source = ImageSource(data)
     with evaluating(model):
-        return [model.analyse(fit_longest_side(image, side)[None]) for image in source.images]
+        return [model.analyse(photo.image[None]) for photo in load_photos(data, side)]
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

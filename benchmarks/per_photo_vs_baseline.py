@@ -24,9 +24,8 @@ if __package__ in (None, ""):  # ``python benchmarks/per_photo_vs_baseline.py``:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.claims.common import write_json  # noqa: E402
-from tatok_core.io.images import fit_longest_side  # noqa: E402
+from benchmarks.operating_point import load_photos  # noqa: E402
 from tatok_core.pipeline.tokenizer import Tokenizer  # noqa: E402
-from tatok_core.workflows.data import ImageSource  # noqa: E402
 from tatok_core.workflows.inference import evaluating  # noqa: E402
 from tatok_core.workflows.metrics import psnr  # noqa: E402
 
@@ -55,18 +54,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = json.loads(args.operating_point.read_text())
     rows = own_rows(run, args.label, args.fraction)
     baseline = Tokenizer.from_pretrained(args.baseline)
-    source = ImageSource(run["data"])
     photos = []
     with evaluating(baseline):
-        for name, image in zip(source.names, source.images):
-            stem = Path(name).stem
-            if stem not in rows:
+        for photo in load_photos(run["data"], run["side"]):
+            if photo.name not in rows:
                 continue
-            target = fit_longest_side(image, run["side"])[None]  # (1, 3, H, W)
+            target = photo.image[None]  # (1, 3, H, W)
             tokens = baseline.encode(target)
             fixed = float(psnr(baseline.decode(tokens), target)[0])
-            own = rows[stem]
-            photos.append({"photo": stem, "own_kept": own["kept"], "baseline_kept": int(tokens.lengths[0]),
+            own = rows[photo.name]
+            photos.append({"photo": photo.name, "own_kept": own["kept"], "baseline_kept": int(tokens.lengths[0]),
                            "own_psnr": own["psnr"], "baseline_psnr": fixed, "difference": own["psnr"] - fixed})
     if len(photos) != len(rows):
         raise SystemExit(f"found {len(photos)} of the {len(rows)} photos of {args.operating_point} in {run['data']}")

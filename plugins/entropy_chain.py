@@ -76,7 +76,7 @@ class DecodedChainEntropy(EntropyEstimator):
             raise ValueError(f"{self.label} needs the globals-only reconstruction and the decoder in the entropy context")
         squared = patch_squared_error(context.images, base, self.patch_size)  # (B, N)
         if self.training:
-            return EntropyEstimate(bits=self.training_order(squared, self.grid_of(context)), loss=squared.new_zeros(()))
+            return EntropyEstimate(bits=self.training_order(squared, context.grid), loss=squared.new_zeros(()))
         n = squared.shape[1]
         counts = self.counts(n).to(squared.device)  # (S + 1,)
         rank, distortion = self.ranked_distortion(context, base, squared, counts)  # (B, N), (B, S + 1)
@@ -86,10 +86,6 @@ class DecodedChainEntropy(EntropyEstimator):
         tilt = 1 - 1e-3 * rank.to(per_token.dtype) / n  # (B, N) ties inside a slice go to the ranking
         bits = per_token.gather(1, slice_id) * tilt  # (B, N)
         return EntropyEstimate(bits=bits.clamp_min(0), loss=squared.new_zeros(()))
-
-    def grid_of(self, context: EntropyContext) -> Grid:
-        height, width = context.images.shape[-2:]
-        return height // self.patch_size, width // self.patch_size
 
     def next_slice(self, missed: Tensor, kept: Tensor, count: int, grid: Grid) -> Tensor:
         """(B, count) positions of the next slice: the worst ``missed`` (B, N) not yet ``kept``, or, with
@@ -114,13 +110,12 @@ class DecodedChainEntropy(EntropyEstimator):
         the globals-only decode does (not ``rerank``)."""
         images = context.images.detach().float()
         batch, n = squared.shape
-        grid = self.grid_of(context)
         errors = [((base.detach().float() - images) ** 2).mean(dim=(1, 2, 3))]  # k₀ = 0: the globals-only decode
         rank = torch.empty(batch, n, dtype=torch.int64, device=squared.device)
         kept = torch.zeros(batch, n, dtype=torch.bool, device=squared.device)
         missed = squared  # (B, N) per patch, what the decode so far gets wrong
         for low, high in zip(counts[:-1].tolist(), counts[1:].tolist()):  # one probe at a time: memory of one decode
-            chosen = self.next_slice(missed, kept, high - low, grid)  # (B, high − low)
+            chosen = self.next_slice(missed, kept, high - low, context.grid)  # (B, high − low)
             rank.scatter_(1, chosen, torch.arange(low, high, device=rank.device).expand(batch, -1))
             kept.scatter_(1, chosen, True)
             decoded = context.decode(kept)  # (B, C, H, W)
@@ -163,7 +158,7 @@ def coverage_order(missed: Tensor, kept: Tensor, count: int, grid: Grid, kernel:
     fill, not only its own — a kernel of one cell is the plain worst-first order. A step updates only
     the worth of the positions near the chosen one: O(k⁴) per step (k the kernel's side), not O(N·k²).
     """
-    batch, n = missed.shape
+    batch = missed.shape[0]
     near = neighbourhoods(grid, kernel.shape[-1] // 2, missed.device)  # (N + 1, K)
     weight = kernel.flatten().to(missed.dtype)  # (K,) symmetric: the weight from i to j is the one from j to i
     uncovered = F.pad(missed.masked_fill(kept, 0.0), (0, 1))  # (B, N + 1); the padding slot stays 0
