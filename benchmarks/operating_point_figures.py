@@ -29,14 +29,14 @@ CODEC_NAMES = {"jpeg": "JPEG", "webp": "WebP", "jpeg-scaled": "JPEG, best downsc
 LEGEND_COLUMNS = 4
 
 
-def _figure(rows: int, cols: int, size: tuple[float, float]) -> Any:
+def figure_grid(rows: int, cols: int, size: tuple[float, float]) -> Any:
     from matplotlib.figure import Figure  # imported here: matplotlib costs ~0.5 s the evaluation need not pay
 
     figure = Figure(figsize=size, dpi=100, layout="constrained")
     return figure, figure.subplots(rows, cols, squeeze=False)
 
 
-def _codec_mean_curve(record: dict[str, Any], codec: str, key: str) -> tuple[list[float], list[float]]:
+def codec_mean_curve(record: dict[str, Any], codec: str, key: str) -> tuple[list[float], list[float]]:
     """(mean bpp, mean ``key``) over the photos at each setting (quality, and scale for a ``-scaled``
     codec), the best ``key`` at each rate: a scaled codec's settings interleave."""
     per_photo = list(record["codecs"][codec]["per_photo"].values())
@@ -52,7 +52,7 @@ def rd_figures(record: dict[str, Any], bpp_path: Path, tokens_path: Path) -> tup
     paths = []
     for x_key, path in (("bpp", bpp_path), ("tokens", tokens_path)):
         entries = len(record["models"]) * (len(MATCHED_METHODS) + 3) + len(CODECS)
-        figure, axes = _figure(1, 2, (12.8, 4.6 + 0.16 * -(-entries // LEGEND_COLUMNS)))
+        figure, axes = figure_grid(1, 2, (12.8, 4.6 + 0.16 * -(-entries // LEGEND_COLUMNS)))
         for column, metric in enumerate(("psnr", "ssim")):
             ax = axes[0, column]
             for m, (label, model) in enumerate(record["models"].items()):
@@ -69,7 +69,7 @@ def rd_figures(record: dict[str, Any], bpp_path: Path, tokens_path: Path) -> tup
                             color=METHOD_COLOURS[method], label=f"{label}: {method}")
             if x_key == "bpp":
                 for codec in CODECS:
-                    xs, ys = _codec_mean_curve(record, codec, metric)
+                    xs, ys = codec_mean_curve(record, codec, metric)
                     ax.plot(xs, ys, color=CODEC_COLOURS[codec], linewidth=2, label=f"{CODEC_NAMES[codec]} (Pillow)")
                 ax.set_xscale("log")
                 ax.set_xlabel("bits per pixel (mean over photos, log scale)")
@@ -112,7 +112,7 @@ def reconstruction_grid(result: ModelResult, photos: Sequence[Photo], fractions:
     keys = ["globals", *(_matched_key(result, f) for f in fractions), "all"]
     columns = 2 + len(keys)
     aspect = max(p.image.shape[-1] / p.image.shape[-2] for p in photos)
-    figure, axes = _figure(len(photos), columns, (columns * 2.0 * aspect, len(photos) * 2.2))
+    figure, axes = figure_grid(len(photos), columns, (columns * 2.0 * aspect, len(photos) * 2.2))
     for i, photo in enumerate(photos):
         _show(axes[i, 0], photo.image, f"{photo.name}: original")
         for j, key in enumerate(keys, start=1):
@@ -140,7 +140,7 @@ def kept_map_figure(result: ModelResult, photos: Sequence[Photo], fraction: floa
     keys = [k for k in (point_key(m, fraction) for m in ("own", "theta", "topk")) if k in result.record["points"]]
     patch_size = result.record["patch_size"]
     aspect = max(p.image.shape[-1] / p.image.shape[-2] for p in photos)
-    figure, axes = _figure(len(photos), 1 + len(keys), ((1 + len(keys)) * 2.4 * aspect, len(photos) * 2.5))
+    figure, axes = figure_grid(len(photos), 1 + len(keys), ((1 + len(keys)) * 2.4 * aspect, len(photos) * 2.5))
     for i, photo in enumerate(photos):
         _show(axes[i, 0], photo.image, photo.name)
         for j, key in enumerate(keys, start=1):

@@ -35,7 +35,8 @@ def _parse_grid(_: click.Context, __: click.Parameter, value: str | None) -> tup
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="directory for the trained prior")
 @click.option("--generator", "name", default="adaptive", show_default=True,
-              help="generator component: adaptive (kept tokens + EOS), raster (every token), or a plugin's")
+              help="generator component: adaptive (kept tokens + EOS), raster (every token), "
+                   "context (local, in raster order: a code length), or a plugin's")
 @click.option("--steps", default=2000, show_default=True, help="optimisation steps")
 @click.option("--batch-size", default=32, show_default=True, help="images per step")
 @click.option("--lr", default=3e-4, show_default=True, help="peak learning rate (warm-up, then cosine)")
@@ -44,8 +45,10 @@ def _parse_grid(_: click.Context, __: click.Parameter, value: str | None) -> tup
               help="generator option, e.g. width=256 or depth=6 (VALUE read as TOML)")
 @click.option("--eval", "eval_tokens", type=click.Path(exists=True, path_type=Path),
               help="held-out token set (same tokenizer) to report bits/image on")
+@click.option("--validation", "validation_tokens", type=click.Path(exists=True, path_type=Path),
+              help="token set of other images (not --eval's): keep the weights that score best on it")
 def train_prior(tokens: Path, out_dir: Path, name: str, steps: int, batch_size: int, lr: float, seed: int,
-                assignments: tuple[str, ...], eval_tokens: Path | None) -> None:
+                assignments: tuple[str, ...], eval_tokens: Path | None, validation_tokens: Path | None) -> None:
     """Train an autoregressive prior on the token set TOKENS; report bits/image; save it in --out."""
     if (out_dir / generation.PRIOR_FILE).exists():
         raise GenerationError(f"{out_dir} already holds a prior; choose another --out")
@@ -56,9 +59,14 @@ def train_prior(tokens: Path, out_dir: Path, name: str, steps: int, batch_size: 
     prior = generation.build_generator(name, generation.dataset_facts(dataset), **options).to(_device())
     parameters = sum(p.numel() for p in prior.parameters())
     console.print(f"{name} prior, {parameters:,} parameters, on {len(dataset)} images of {dataset.metadata['tokenizer']}")
-    result = generation.train_prior(prior, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    validation = TokenDataset(validation_tokens) if validation_tokens else None
+    result = generation.train_prior(prior, dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                                    validation=validation)
     summary = {"steps": result.steps, "seconds": result.seconds, "tokens": str(tokens),
                "train_bits_per_image": generation.nll_bits_per_image(prior, dataset)}
+    if validation is not None:
+        summary |= {"best_step": result.best_step, "validation_bits_per_image": min(
+            check["bits_per_image"] for check in result.validation)}
     if held_out is not None:
         summary["eval_bits_per_image"] = generation.nll_bits_per_image(prior, held_out)
     generation.save_prior(prior, out_dir, training=summary)

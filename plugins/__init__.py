@@ -12,6 +12,7 @@ PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 @hookimpl
 def tatok_register(registry: Registry) -> None:
+    from tatok_plugins.context_prior import ContextPrior
     from tatok_plugins.entropy_chain import DecodedChainEntropy
     from tatok_plugins.entropy_pixel import PixelHistogramEntropy
     from tatok_plugins.entropy_prior import GlobalConditionalPrior
@@ -42,6 +43,7 @@ def tatok_register(registry: Registry) -> None:
     registry.add("decoder", "packed", PackedDecoder)
     registry.add("generator", "adaptive", AdaptivePrior)
     registry.add("generator", "raster", RasterPrior)
+    registry.add("generator", "context", ContextPrior)
 
 
 @hookimpl

@@ -22,6 +22,7 @@ for any grid, so a prior can also sample grids other than the one it was trained
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attrs
 import torch
@@ -148,7 +149,36 @@ class DigitHead(nn.Module):
         return codes
 
 
-class _TokenPrior(Generator):
+class GridPrior(Generator):
+    """What every built-in prior reads from its facts — the code space, the number of globals, the grid
+    and image size it trains on — and the image size its samples decode to."""
+
+    def __init__(
+        self,
+        facts: Facts | None = None,
+        *,
+        code_factors: tuple[int, ...] | None = None,
+        num_global: int | None = None,
+        grid: tuple[int, int] | None = None,
+        patch_size: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__(facts)
+        self.code_factors = tuple(self.need("code_factors", code_factors))
+        self.num_global = int(self.need("num_global", num_global))
+        self.grid: Grid = tuple(self.need("grid", grid))  # type: ignore[assignment]
+        self.patch_size = int(self.need("patch_size", patch_size))
+        full = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
+        self.trained_image_size = tuple(self.need("image_size", image_size, default=full))
+
+    def image_size(self, grid: Grid) -> tuple[int, int]:
+        """The image size sampled tokens decode to: the training size on its grid, else the full grid."""
+        if grid == self.grid:
+            return self.trained_image_size  # type: ignore[return-value]
+        return (grid[0] * self.patch_size, grid[1] * self.patch_size)
+
+
+class _TokenPrior(GridPrior):
     """The backbone both priors share: [BOS (+ class)], the M global codes, then patch steps, through
     one causal transformer; the code of whatever comes next is predicted from the state plus a query
     saying where it goes (a global slot or a grid position)."""
@@ -162,22 +192,12 @@ class _TokenPrior(Generator):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
-        code_factors: tuple[int, ...] | None = None,
-        num_global: int | None = None,
-        grid: tuple[int, int] | None = None,
-        patch_size: int | None = None,
-        image_size: tuple[int, int] | None = None,
+        **token_facts: Any,
     ) -> None:
-        super().__init__(facts)
+        super().__init__(facts, **token_facts)
         check_heads(width, heads, self.label)
         if num_classes < 0:
             raise ValueError(f"num_classes must be ≥ 0, got {num_classes}")
-        self.code_factors = tuple(self.need("code_factors", code_factors))
-        self.num_global = int(self.need("num_global", num_global))
-        self.grid: Grid = tuple(self.need("grid", grid))  # type: ignore[assignment]
-        self.patch_size = int(self.need("patch_size", patch_size))
-        full = (self.grid[0] * self.patch_size, self.grid[1] * self.patch_size)
-        self.trained_image_size = tuple(self.need("image_size", image_size, default=full))
         self.width, self.num_classes = width, num_classes
         self.bos = init_tokens(width)
         self.classes = nn.Embedding(num_classes, width) if num_classes else None
@@ -195,12 +215,6 @@ class _TokenPrior(Generator):
     def where(self, grid: Grid) -> Tensor:
         """(N, W) embedding of every grid position: an MLP of 2-D sin-cos, defined for any grid."""
         return self.where_mlp(sincos_2d(grid, self.width, self.bos.device))
-
-    def image_size(self, grid: Grid) -> tuple[int, int]:
-        """The image size sampled tokens decode to: the training size on its grid, else the full grid."""
-        if grid == self.grid:
-            return self.trained_image_size  # type: ignore[return-value]
-        return (grid[0] * self.patch_size, grid[1] * self.patch_size)
 
     def _start(self, batch: int, labels: Tensor | None) -> Tensor:
         """(B, 1, W): the BOS step, carrying the class when the prior is class-conditional."""

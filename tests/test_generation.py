@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -38,13 +39,14 @@ from tests.helpers import small_spec
 FACTORS, NUM_GLOBAL, GRID, PATCH = (3, 4), 2, (3, 3), 4
 CODEBOOK = math.prod(FACTORS)
 TINY = {"width": 16, "depth": 1, "heads": 2}
-GENERATORS = ("adaptive", "raster")
+GENERATORS = ("adaptive", "raster", "context")
+TINY_OPTIONS = {"adaptive": TINY, "raster": TINY, "context": {"width": 16, "rings": 1, "depth": 1}}
 
 
 def tiny_prior(name: str, seed: int = 0, std: float | None = None, **options) -> torch.nn.Module:
     """An untrained prior; ``std`` re-draws every weight so that its distributions are far from uniform."""
     torch.manual_seed(seed)
-    prior = build_generator(name, generator_facts(FACTORS, NUM_GLOBAL, GRID, PATCH), **{**TINY, **options})
+    prior = build_generator(name, generator_facts(FACTORS, NUM_GLOBAL, GRID, PATCH), **{**TINY_OPTIONS[name], **options})
     if std is not None:
         with torch.no_grad():
             for p in prior.parameters():
@@ -173,10 +175,10 @@ def test_sampler_logits_match_the_uncached_model(name: str, monkeypatch: pytest.
     torch.testing.assert_close(torch.stack(chosen).sum(), uncached, atol=1e-3, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name, keep", [("adaptive", 0.4), ("raster", 1.0)])
+@pytest.mark.parametrize("name, keep", [("adaptive", 0.4), ("raster", 1.0), ("context", 0.4)])
 def test_training_lowers_the_nll(name: str, keep: float, tmp_path: Path) -> None:
     dataset = write_set(tmp_path / "tokens", learnable_tokens(32, keep))
-    prior = build_generator(name, dataset_facts(dataset), **TINY)
+    prior = build_generator(name, dataset_facts(dataset), **TINY_OPTIONS[name])
     before = nll_bits_per_image(prior, dataset)
     result = train_prior(prior, dataset, steps=40, batch_size=16, lr=3e-3, warmup=5, log_every=10, progress=False)
     after = nll_bits_per_image(prior, dataset)
@@ -236,3 +238,29 @@ def test_cli_trains_a_prior_and_samples_images(tmp_path: Path) -> None:
     Tokenizer(small_spec(filter="all")).save_pretrained(other)
     result = runner.invoke(cli, ["sample", str(tmp_path / "prior"), "--model", str(other), "-o", str(out)])
     assert result.exit_code == 1 and "pass that tokenizer with --model" in result.output
+
+
+def test_early_stopping_keeps_the_weights_that_scored_best(tmp_path: Path) -> None:
+    fit = write_set(tmp_path / "fit", random_tokens(torch.Generator().manual_seed(0), 8, keep=0.6))
+    validation = write_set(tmp_path / "validation", random_tokens(torch.Generator().manual_seed(1), 8, keep=0.6))
+    prior = build_generator("context", dataset_facts(fit), **TINY_OPTIONS["context"])
+    result = train_prior(prior, fit, steps=60, batch_size=8, lr=3e-2, warmup=1, progress=False,
+                         validation=validation, validate_every=10)
+    scores = [check["bits_per_image"] for check in result.validation]
+    assert [check["step"] for check in result.validation] == [10, 20, 30, 40, 50, 60]
+    assert result.best_step == 10 * (1 + scores.index(min(scores)))
+    assert nll_bits_per_image(prior, validation) == pytest.approx(min(scores), rel=1e-6)
+    with pytest.raises(GenerationError, match="unconditional priors"):
+        train_prior(prior, fit, steps=1, progress=False, validation=validation, labels=torch.zeros(8, dtype=torch.long))
+
+
+def test_cli_trains_a_context_prior_with_early_stopping(tmp_path: Path) -> None:
+    fit = write_set(tmp_path / "fit", random_tokens(torch.Generator().manual_seed(0), 8, keep=0.6))
+    write_set(tmp_path / "validation", random_tokens(torch.Generator().manual_seed(1), 8, keep=0.6))
+    result = CliRunner().invoke(cli, ["train-prior", str(fit.path), "--out", str(tmp_path / "prior"), "--generator",
+                                      "context", "--steps", "3", "--batch-size", "4", "--set", "width=8",
+                                      "--validation", str(tmp_path / "validation")])
+    assert result.exit_code == 0, result.output
+    assert "validation" in result.output
+    training = json.loads((tmp_path / "prior" / "prior.json").read_text())["training"]
+    assert training["best_step"] in (1, 2, 3) and training["validation_bits_per_image"] > 0

@@ -1,7 +1,9 @@
 """Generation over TaTok tokens: build, train, evaluate, sample, save and load autoregressive priors.
 
 A prior is a ``generator`` component (registry kind ``"generator"``; built-ins ``adaptive`` and
-``raster`` in :mod:`tatok_plugins.generator`, third parties add theirs through the same hook). It is
+``raster`` in :mod:`tatok_plugins.generator`, ``context`` — local and causal, a code length for the
+tokens of whole photos — in :mod:`tatok_plugins.context_prior`; third parties add theirs through the
+same hook). Its negative log-likelihood in bits is what an arithmetic coder driven by it writes. It is
 built from facts that describe the tokens it models (:func:`generator_facts`, :func:`dataset_facts`)
 and trained on a :class:`~tatok_core.io.tokenfile.TokenDataset`::
 
@@ -163,6 +165,9 @@ class PriorTrainResult:
     steps: int
     seconds: float
     history: list[dict[str, float]]  # {"step", "bits_per_image"}: training NLL, mean of the last log_every steps
+    #: With a validation set: {"step", "bits_per_image"} at every check, and the step whose weights were kept.
+    validation: list[dict[str, float]] = attrs.field(factory=list)
+    best_step: int | None = None
 
 
 def train_prior(
@@ -179,6 +184,8 @@ def train_prior(
     seed: int = 0,
     log_every: int = 50,
     progress: bool = True,
+    validation: TokenDataset | None = None,
+    validate_every: int = 250,
 ) -> PriorTrainResult:
     """Maximum likelihood on random batches of ``dataset`` (with replacement, one (grid, size) per batch).
 
@@ -186,9 +193,17 @@ def train_prior(
     (:func:`tatok_core.workflows.schedule.warmup_cosine`). The loss is nats per token slot (M + N), so its scale does
     not depend on the grid; progress and ``history`` report bits per image. ``labels`` (one class per
     image, data-set order) are for class-conditional priors (``num_classes`` > 0).
+
+    With a ``validation`` token set (other images than ``dataset``'s, never those a result is reported
+    on) its bits per image are measured every ``validate_every`` steps and at the end, and the prior
+    keeps the weights that scored best: early stopping, for token sets small enough to memorise (a few
+    dozen photos of a coarse grid are a few thousand codes).
     """
-    if steps < 1 or batch_size < 1 or log_every < 1:
-        raise GenerationError(f"steps, batch_size and log_every must be ≥ 1, got {steps}, {batch_size}, {log_every}")
+    if steps < 1 or batch_size < 1 or log_every < 1 or validate_every < 1:
+        raise GenerationError(f"steps, batch_size, log_every and validate_every must be ≥ 1, "
+                              f"got {steps}, {batch_size}, {log_every}, {validate_every}")
+    if validation is not None and labels is not None:
+        raise GenerationError("early stopping on a validation set is for unconditional priors: give no labels")
     device = _device(generator)
     images = _load(generator, dataset, labels)
     groups = _groups(images)
@@ -198,6 +213,8 @@ def train_prior(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(step, steps=steps, warmup=min(warmup, steps)))
     history: list[dict[str, float]] = []
     recent: deque[float] = deque(maxlen=log_every)
+    checks: list[dict[str, float]] = []
+    best: tuple[int, float, dict[str, Tensor]] | None = None  # (step, validation bits, weights)
     generator.train()
     start = time.perf_counter()
     with progress_bar(progress, status=True) as bar:
@@ -217,9 +234,16 @@ def train_prior(
             bits = sum(recent) / len(recent)
             if step % log_every == 0 or step == steps:
                 history.append({"step": float(step), "bits_per_image": bits})
+            if validation is not None and (step % validate_every == 0 or step == steps):
+                checked = nll_bits_per_image(generator, validation, labels=None)
+                checks.append({"step": float(step), "bits_per_image": checked})
+                if best is None or checked < best[1]:
+                    best = (step, checked, {k: v.detach().clone() for k, v in generator.state_dict().items()})
             bar.update(task, completed=step, status=f"nll {bits:.1f} bits/image")
+    if best is not None:
+        generator.load_state_dict(best[2])
     generator.eval()
-    return PriorTrainResult(steps, time.perf_counter() - start, history)
+    return PriorTrainResult(steps, time.perf_counter() - start, history, checks, None if best is None else best[0])
 
 
 @torch.no_grad()

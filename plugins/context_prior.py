@@ -1,0 +1,168 @@
+"""``context``: a local causal prior over a token grid — the code length an entropy coder would write.
+
+The transformer priors in :mod:`tatok_plugins.generator` read a token set as a sequence. Neighbouring
+patch codes of a photo are strongly alike (a sky's codes repeat its neighbours'), and most of what a
+code's neighbours say is said by the few above and to the left. This prior models exactly that, like
+PixelCNN over the grid in raster order: for each position, whether it is kept and, if kept, its code,
+given what is kept (and the codes) at the positions before it within a few rows and columns, plus the
+global codes. Its negative log-likelihood is the length of an arithmetic code of the whole token set —
+globals, which positions are kept, and their codes — so it says what the plain count
+(:mod:`tatok_core.contract.bitrate`: log2 of the codebook per code, an enumerative code of the kept
+positions) leaves on the table. It samples too (raster order, one position per step), but its purpose
+is the rate.
+
+Layout: a masked convolution of radius ``rings`` reads the positions before the centre (the centre row
+to its left, and the ``rings`` rows above), then ``depth`` masked 3×3 convolutions that may also read
+the centre's own hidden state; each position's input is its code's digit embedding where kept plus two
+flags (kept, inside the grid). The global codes are predicted slot by slot from what came before them,
+and their mean embedding conditions every position.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tatok_core.contract.errors import GenerationError
+from tatok_core.contract.interfaces import Facts, Grid
+from tatok_core.contract.tokens import Tokens
+from tatok_plugins import generator as token_priors  # its draw(): one sampling rule (temperature, top-k) for every prior
+from tatok_plugins.generator import DigitEmbedding, DigitHead, GridPrior
+from tatok_plugins.layers import init_tokens
+
+
+class CausalConv2d(nn.Conv2d):
+    """A ``same`` 2-D convolution that reads only positions before the centre in raster order (and the
+    centre itself with ``include_centre``): rows below and, on the centre row, columns to the right are
+    masked out of the kernel."""
+
+    def __init__(self, channels_in: int, channels_out: int, radius: int, *, include_centre: bool) -> None:
+        super().__init__(channels_in, channels_out, 2 * radius + 1, padding=radius)
+        mask = torch.ones_like(self.weight)  # (out, in, k, k)
+        mask[:, :, radius, radius + int(include_centre):] = 0
+        mask[:, :, radius + 1:] = 0
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+class ContextPrior(GridPrior):
+    """Keep flags and codes of a token grid in raster order, each given its causal neighbourhood (module docs).
+
+    Works on any grid (convolutions), so one prior scores whole photos of every size. Unconditional:
+    ``labels`` are refused.
+    """
+
+    def __init__(
+        self,
+        facts: Facts | None = None,
+        *,
+        width: int = 96,
+        rings: int = 2,
+        depth: int = 2,
+        **token_facts: Any,
+    ) -> None:
+        super().__init__(facts, **token_facts)
+        if width < 1 or rings < 1 or depth < 0:
+            raise ValueError(f"{self.label}: need width ≥ 1, rings ≥ 1 and depth ≥ 0, got {width}, {rings}, {depth}")
+        self.width = width
+        self.reach = rings + depth  # rows above a position its prediction reads
+        self.code_in = DigitEmbedding(self.code_factors, width)
+        self.slots = init_tokens(self.num_global, width)  # (M, W) which global slot comes next
+        self.global_context = nn.Linear(width, width)
+        self.reader = CausalConv2d(width + 2, width, rings, include_centre=False)
+        self.layers = nn.ModuleList(CausalConv2d(width, width, 1, include_centre=True) for _ in range(depth))
+        self.keep_head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 1))
+        self.code_head = DigitHead(self.code_factors, width)
+
+    # -- the two halves of the model ----------------------------------------------------------------
+    def global_contexts(self, global_codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Global codes (B, M) → the context predicting each (B, M, W) from the slots before it, and the
+        summary every patch position reads (B, W)."""
+        embedded = self.code_in(global_codes)  # (B, M, W)
+        before = F.pad(embedded.cumsum(1), (0, 0, 1, 0))[:, : self.num_global]  # (B, M, W) sum of the earlier slots
+        counts = torch.arange(self.num_global, device=embedded.device).clamp_min(1)[:, None]  # (M, 1)
+        contexts = self.slots + self.global_context(before / counts)  # (B, M, W)
+        summary = self.global_context(embedded.mean(1)) if self.num_global else embedded.new_zeros(
+            global_codes.shape[0], self.width)  # (B, W)
+        return contexts, summary
+
+    def patch_states(self, codes: Tensor, kept: Tensor, summary: Tensor) -> Tensor:
+        """Dense codes (B, H, W'), kept (B, H, W'), global summary (B, W) → (B, H, W', W) the state each
+        position's keep flag and code are predicted from (it reads only positions before it)."""
+        flags = torch.stack([kept, torch.ones_like(kept)], dim=1).to(summary.dtype)  # (B, 2, H, W'): kept, inside
+        embedded = self.code_in(codes).masked_fill(~kept[..., None], 0.0).permute(0, 3, 1, 2)  # (B, W, H, W')
+        x = F.gelu(self.reader(torch.cat([embedded, flags], 1)) + summary[:, :, None, None])  # (B, W, H, W')
+        for layer in self.layers:
+            x = x + F.gelu(layer(x))
+        return x.permute(0, 2, 3, 1)  # (B, H, W', W)
+
+    # -- the Generator interface ---------------------------------------------------------------------
+    def log_likelihood(self, tokens: Tokens, labels: Tensor | None = None) -> Tensor:
+        return sum(self.log_likelihood_parts(tokens, labels).values())  # type: ignore[return-value]
+
+    def log_likelihood_parts(self, tokens: Tokens, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """(B,) nats of each part of a token set: ``globals``, ``positions`` (the keep flags) and ``codes``
+        (of the kept patch tokens) — where an arithmetic coder driven by this prior spends its bits."""
+        self.refuse_labels(labels)
+        codes, kept = dense_grid(tokens)  # (B, H, W'), (B, H, W')
+        contexts, summary = self.global_contexts(tokens.global_codes)
+        states = self.patch_states(codes, kept, summary)  # (B, H, W', W)
+        keep_logit = self.keep_head(states)[..., 0].float()  # (B, H, W')
+        keep_nats = -F.binary_cross_entropy_with_logits(keep_logit, kept.float(), reduction="none")  # (B, H, W')
+        code_nats = self.code_head.log_prob(states, codes).masked_fill(~kept, 0.0)  # (B, H, W')
+        return {"globals": self.code_head.log_prob(contexts, tokens.global_codes).sum(-1),
+                "positions": keep_nats.flatten(1).sum(1), "codes": code_nats.flatten(1).sum(1)}
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, *, grid: Grid, temperature: float, top_k: int, labels: Tensor | None, rng: torch.Generator
+    ) -> Tokens:
+        self.refuse_labels(labels)
+        device = self.slots.device
+        global_codes = torch.zeros(n, self.num_global, dtype=torch.long, device=device)
+        for slot in range(self.num_global):  # each slot's context reads only the slots before it
+            contexts, _ = self.global_contexts(global_codes)
+            global_codes[:, slot] = self.code_head.sample(contexts[:, slot], temperature, top_k, rng)
+        _, summary = self.global_contexts(global_codes)
+        rows, cols = grid
+        codes = torch.zeros(n, rows, cols, dtype=torch.long, device=device)
+        kept = torch.zeros(n, rows, cols, dtype=torch.bool, device=device)
+        for row in range(rows):
+            top = max(0, row - self.reach)  # the rows this row's states read: the band above is exact
+            for col in range(cols):
+                state = self.patch_states(codes[:, top:row + 1], kept[:, top:row + 1], summary)[:, -1, col]  # (n, W)
+                keep_logits = F.pad(self.keep_head(state), (1, 0))  # (n, 2): dropped, kept
+                keep = token_priors.draw(keep_logits, temperature, top_k, rng).bool()  # (n,)
+                kept[:, row, col] = keep
+                if bool(keep.any()):  # a code only where kept: a dropped position has none
+                    codes[keep, row, col] = self.code_head.sample(state[keep], temperature, top_k, rng)
+        return sparse_tokens(global_codes, codes, kept, self.image_size(grid))
+
+    def refuse_labels(self, labels: Tensor | None) -> None:
+        if labels is not None:
+            raise GenerationError(f"{self.label} is unconditional: it takes no labels")
+
+
+def dense_grid(tokens: Tokens) -> tuple[Tensor, Tensor]:
+    """Tokens → dense codes (B, H, W) (0 where dropped) and the keep mask (B, H, W)."""
+    n = tokens.num_patches
+    codes, positions, _ = tokens.to_padded(pad_code=0, pad_position=n)  # (B, L)
+    batch = codes.shape[0]
+    dense = codes.new_zeros(batch, n + 1).scatter_(1, positions, codes)[:, :n]  # (B, N); the pad slot dropped
+    kept = torch.zeros(batch, n + 1, dtype=torch.bool, device=codes.device).scatter_(1, positions, True)[:, :n]
+    return dense.view(batch, *tokens.grid), kept.view(batch, *tokens.grid)
+
+
+def sparse_tokens(global_codes: Tensor, codes: Tensor, kept: Tensor, image_size: tuple[int, int]) -> Tokens:
+    """Dense codes (B, H, W) and keep mask (B, H, W) → Tokens (kept positions in raster order)."""
+    batch, rows, cols = codes.shape
+    flat_kept = kept.flatten(1)  # (B, N)
+    positions = torch.arange(rows * cols, device=codes.device).expand(batch, -1)[flat_kept]  # (K,)
+    cu_seqlens = F.pad(flat_kept.sum(1).cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
+    return Tokens(global_codes, codes.flatten(1)[flat_kept], positions, cu_seqlens, (rows, cols), image_size)
+
