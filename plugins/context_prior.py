@@ -20,8 +20,6 @@ and their mean embedding conditions every position.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -64,11 +62,16 @@ class ContextPrior(GridPrior):
         width: int = 96,
         rings: int = 2,
         depth: int = 2,
-        **token_facts: Any,
+        code_factors: tuple[int, ...] | None = None,
+        num_global: int | None = None,
+        grid: tuple[int, int] | None = None,
+        patch_size: int | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(facts, **token_facts)
+        super().__init__(facts)
         if width < 1 or rings < 1 or depth < 0:
             raise ValueError(f"{self.label}: need width ≥ 1, rings ≥ 1 and depth ≥ 0, got {width}, {rings}, {depth}")
+        self.read_token_facts(code_factors, num_global, grid, patch_size, image_size)
         self.width = width
         self.reach = rings + depth  # rows above a position its prediction reads
         self.code_in = DigitEmbedding(self.code_factors, width)

@@ -22,7 +22,6 @@ for any grid, so a prior can also sample grids other than the one it was trained
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import attrs
 import torch
@@ -151,19 +150,12 @@ class DigitHead(nn.Module):
 
 class GridPrior(Generator):
     """What every built-in prior reads from its facts — the code space, the number of globals, the grid
-    and image size it trains on — and the image size its samples decode to."""
+    and image size it trains on — and the image size its samples decode to. (The facts stay keyword
+    arguments of each prior's own ``__init__``: that signature is what its options are checked against.)"""
 
-    def __init__(
-        self,
-        facts: Facts | None = None,
-        *,
-        code_factors: tuple[int, ...] | None = None,
-        num_global: int | None = None,
-        grid: tuple[int, int] | None = None,
-        patch_size: int | None = None,
-        image_size: tuple[int, int] | None = None,
-    ) -> None:
-        super().__init__(facts)
+    def read_token_facts(self, code_factors: tuple[int, ...] | None, num_global: int | None,
+                         grid: tuple[int, int] | None, patch_size: int | None,
+                         image_size: tuple[int, int] | None) -> None:
         self.code_factors = tuple(self.need("code_factors", code_factors))
         self.num_global = int(self.need("num_global", num_global))
         self.grid: Grid = tuple(self.need("grid", grid))  # type: ignore[assignment]
@@ -192,12 +184,17 @@ class _TokenPrior(GridPrior):
         heads: int = 4,
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
-        **token_facts: Any,
+        code_factors: tuple[int, ...] | None = None,
+        num_global: int | None = None,
+        grid: tuple[int, int] | None = None,
+        patch_size: int | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__(facts, **token_facts)
+        super().__init__(facts)
         check_heads(width, heads, self.label)
         if num_classes < 0:
             raise ValueError(f"num_classes must be ≥ 0, got {num_classes}")
+        self.read_token_facts(code_factors, num_global, grid, patch_size, image_size)
         self.width, self.num_classes = width, num_classes
         self.bos = init_tokens(width)
         self.classes = nn.Embedding(num_classes, width) if num_classes else None

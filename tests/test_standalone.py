@@ -37,6 +37,8 @@ STANDALONE: dict[tuple[str, str], dict] = {
                                 "width": 16, "depth": 1, "heads": 2},
     ("generator", "raster"): {"code_factors": [4, 4], "num_global": 2, "grid": [2, 2], "patch_size": 4,
                               "width": 16, "depth": 1, "heads": 2},
+    ("generator", "context"): {"code_factors": [4, 4], "num_global": 2, "grid": [2, 2], "patch_size": 4,
+                               "width": 16, "rings": 1, "depth": 1},
 }
 
 
