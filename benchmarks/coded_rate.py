@@ -15,10 +15,11 @@ For each model this benchmark
    (:func:`tatok_core.workflows.generation.train_prior`; every model gets the same options, steps and
    seed), keeping the weights that code best the token sets of every ``--validate-every-photo``-th
    training photo, which it does not fit on (early stopping: a coarse grid's few codes are memorised);
-3. codes the **held-out** whole photos at every token, the model's default and its own filter at one
-   shared threshold per ``--fractions`` (as ``operating_point.py``'s ``own@f``), and reports per point
-   PSNR, counted and coded bpp (globals, positions, codes), and the gap to JPEG / JPEG↓ / WebP↓ at the
-   *coded* bpp, per photo from ``--operating-point``'s codec curves (that run's photos and side).
+3. codes the **held-out** whole photos — ``--operating-point``'s, at its side — at every token, the
+   model's default and its own filter at one shared threshold per ``--fractions`` (as
+   ``operating_point.py``'s ``own@f``), and reports per point PSNR, counted and coded bpp (globals,
+   positions, codes), and the gap to JPEG / JPEG↓ / WebP↓ at the *coded* bpp, per photo from that run's
+   codec curves (the best quality, and scale, reaching that rate).
 
 Nothing is fitted on the held-out photos. The coded rate is the code length, not a file: a bitstream
 would need the prior's probabilities bit-identical on both ends (integer inference), which this does
@@ -52,7 +53,9 @@ from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer  # noqa:
 from tatok_core.workflows import generation  # noqa: E402
 from tatok_core.workflows.encoding import token_meta  # noqa: E402
 from tatok_core.workflows.inference import evaluating  # noqa: E402
+from tatok_core.workflows.progress import progress_bar  # noqa: E402
 from tatok_core.workflows.rate_control import calibrate_bits  # noqa: E402
+from tatok_plugins.context_prior import ContextPrior  # noqa: E402
 
 #: The codecs of ``operating_point.py`` compared at the coded rate.
 CODECS = ("jpeg", "jpeg-scaled", "webp-scaled")
@@ -70,11 +73,18 @@ def training_photos(data: str, sides: Sequence[int], every: int) -> tuple[list[P
     return fit, validation
 
 
-def training_tokens(model: Tokenizer, photos: Sequence[Photo], fractions: Sequence[float], path: Path,
-                    device: torch.device) -> TokenDataset:
-    """A token data set of ``photos``: every token kept, plus — when the model's filter drops tokens —
-    its own filter at one shared threshold per kept fraction of the set."""
-    evaluator = ModelEvaluator(model, photos, device)
+def analysed_photos(model: Tokenizer, photos: Sequence[Photo], device: torch.device, what: str,
+                    progress: bool) -> ModelEvaluator:
+    """``photos`` analysed once by ``model`` (codes and bits), with a progress bar: the slow part of a run."""
+    with progress_bar(progress) as bar:
+        task = bar.add_task(what, total=len(photos))
+        return ModelEvaluator(model, photos, device, progress=lambda: bar.advance(task))
+
+
+def training_tokens(model: Tokenizer, evaluator: ModelEvaluator, fractions: Sequence[float], path: Path) -> TokenDataset:
+    """A token data set of ``evaluator``'s photos: every token kept, plus — when the model's filter drops
+    tokens — its own filter at one shared threshold per kept fraction of the set."""
+    photos = evaluator.photos
     bits = evaluator.bits()
     own = model.token_filter()
     everything = model.token_filter("all")
@@ -91,7 +101,7 @@ def training_tokens(model: Tokenizer, photos: Sequence[Photo], fractions: Sequen
     return TokenDataset(path)
 
 
-def coded_bits(prior: Any, tokens: Tokens) -> dict[str, float]:
+def coded_bits(prior: ContextPrior, tokens: Tokens) -> dict[str, float]:
     """Bits of one image's tokens under ``prior``, by part and in total."""
     with torch.no_grad():
         parts = {name: float(-nats.sum()) / math.log(2) for name, nats in prior.log_likelihood_parts(tokens).items()}
@@ -126,8 +136,10 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
     with tempfile.TemporaryDirectory() as scratch:
         with evaluating(model):
             fit, held = training_photos(args.train_data, args.train_sides, args.validate_every_photo)
-            dataset, validation = (training_tokens(model, photos, args.train_fractions, Path(scratch) / name, device)
-                                   for photos, name in ((fit, "fit"), (held, "validation")))
+            dataset, validation = (
+                training_tokens(model, analysed_photos(model, photos, device, f"{label}: {name}", args.progress),
+                                args.train_fractions, Path(scratch) / name)
+                for photos, name in ((fit, "fit"), (held, "validation")))
         prior = generation.build_generator("context", generation.dataset_facts(dataset), width=args.width)
         trained = generation.train_prior(prior.to(device), dataset, steps=args.steps, batch_size=args.batch_size,
                                          lr=args.lr, seed=args.seed, progress=args.progress, validation=validation)
@@ -140,7 +152,8 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
             "train_bits_per_image": train_bits,
             "validation_bits_per_image": min(check["bits_per_image"] for check in trained.validation)})
     with evaluating(model):
-        evaluator = ModelEvaluator(model, load_photos(args.heldout_data, args.side), device)
+        evaluator = analysed_photos(model, load_photos(args.heldout_data, args.side), device, f"{label}: held-out",
+                                    args.progress)
         methods = [m for m in reference_methods(evaluator) if m.name != "globals"]
         for fraction in args.fractions:
             methods += [m for m in matched_methods(evaluator, fraction, args.seed)[0] if m.name == "own"]
@@ -204,7 +217,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--train-fractions", default="0.1,0.2,0.35,0.5,0.75")
     parser.add_argument("--validate-every-photo", type=int, default=5,
                         help="every n-th training photo validates the prior (early stopping) instead of fitting it")
-    parser.add_argument("--heldout-data", default="builtin:photos:extended:heldout")
     parser.add_argument("--fractions", default="0.2,0.25,0.35,0.5")
     parser.add_argument("--width", type=int, default=96, help="the context prior's width")
     parser.add_argument("--steps", type=int, default=3000)
@@ -222,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     run = json.loads(args.operating_point.read_text())
-    args.side = run["side"]
+    args.side, args.heldout_data = run["side"], run["data"]  # the photos its codec curves are of
     report: dict[str, Any] = {
         "command": "python benchmarks/coded_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "environment": environment(), "side": args.side, "operating_point": str(args.operating_point),
