@@ -150,7 +150,7 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
             "command": "python benchmarks/coded_rate.py", "train_data": args.train_data, "train_sides": args.train_sides,
             "train_fractions": args.train_fractions, "steps": trained.steps, "best_step": trained.best_step,
             "train_bits_per_image": train_bits,
-            "validation_bits_per_image": min(check["bits_per_image"] for check in trained.validation)})
+            "validation_bits_per_image": trained.validation_bits})
     with evaluating(model):
         evaluator = analysed_photos(model, load_photos(args.heldout_data, args.side), device, f"{label}: held-out",
                                     args.progress)
@@ -171,7 +171,8 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
                              "coded_gap": codec_gaps(codecs, photo.name, coded_bpp, score.psnr)})
             points[point_key(method.name, method.fraction)] = {"summary": summarise(rows), "rows": rows}
     return {"label": label, "source": source, "prior": {"options": {"width": args.width}, "steps": trained.steps,
-            "best_step": trained.best_step, "validation": trained.validation, "seconds": trained.seconds,
+            "best_step": trained.best_step, "validation": trained.validation,
+            "validation_bits": trained.validation_bits, "seconds": trained.seconds,
             "train_bits_per_image": train_bits, "train_images": train_images}, "points": points}
 
 
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         prior = result["prior"]
         print(f"{label}: context prior {prior['seconds']:.0f} s, weights of step {prior['best_step']}, "
               f"{prior['train_bits_per_image']:.0f} bits per training token set, "
-              f"{min(v['bits_per_image'] for v in prior['validation']):.0f} per validation set")
+              f"{prior['validation_bits']:.0f} per validation set")
         for key, point in result["points"].items():
             s = point["summary"]
             gaps = ", ".join(f"{c} {s[f'{c}_gap_coded']:+.2f} ({s[f'{c}_photos_coded']})" if s[f"{c}_gap_coded"] is not None

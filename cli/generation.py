@@ -65,8 +65,7 @@ def train_prior(tokens: Path, out_dir: Path, name: str, steps: int, batch_size: 
     summary = {"steps": result.steps, "seconds": result.seconds, "tokens": str(tokens),
                "train_bits_per_image": generation.nll_bits_per_image(prior, dataset)}
     if validation is not None:
-        summary |= {"best_step": result.best_step, "validation_bits_per_image": min(
-            check["bits_per_image"] for check in result.validation)}
+        summary |= {"best_step": result.best_step, "validation_bits_per_image": result.validation_bits}
     if held_out is not None:
         summary["eval_bits_per_image"] = generation.nll_bits_per_image(prior, held_out)
     generation.save_prior(prior, out_dir, training=summary)

@@ -169,6 +169,11 @@ class PriorTrainResult:
     validation: list[dict[str, float]] = attrs.field(factory=list)
     best_step: int | None = None
 
+    @property
+    def validation_bits(self) -> float | None:
+        """Bits per validation image of the kept weights (None without a validation set)."""
+        return min((check["bits_per_image"] for check in self.validation), default=None)
+
 
 def train_prior(
     generator: Generator,
@@ -206,6 +211,7 @@ def train_prior(
         raise GenerationError("early stopping on a validation set is for unconditional priors: give no labels")
     device = _device(generator)
     images = _load(generator, dataset, labels)
+    held = None if validation is None else _load(generator, validation, None)  # checked and read once, up front
     groups = _groups(images)
     sizes = torch.tensor([len(g) for g in groups], dtype=torch.float64)
     rng = torch.Generator().manual_seed(seed)
@@ -235,7 +241,7 @@ def train_prior(
             if step % log_every == 0 or step == steps:
                 history.append({"step": float(step), "bits_per_image": bits})
             if validation is not None and (step % validate_every == 0 or step == steps):
-                checked = nll_bits_per_image(generator, validation, labels=None)
+                checked = _mean_bits(generator, held, None, batch_size=64)
                 checks.append({"step": float(step), "bits_per_image": checked})
                 if best is None or checked < best[1]:
                     best = (step, checked, {k: v.detach().clone() for k, v in generator.state_dict().items()})
@@ -251,8 +257,13 @@ def nll_bits_per_image(
     generator: Generator, dataset: TokenDataset, *, batch_size: int = 64, labels: Tensor | None = None
 ) -> float:
     """Mean negative log-likelihood of ``dataset``'s images in bits per image (exact, every image once)."""
+    return _mean_bits(generator, _load(generator, dataset, labels), labels, batch_size=batch_size)
+
+
+@torch.no_grad()
+def _mean_bits(generator: Generator, images: Sequence[StoredImageTokens], labels: Tensor | None, *,
+               batch_size: int) -> float:
     device = _device(generator)
-    images = _load(generator, dataset, labels)
     total = 0.0
     with evaluating(generator):
         for group in _groups(images):
