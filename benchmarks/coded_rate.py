@@ -21,9 +21,12 @@ For each model this benchmark
    positions, codes), and the gap to JPEG / JPEG↓ / WebP↓ at the *coded* bpp, per photo from that run's
    codec curves (the best quality, and scale, reaching that rate).
 
-Nothing is fitted on the held-out photos. The coded rate is the code length, not a file: a bitstream
-would need the prior's probabilities bit-identical on both ends (integer inference), which this does
-not provide.
+Nothing is fitted on the held-out photos. ``--prior LABEL=DIR`` codes with a saved prior instead of
+fitting one (steps 1–2 skipped; the default ships its own: ``plugins/pretrained/tatok-small8-covered/
+context-prior``). The coded rate is a code length; with ``--files`` every coded point is also written as
+a real compressed file (:class:`tatok_core.workflows.compression.ImageCoder`: a range coder driven by the
+same prior), decoded back (the tokens must come back identical, or the run stops), and its size in
+bytes is reported as ``file_bpp`` with the codec gaps at that rate.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import json
 import math
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -44,13 +48,15 @@ if __package__ in (None, ""):  # ``python benchmarks/coded_rate.py``: import ``b
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.claims.common import environment, interp_y, save_figure, write_json  # noqa: E402
-from benchmarks.operating_point import (ModelEvaluator, Photo, codec_envelope, load_photos,  # noqa: E402
-                                        matched_methods, point_key, reference_methods)
+from benchmarks.operating_point import (ModelEvaluator, Photo, codec_curve, codec_envelope,  # noqa: E402
+                                        jpeg_scan_size, load_photos, matched_methods, point_key,
+                                        reference_methods)
 from benchmarks.operating_point_figures import CODEC_COLOURS, CODEC_NAMES, codec_mean_curve, figure_grid  # noqa: E402
 from tatok_core.contract.tokens import Tokens  # noqa: E402
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter  # noqa: E402
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer  # noqa: E402
 from tatok_core.workflows import generation  # noqa: E402
+from tatok_core.workflows.compression import ImageCoder, header_size  # noqa: E402
 from tatok_core.workflows.encoding import token_meta  # noqa: E402
 from tatok_core.workflows.inference import evaluating  # noqa: E402
 from tatok_core.workflows.progress import progress_bar  # noqa: E402
@@ -59,6 +65,8 @@ from tatok_plugins.context_prior import ContextPrior  # noqa: E402
 
 #: The codecs of ``operating_point.py`` compared at the coded rate.
 CODECS = ("jpeg", "jpeg-scaled", "webp-scaled")
+#: JPEG at its best downscale, its scan bytes alone: compared with a compressed file's payload.
+SCAN_ONLY = "jpeg-scaled-scan"
 
 
 def training_photos(data: str, sides: Sequence[int], every: int) -> tuple[list[Photo], list[Photo]]:
@@ -108,31 +116,41 @@ def coded_bits(prior: ContextPrior, tokens: Tokens) -> dict[str, float]:
     return {**parts, "total": sum(parts.values())}
 
 
-def codec_gaps(codecs: dict, photo: str, bpp: float, psnr: float) -> dict[str, float | None]:
+def codec_gaps(codecs: dict, photo: str, bpp: float, psnr: float,
+               names: Sequence[str] = CODECS) -> dict[str, float | None]:
     """PSNR − each codec's best PSNR at the same bpp on this photo (None where the codec does not reach it)."""
     gaps: dict[str, float | None] = {}
-    for codec in CODECS:
+    for codec in names:
         at = interp_y(*codec_envelope(codecs[codec]["per_photo"][photo], "psnr"), bpp)
         gaps[codec] = None if at is None else psnr - at
     return gaps
 
 
 def summarise(rows: list[dict]) -> dict[str, Any]:
-    """Means over the photos of one point; each codec gap over the photos it reaches (with their count)."""
-    summary: dict[str, Any] = {key: float(np.mean([r[key] for r in rows]))
-                               for key in ("kept", "psnr", "counted_bpp", "coded_bpp", "globals", "positions", "codes")}
+    """Means over the photos of one point; each codec gap (row key ``RATE_gap``) over the photos it
+    reaches, with their count, as ``CODEC_gap_RATE`` and ``CODEC_photos_RATE``."""
+    means = ("kept", "psnr", "counted_bpp", "coded_bpp", "file_bpp", "payload_bpp", "write_s", "read_s", "globals",
+             "positions", "codes")
+    summary: dict[str, Any] = {key: float(np.mean([r[key] for r in rows])) for key in means if key in rows[0]}
     kept = sum(r["kept"] for r in rows)
     summary["code_bits_per_kept"] = sum(r["codes"] for r in rows) / max(kept, 1)
-    for rate in ("counted", "coded"):
-        for codec in CODECS:
+    for rate in (key.removesuffix("_gap") for key in rows[0] if key.endswith("_gap")):
+        for codec in rows[0][f"{rate}_gap"]:
             gaps = [r[f"{rate}_gap"][codec] for r in rows if r[f"{rate}_gap"][codec] is not None]
             summary[f"{codec}_gap_{rate}"] = float(np.mean(gaps)) if gaps else None
             summary[f"{codec}_photos_{rate}"] = len(gaps)
     return summary
 
 
-def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, device: torch.device) -> dict:
-    model = Tokenizer.from_pretrained(source).to(device)
+def scan_only_jpeg(photos: Sequence[Photo], qualities: Sequence[int]) -> dict:
+    """JPEG at its best downscale counting only its scan bytes (:func:`jpeg_scan_size`), per photo: the
+    codec whose tables ship with it, compared with a compressed file's payload (its prior ships too)."""
+    return {"per_photo": {photo.name: codec_curve(photo.image, "jpeg-scaled", qualities, size_of=jpeg_scan_size)
+                          for photo in photos}}
+
+
+def fit_prior(label: str, model: Tokenizer, args: argparse.Namespace, device: torch.device) -> tuple[ContextPrior, dict]:
+    """Steps 1–2 of the module docs: a ``context`` prior fitted on the training photos' token sets."""
     with tempfile.TemporaryDirectory() as scratch:
         with evaluating(model):
             fit, held = training_photos(args.train_data, args.train_sides, args.validate_every_photo)
@@ -144,41 +162,82 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
         trained = generation.train_prior(prior.to(device), dataset, steps=args.steps, batch_size=args.batch_size,
                                          lr=args.lr, seed=args.seed, progress=args.progress, validation=validation)
         train_bits = generation.nll_bits_per_image(prior, dataset)
-        train_images = len(dataset)
+        record = {"options": {"width": args.width}, "steps": trained.steps, "best_step": trained.best_step,
+                  "validation": trained.validation, "validation_bits": trained.validation_bits,
+                  "seconds": trained.seconds, "train_bits_per_image": train_bits, "train_images": len(dataset)}
     if args.save_priors:
         generation.save_prior(prior, args.save_priors / label, training={
             "command": "python benchmarks/coded_rate.py", "train_data": args.train_data, "train_sides": args.train_sides,
             "train_fractions": args.train_fractions, "steps": trained.steps, "best_step": trained.best_step,
             "train_bits_per_image": train_bits,
             "validation_bits_per_image": trained.validation_bits})
+    return prior, record  # type: ignore[return-value]
+
+
+def file_bytes(coder: ImageCoder, tokens: Tokens, name: str) -> tuple[bytes, float, float]:
+    """``tokens`` written as a compressed file, which must decode to the very same tokens; with the seconds
+    the range coder took to write and to read it (the prior's walk, one CPU thread)."""
+    start = time.perf_counter()
+    data = coder.compress_tokens(tokens)
+    middle = time.perf_counter()
+    back = coder.decompress_tokens(data, name)
+    end = time.perf_counter()
+    tokens = tokens.to("cpu")
+    same = all(torch.equal(getattr(tokens, t), getattr(back, t)) for t in ("global_codes", "codes", "positions"))
+    if not same or back.image_size != tokens.image_size:
+        raise SystemExit(f"{name}: the compressed file decoded to other tokens")
+    return data, middle - start, end - middle
+
+
+def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, device: torch.device) -> dict:
+    model = Tokenizer.from_pretrained(source).to(device)
+    if label in args.prior:
+        prior, prior_record = generation.load_prior(args.prior[label]), {"loaded": str(args.prior[label])}
+    else:
+        prior, prior_record = fit_prior(label, model, args, device)
+    coder = ImageCoder(model, prior) if args.files else None
     with evaluating(model):
         evaluator = analysed_photos(model, load_photos(args.heldout_data, args.side), device, f"{label}: held-out",
                                     args.progress)
+        if coder is not None:
+            codecs = {**codecs, SCAN_ONLY: scan_only_jpeg(evaluator.photos, args.scan_qualities)}
         methods = [m for m in reference_methods(evaluator) if m.name != "globals"]
         for fraction in args.fractions:
             methods += [m for m in matched_methods(evaluator, fraction, args.seed)[0] if m.name == "own"]
         points: dict[str, Any] = {}
-        for method in methods:
-            rows = []
-            for i, photo in enumerate(evaluator.photos):
-                selection = method.select(i, evaluator.bits()[i])
-                score, _ = evaluator.score(i, selection, keeps_all=method.keeps_all)
-                bits = coded_bits(prior, evaluator.analysed[i].tokens(selection).to(device))
-                coded_bpp = bits["total"] / photo.pixels
-                rows.append({"photo": photo.name, "kept": score.kept, "psnr": score.psnr, "counted_bpp": score.bpp,
-                             "coded_bpp": coded_bpp, **{k: bits[k] for k in ("globals", "positions", "codes")},
-                             "counted_gap": codec_gaps(codecs, photo.name, score.bpp, score.psnr),
-                             "coded_gap": codec_gaps(codecs, photo.name, coded_bpp, score.psnr)})
-            points[point_key(method.name, method.fraction)] = {"summary": summarise(rows), "rows": rows}
-    return {"label": label, "source": source, "prior": {"options": {"width": args.width}, "steps": trained.steps,
-            "best_step": trained.best_step, "validation": trained.validation,
-            "validation_bits": trained.validation_bits, "seconds": trained.seconds,
-            "train_bits_per_image": train_bits, "train_images": train_images}, "points": points}
+        with progress_bar(args.progress) as bar:
+            task = bar.add_task(f"{label}: coding", total=len(methods) * len(evaluator.photos))
+            for method in methods:
+                rows = []
+                for i, photo in enumerate(evaluator.photos):
+                    selection = method.select(i, evaluator.bits()[i])
+                    score, _ = evaluator.score(i, selection, keeps_all=method.keeps_all)
+                    tokens = evaluator.analysed[i].tokens(selection)
+                    bits = coded_bits(prior, tokens.to(device))
+                    coded_bpp = bits["total"] / photo.pixels
+                    row = {"photo": photo.name, "kept": score.kept, "psnr": score.psnr, "counted_bpp": score.bpp,
+                           "coded_bpp": coded_bpp, **{k: bits[k] for k in ("globals", "positions", "codes")},
+                           "counted_gap": codec_gaps(codecs, photo.name, score.bpp, score.psnr),
+                           "coded_gap": codec_gaps(codecs, photo.name, coded_bpp, score.psnr)}
+                    if coder is not None:
+                        data, row["write_s"], row["read_s"] = file_bytes(coder, tokens, f"{photo.name} {method.name}")
+                        row["file_bpp"] = 8 * len(data) / photo.pixels
+                        row["payload_bpp"] = 8 * (len(data) - header_size(data)) / photo.pixels
+                        row["file_gap"] = codec_gaps(codecs, photo.name, row["file_bpp"], score.psnr)
+                        row["payload_gap"] = codec_gaps(codecs, photo.name, row["payload_bpp"], score.psnr, [SCAN_ONLY])
+                    rows.append(row)
+                    bar.advance(task)
+                points[point_key(method.name, method.fraction)] = {"summary": summarise(rows), "rows": rows}
+    result = {"label": label, "source": source, "prior": prior_record, "points": points}
+    if coder is not None:
+        result["codecs"] = {SCAN_ONLY: codecs[SCAN_ONLY]}  # of these photos, for the figure
+    return result
 
 
 def coded_figure(report: dict, codecs_record: dict, path: Path) -> Path:
-    """PSNR against bpp (set means): each model's points coded (filled, solid) and counted (hollow,
-    dotted) — the own filter's curve and every token — with the codecs' mean curves."""
+    """PSNR against bpp (set means): each model's points coded (filled, solid), counted (hollow, dotted)
+    and, with ``--files``, as compressed files (crosses, dashed) — the own filter's curve and every
+    token — with the codecs' mean curves."""
     figure, axes = figure_grid(1, 1, (8.0, 5.6))
     ax = axes[0, 0]
     shown = []
@@ -190,9 +249,16 @@ def coded_figure(report: dict, codecs_record: dict, path: Path) -> Path:
         ax.plot([s["coded_bpp"] for s in points], psnr, "-o", color=f"C{m}", label=f"{label}: coded")
         ax.plot([s["counted_bpp"] for s in points], psnr, ":o", color=f"C{m}", markerfacecolor="none",
                 label=f"{label}: counted")
+        if "file_bpp" in points[0]:
+            ax.plot([s["file_bpp"] for s in points], psnr, "--x", color=f"C{m}", label=f"{label}: compressed files")
     for codec in CODECS:
         xs, ys = codec_mean_curve(codecs_record, codec, "psnr")
         ax.plot(xs, ys, color=CODEC_COLOURS[codec], linewidth=2, label=f"{CODEC_NAMES[codec]} (Pillow)")
+    scan_only = next((model for model in report["models"].values() if "codecs" in model), None)
+    if scan_only is not None:
+        xs, ys = codec_mean_curve(scan_only, SCAN_ONLY, "psnr")
+        ax.plot(xs, ys, color=CODEC_COLOURS["jpeg-scaled"], linewidth=2, linestyle="--",
+                label="JPEG, best downscale, scan bytes only (tables not counted)")
     ax.set_xscale("log")
     ax.set_xlim(0.7 * min(s["coded_bpp"] for s in shown), 2 * max(s["counted_bpp"] for s in shown))  # the models' range
     ax.set_ylim(min(s["psnr"] for s in shown) - 2, max(s["psnr"] for s in shown) + 4)
@@ -228,7 +294,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("runs/coded_rate"))
     parser.add_argument("--save-priors", type=Path, help="save each model's fitted prior in DIR/LABEL (load_prior)")
+    parser.add_argument("--prior", action="append", default=[], metavar="LABEL=DIR",
+                        help="code LABEL's tokens with the prior saved in DIR instead of fitting one (repeatable)")
+    parser.add_argument("--files", action="store_true",
+                        help="also write every coded point as a compressed file, decode it back, report its bpp")
     args = parser.parse_args(argv)
+    if any("=" not in value for value in args.prior):
+        parser.error("--prior takes LABEL=DIR")
+    args.prior = dict(value.split("=", 1) for value in args.prior)
+    args.scan_qualities = list(range(1, 96))  # operating_point.py's JPEG qualities
     args.train_sides = [int(s) for s in args.train_sides.split(",")]
     args.train_fractions = [float(f) for f in args.train_fractions.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]
@@ -244,15 +318,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for label, source in parse_models(args.model):
         report["models"][label] = result = measure(label, source, args, run["codecs"], torch.device("cpu"))
         prior = result["prior"]
-        print(f"{label}: context prior {prior['seconds']:.0f} s, weights of step {prior['best_step']}, "
+        print(f"{label}: context prior loaded from {prior['loaded']}" if "loaded" in prior else
+              f"{label}: context prior {prior['seconds']:.0f} s, weights of step {prior['best_step']}, "
               f"{prior['train_bits_per_image']:.0f} bits per training token set, "
               f"{prior['validation_bits']:.0f} per validation set")
+        rate = "file" if args.files else "coded"
         for key, point in result["points"].items():
             s = point["summary"]
-            gaps = ", ".join(f"{c} {s[f'{c}_gap_coded']:+.2f} ({s[f'{c}_photos_coded']})" if s[f"{c}_gap_coded"] is not None
-                             else f"{c} —" for c in CODECS)
+            gaps = ", ".join(f"{c} {s[f'{c}_gap_{rate}']:+.2f} ({s[f'{c}_photos_{rate}']})"
+                             if s[f"{c}_gap_{rate}"] is not None else f"{c} —" for c in CODECS)
+            files = (f" → file {s['file_bpp']:.3f} (payload {s['payload_bpp']:.3f}: JPEG↓ scan only "
+                     + (f"{s[f'{SCAN_ONLY}_gap_payload']:+.2f} ({s[f'{SCAN_ONLY}_photos_payload']}))"
+                        if s[f"{SCAN_ONLY}_gap_payload"] is not None else "—)") if args.files else "")
             print(f"  {key:>9}: kept {s['kept']:6.1f}  PSNR {s['psnr']:.2f}  bpp counted {s['counted_bpp']:.3f} → coded "
-                  f"{s['coded_bpp']:.3f} ({s['code_bits_per_kept']:.2f} bits/code)  vs codecs at coded bpp: {gaps}")
+                  f"{s['coded_bpp']:.3f}{files} ({s['code_bits_per_kept']:.2f} bits/code)  vs codecs at {rate} bpp: {gaps}")
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "coded_rate.json", report)
     coded_figure(report, run, args.out / "coded_rate.png")

@@ -312,8 +312,10 @@ def hole_errors(original: Tensor, decoded: Tensor, keep: Tensor, grid: tuple[int
 
 
 # -- JPEG and WebP ----------------------------------------------------------------------------------
-def codec_curve(image: Tensor, codec: str, qualities: Sequence[int]) -> list[dict[str, float]]:
-    """Pillow's codec at each quality on one photo: bpp (file bytes·8 / the photo's pixels), PSNR, SSIM.
+def codec_curve(image: Tensor, codec: str, qualities: Sequence[int],
+                size_of: Callable[[bytes], int] = len) -> list[dict[str, float]]:
+    """Pillow's codec at each quality on one photo: bpp (``size_of`` the file — its bytes — ·8 / the
+    photo's pixels), PSNR, SSIM.
 
     ``codec`` is ``jpeg`` or ``webp`` at the photo's size, or ``jpeg-scaled`` / ``webp-scaled``: the photo
     first downscaled by each of :data:`CODEC_SCALES` and the decode upscaled back — what a user does to
@@ -329,7 +331,7 @@ def codec_curve(image: Tensor, codec: str, qualities: Sequence[int]) -> list[dic
             data = codec_bytes(image, base, quality, scale)
             reconstruction = decode_codec_bytes(data, image.shape[-2:])[None]  # (1, 3, H, W)
             points.append({"quality": quality, "scale": scale,
-                           "bpp": len(data) * 8 / (image.shape[-2] * image.shape[-1]),
+                           "bpp": size_of(data) * 8 / (image.shape[-2] * image.shape[-1]),
                            "psnr": float(psnr(reconstruction, image[None])[0]),
                            "ssim": float(ssim(reconstruction, image[None])[0])})
     return points
@@ -346,6 +348,17 @@ def codec_bytes(image: Tensor, codec: str, quality: int, scale: float = 1.0) -> 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, quality=quality, **options)
     return buffer.getvalue()
+
+
+def jpeg_scan_size(data: bytes) -> int:
+    """Bytes of a baseline JPEG's entropy-coded scan alone: without the markers, quantisation and Huffman
+    tables before it (~270–310 bytes with Pillow's optimised tables) — JPEG as if its tables shipped with
+    the decoder, as a tokenizer's prior does."""
+    start = data.find(b"\xff\xda")  # start of scan; its segment length follows the marker
+    if start < 0 or not data.endswith(b"\xff\xd9"):
+        raise ValueError("not a baseline JPEG with one scan")
+    header = start + 2 + int.from_bytes(data[start + 2:start + 4], "big")
+    return len(data) - header - 2  # the end-of-image marker aside
 
 
 def decode_codec_bytes(data: bytes, size: Sequence[int] | None = None) -> Tensor:

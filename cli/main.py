@@ -39,7 +39,7 @@ def cli() -> None:
 
 
 # Each module of tatok_cli lists its click commands in COMMANDS.
-COMMAND_MODULES = ("components", "training", "tokens", "generation", "demo")
+COMMAND_MODULES = ("components", "training", "tokens", "compression", "generation", "demo")
 
 
 def register_commands() -> None:

@@ -8,8 +8,8 @@ given what is kept (and the codes) at the positions before it within a few rows 
 global codes. Its negative log-likelihood is the length of an arithmetic code of the whole token set —
 globals, which positions are kept, and their codes — so it says what the plain count
 (:mod:`tatok_core.contract.bitrate`: log2 of the codebook per code, an enumerative code of the kept
-positions) leaves on the table. It samples too (raster order, one position per step), but its purpose
-is the rate.
+positions) leaves on the table. Its walk — one choice at a time in raster order — samples, and drives
+the range coder that writes compressed files (:mod:`tatok_core.workflows.compression`).
 
 Layout: a masked convolution of radius ``rings`` reads the positions before the centre (the centre row
 to its left, and the ``rings`` rows above), then ``depth`` masked 3×3 convolutions that may also read
@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tatok_core.contract.errors import GenerationError
-from tatok_core.contract.interfaces import Facts, Grid
+from tatok_core.contract.interfaces import Facts, Grid, Pick
 from tatok_core.contract.tokens import Tokens
-from tatok_plugins import generator as token_priors  # its draw(): one sampling rule (temperature, top-k) for every prior
+from tatok_plugins import generator as token_priors  # its drawing(): one sampling rule (temperature, top-k) for every prior
 from tatok_plugins.generator import DigitEmbedding, DigitHead, GridPrior
 from tatok_plugins.layers import init_tokens
 
@@ -126,25 +126,43 @@ class ContextPrior(GridPrior):
         self, n: int, *, grid: Grid, temperature: float, top_k: int, labels: Tensor | None, rng: torch.Generator
     ) -> Tokens:
         self.refuse_labels(labels)
+        return self.walk(token_priors.drawing(temperature, top_k, rng), grid=grid, n=n)
+
+    @torch.no_grad()
+    def walk(self, pick: Pick, *, grid: Grid, given: Tokens | None = None, n: int = 1) -> Tokens:
+        """The global codes slot by slot, then each position's keep flag and, where kept, its code, in raster
+        order (the interface's contract). Each position's state is computed on the window of the grid it
+        reads — ``reach`` rows above and columns either side — which is exact and keeps a position's cost
+        independent of the grid's size."""
+        if given is not None:
+            if tuple(given.grid) != tuple(grid):
+                raise GenerationError(f"{self.label}: tokens on a {given.grid} grid walked on {grid}")
+            n = given.batch_size
+            known_codes, known_kept = dense_grid(given)  # (n, H, W'), (n, H, W')
         device = self.slots.device
         global_codes = torch.zeros(n, self.num_global, dtype=torch.long, device=device)
         for slot in range(self.num_global):  # each slot's context reads only the slots before it
             contexts, _ = self.global_contexts(global_codes)
-            global_codes[:, slot] = self.code_head.sample(contexts[:, slot], temperature, top_k, rng)
+            known = None if given is None else given.global_codes[:, slot]
+            global_codes[:, slot] = self.code_head.choose(contexts[:, slot], pick, known)
         _, summary = self.global_contexts(global_codes)
         rows, cols = grid
         codes = torch.zeros(n, rows, cols, dtype=torch.long, device=device)
         kept = torch.zeros(n, rows, cols, dtype=torch.bool, device=device)
         for row in range(rows):
-            top = max(0, row - self.reach)  # the rows this row's states read: the band above is exact
+            top = max(0, row - self.reach)
             for col in range(cols):
-                state = self.patch_states(codes[:, top:row + 1], kept[:, top:row + 1], summary)[:, -1, col]  # (n, W)
+                left, right = max(0, col - self.reach), min(cols, col + self.reach + 1)
+                window = (slice(None), slice(top, row + 1), slice(left, right))
+                state = self.patch_states(codes[window], kept[window], summary)[:, -1, col - left]  # (n, W)
                 keep_logits = F.pad(self.keep_head(state), (1, 0))  # (n, 2): dropped, kept
-                keep = token_priors.draw(keep_logits, temperature, top_k, rng).bool()  # (n,)
+                keep = pick(keep_logits, None if given is None else known_kept[:, row, col].long()).bool()  # (n,)
                 kept[:, row, col] = keep
                 if bool(keep.any()):  # a code only where kept: a dropped position has none
-                    codes[keep, row, col] = self.code_head.sample(state[keep], temperature, top_k, rng)
-        return sparse_tokens(global_codes, codes, kept, self.image_size(grid))
+                    known = None if given is None else known_codes[keep, row, col]
+                    codes[keep, row, col] = self.code_head.choose(state[keep], pick, known)
+        image_size = self.image_size(grid) if given is None else given.image_size
+        return sparse_tokens(global_codes, codes, kept, image_size)
 
     def refuse_labels(self, labels: Tensor | None) -> None:
         if labels is not None:

@@ -30,7 +30,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from tatok_core.contract.errors import GenerationError
-from tatok_core.contract.interfaces import Facts, Generator, Grid, mixed_radix_digits
+from tatok_core.contract.interfaces import Facts, Generator, Grid, Pick, mixed_radix_digits
 from tatok_core.contract.tokens import Tokens
 from tatok_plugins.layers import KVCache, Transformer, check_heads, init_tokens, sincos_2d
 
@@ -43,6 +43,11 @@ def draw(logits: Tensor, temperature: float, top_k: int, rng: torch.Generator) -
         kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -math.inf)
     return torch.multinomial(logits.softmax(-1), 1, generator=rng)[:, 0]  # (B,)
+
+
+def drawing(temperature: float, top_k: int, rng: torch.Generator) -> Pick:
+    """The pick of a sampler: :func:`draw` at ``temperature`` over the ``top_k`` largest logits."""
+    return lambda logits, _given: draw(logits, temperature, top_k, rng)
 
 
 @attrs.frozen(eq=False)
@@ -137,10 +142,15 @@ class DigitHead(nn.Module):
 
     def sample(self, context: Tensor, temperature: float, top_k: int, rng: torch.Generator) -> Tensor:
         """Contexts (B, W) → codes (B,), one digit after the other."""
+        return self.choose(context, drawing(temperature, top_k, rng))
+
+    def choose(self, context: Tensor, pick: Pick, given: Tensor | None = None) -> Tensor:
+        """Contexts (B, W) → codes (B,), each digit made by ``pick`` (given codes (B,): known digits)."""
+        known = None if given is None else mixed_radix_digits(given, self.factors)  # (B, F)
         codes = torch.zeros(context.shape[0], dtype=torch.long, device=context.device)
         place = 1
         for f, head in enumerate(self.heads):
-            digit = draw(head(context), temperature, top_k, rng)  # (B,)
+            digit = pick(head(context), None if known is None else known[:, f])  # (B,)
             codes = codes + digit * place
             place *= self.factors[f]
             if f < len(self.chosen):

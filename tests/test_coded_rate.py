@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from benchmarks.coded_rate import codec_gaps, summarise, training_photos
+from benchmarks.operating_point import codec_bytes, jpeg_scan_size
 
 
 def test_validation_photos_are_whole_photos_the_prior_does_not_fit() -> None:
@@ -36,3 +37,18 @@ def test_codec_gaps_interpolate_each_codec_at_the_given_rate() -> None:
     assert summary["code_bits_per_kept"] == pytest.approx(6.0)  # pooled over photos: 240 bits / 40 codes
     assert summary["jpeg_gap_coded"] == pytest.approx(1.0) and summary["jpeg_photos_coded"] == 2
     assert summary["jpeg_gap_counted"] == pytest.approx(-1.0)
+    payload = {**row, "payload_bpp": 0.15, "payload_gap": {"jpeg-scaled-scan": 0.5}}
+    summary = summarise([payload, {**payload, "payload_gap": {"jpeg-scaled-scan": None}}])
+    assert summary["payload_bpp"] == pytest.approx(0.15)
+    assert summary["jpeg-scaled-scan_gap_payload"] == 0.5 and summary["jpeg-scaled-scan_photos_payload"] == 1
+
+
+def test_a_jpeg_scan_is_counted_without_the_tables_before_it() -> None:
+    flat = torch.full((3, 64, 96), 0.5)
+    data = codec_bytes(flat, "jpeg", 50)
+    assert len(data) > 250 and jpeg_scan_size(data) < 40  # a flat picture: nearly all of the file is tables
+    busy = codec_bytes(torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(0)), "jpeg", 50)
+    assert jpeg_scan_size(busy) > 10 * jpeg_scan_size(data)
+    assert len(busy) - jpeg_scan_size(busy) < 700  # the tables, whatever the picture
+    with pytest.raises(ValueError, match="not a baseline JPEG"):
+        jpeg_scan_size(codec_bytes(flat, "webp", 50))

@@ -18,6 +18,7 @@ from tatok_core.contract.selection import Selection
 from tatok_core.io.images import fit_longest_side
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 from tatok_core.workflows.analysis import Analysed
+from tatok_core.workflows.compression import CODING_PRIOR
 from tatok_core.workflows.data import HELDOUT_PHOTOS, ImageSource
 from tatok_core.workflows.metrics import psnr
 from tatok_core.workflows.generation import load_prior
@@ -46,7 +47,6 @@ COVERAGE_GAIN_FLOOR = 0.6
 # dB the fill of random holes may trail the kept-neighbour average: none, the issue's target (it leads, by
 # 0.68 measured; tatok-small8-anchored 0.64; tatok-small16-anchored 0.42; the 8-px tatok-small trailed by 0.71, and by 2.75 without fill_spread)
 HOLES_MARGIN = 0.0
-CODE_PRIOR = "context-prior"  # the folder of the default that holds the prior its tokens are coded with
 # Bits per patch code the shipped `context` prior (fitted on the training photos' tokens) codes every held-out token with:
 # 8.76 measured on these 5 photos when it was shipped, against the counted log2 12 800 = 13.64 (8.40 on the 14
 # held-out photos of builtin:photos:extended, docs/results.md "The rate an entropy coder writes")
@@ -184,7 +184,7 @@ def test_the_coverage_ranking_beats_worst_first_at_a_quarter_of_the_tokens(model
 def test_the_shipped_prior_codes_the_tokens_under_their_counted_rate(model: Tokenizer, analysed: list[Analysed]) -> None:
     """The prior that ships with the default codes every token and the default's own set of the held-out
     photos in fewer bits than the plain count: a code length that exists (tests/test_context_prior.py)."""
-    prior = load_prior(PRETRAINED_DIR / DEFAULT_PRETRAINED / CODE_PRIOR)
+    prior = load_prior(PRETRAINED_DIR / DEFAULT_PRETRAINED / CODING_PRIOR)
     assert prior.facts_in.values["spec_digest"] == model.spec.digest()
     code_bits = codes = 0.0
     for photo in analysed:

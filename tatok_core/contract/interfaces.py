@@ -25,13 +25,19 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from tatok_core.contract.errors import CompositionError
+from tatok_core.contract.errors import CompositionError, GenerationError
 
 if TYPE_CHECKING:
     from tatok_core.contract.selection import Selection
     from tatok_core.contract.tokens import Tokens
 
 Grid = tuple[int, int]
+
+Pick = Callable[[Tensor, "Tensor | None"], Tensor]
+"""One choice of a prior's walk: logits (B, V) and the choice already known (B,) or None → the choice (B,).
+
+Sampling draws from the logits; an entropy coder's encoder writes the known choice under the logits'
+probabilities and returns it; its decoder reads the choice from the stream."""
 
 
 @attrs.frozen
@@ -388,6 +394,17 @@ class Generator(Component):
         self, n: int, *, grid: Grid, temperature: float, top_k: int, labels: Tensor | None, rng: torch.Generator
     ) -> Tokens:
         """``n`` images' tokens on ``grid``: always valid (positions increasing inside it, codes in range)."""
+
+    def walk(self, pick: Pick, *, grid: Grid, given: Tokens | None = None, n: int = 1) -> Tokens:
+        """Tokens built choice by choice in the prior's own order, each choice made by ``pick`` from its logits.
+
+        With ``given`` (its images on ``grid``) every choice is known and ``pick`` sees it; the walk then
+        returns ``given``. The same walk with the same choices computes the same logits, bit for bit —
+        what lets an entropy coder's decoder (:mod:`tatok_core.workflows.compression`) follow its encoder.
+        Optional: a prior without a walk still trains, scores and samples.
+        """
+        raise GenerationError(f"{self.label} cannot drive an entropy coder: it has no walk() "
+                              "(the built-in 'context' prior has one)")
 
 
 INTERFACES: dict[str, type[Component]] = {

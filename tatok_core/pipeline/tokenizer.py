@@ -456,6 +456,11 @@ def _component_spec(kind: str, value: str | Mapping[str, Any] | ComponentSpec) -
     raise SpecError(f"override for {kind!r} must be a name or a table {{'name': …, 'options': {{…}}}}, got {value!r}")
 
 
+def pretrained_folder(name_or_dir: str | Path, registry: Registry | None = None) -> Path:
+    """The folder of a saved tokenizer or a shipped name — where what ships beside its weights lives."""
+    return _locate(name_or_dir, registry, local_files_only=True)[0]
+
+
 def _locate(name_or_dir: str | Path, registry: Registry | None, **hub: Any) -> tuple[Path, str | None]:
     """(folder holding ``spec.toml``, shipped or Hub name or None) for a folder, shipped name or Hub id."""
     directory = Path(name_or_dir)

@@ -1,0 +1,304 @@
+"""Compressed images: one image's tokens written by an arithmetic coder that a prior drives, as bytes.
+
+A token file stores each code plainly; its rate is the count (log2 of the codebook per code and an
+enumerative code of the kept positions, :mod:`tatok_core.contract.bitrate`). A prior that walks the
+tokens choice by choice (:meth:`~tatok_core.contract.interfaces.Generator.walk`: the built-in
+``context`` prior) predicts each choice from those before it; a range coder
+(`constriction <https://bamler-lab.github.io/constriction/>`_) writes each choice in about −log2 p bits.
+So the file's length is the prior's code length plus a few bytes, and the rate an entropy coder writes
+becomes a file a user can compare with a JPEG.
+
+File layout, version 1 (what :meth:`ImageCoder.compress_tokens` writes):
+
+==============  ===========  ===========================================================================
+field           size         meaning
+==============  ===========  ===========================================================================
+magic           4 bytes      ``b"TTK"`` and the format version (1)
+pairing         8 bytes      :func:`pairing_digest` of the tokenizer and the prior: tokens are decoded
+                             only by the pair that wrote them (whatever rule kept them)
+sizes           4 varints    image height and width, grid rows and columns (LEB128, 2 bytes each < 16384)
+checksum        4 bytes      CRC-32 of the token set (globals, kept positions, codes), big-endian
+payload         rest         the range coder's 32-bit words, little-endian
+==============  ===========  ===========================================================================
+
+Decoding re-runs the encoder's walk with the choices read back from the payload, so it needs the very
+logits the encoder saw, bit for bit. Both ends therefore run the prior on the CPU, single-threaded,
+in float32: the same tatok, torch build and CPU kind decode what they encoded. Where anything differs
+(or the file is damaged) the decoded tokens fail the checksum and the file is refused by name — a
+wrong image is never returned. (A format for any machine needs integer inference; not done.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import attrs
+import constriction
+import numpy as np
+import torch
+from torch import Tensor
+
+from tatok_core.contract.errors import CompositionError, TatokError, TokenFileError
+from tatok_core.contract.interfaces import Generator
+from tatok_core.contract.tokens import Tokens
+from tatok_core.io.atomic import atomic_write
+from tatok_core.io.images import fit_longest_side, read_image
+from tatok_core.io.persistence import state_digest
+from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer, pretrained_folder
+from tatok_core.workflows.generation import load_prior
+
+MAGIC = b"TTK"
+FORMAT_VERSION = 1
+SUFFIX = ".ttk"
+CODING_PRIOR = "context-prior"
+"""The folder, inside a saved tokenizer's, of the prior its tokens are coded with."""
+
+_CHOICE_MODEL = constriction.stream.model.Categorical(perfect=False)  # probabilities given per choice
+
+
+def _probabilities(logits: Tensor) -> np.ndarray:
+    """Logits (B, V) → float64 probabilities (B, V): what the range coder quantizes, identically at both ends."""
+    return torch.softmax(logits.double(), dim=-1).numpy()
+
+
+class _Writer:
+    """The encoder's pick: writes the known choice under the logits' probabilities."""
+
+    def __init__(self) -> None:
+        self.coder = constriction.stream.queue.RangeEncoder()
+
+    def __call__(self, logits: Tensor, given: Tensor | None) -> Tensor:
+        assert given is not None, "the encoder walks a given token set"
+        self.coder.encode(given.numpy().astype(np.int32), _CHOICE_MODEL, _probabilities(logits))
+        return given
+
+
+class _Reader:
+    """The decoder's pick: reads the choice back under the same probabilities."""
+
+    def __init__(self, words: np.ndarray) -> None:
+        self.coder = constriction.stream.queue.RangeDecoder(words)
+
+    def __call__(self, logits: Tensor, given: Tensor | None) -> Tensor:
+        return torch.from_numpy(self.coder.decode(_CHOICE_MODEL, _probabilities(logits)).astype(np.int64))
+
+
+@contextlib.contextmanager
+def _reproducible() -> Iterator[None]:
+    """One CPU thread and no autograd while the prior walks: the logits must not depend on the machine's load."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _read_varint(data: bytes, at: int, source: str) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if at >= len(data) or shift > 63:
+            raise TokenFileError(f"{source}: truncated header")
+        byte = data[at]
+        value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+        if not byte & 0x80:
+            return value, at
+
+
+def token_checksum(tokens: Tokens) -> int:
+    """CRC-32 of one image's token set: its grid, image size, global codes, kept positions and codes."""
+    crc = zlib.crc32(np.asarray([*tokens.grid, *tokens.image_size], dtype="<i8").tobytes())
+    for values in (tokens.global_codes, tokens.positions, tokens.codes):
+        crc = zlib.crc32(values.cpu().numpy().astype("<i8").tobytes(), crc)
+    return crc
+
+
+def pairing_digest(tokenizer: Tokenizer, prior: Generator) -> bytes:
+    """8 bytes of SHA-256 over what decoding a file depends on: the tokenizer's weights and the components
+    that give tokens their meaning (encoder, globals, quantizer, decoder — not the entropy estimator and
+    filter, which only choose the tokens kept), and the prior's weights."""
+    meaning = {kind: tokenizer.spec.component(kind).to_dict()
+               for kind in ("encoder", "global_tokenizer", "quantizer", "decoder")}
+    text = json.dumps([meaning, tokenizer.weights_digest(), state_digest(prior.state_dict())], sort_keys=True)
+    return hashlib.sha256(text.encode()).digest()[:8]
+
+
+@attrs.frozen(eq=False)
+class ImageCoder:
+    """A tokenizer and the prior its tokens are coded with: images ↔ compressed bytes (module docs).
+
+    The tokenizer's own rule decides which tokens are kept (give it another with
+    :func:`~tatok_core.workflows.rate_control.with_rule`); the prior must model its codes: the same code
+    factors and number of globals (checked here, naming both). The prior runs on the CPU.
+    """
+
+    tokenizer: Tokenizer
+    prior: Generator
+    pairing: bytes = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if type(self.prior).walk is Generator.walk:
+            raise CompositionError(f"{self.prior.label} cannot drive the entropy coder of tokenizer "
+                                   f"{self.tokenizer.name!r}: it has no walk() (the built-in 'context' prior has one)")
+        facts = self.prior.facts_in.values
+        writes = {"code_factors": tuple(self.tokenizer.quantizer.code_factors), "num_global": self.tokenizer.num_global}
+        for fact, value in writes.items():
+            models = facts.get(fact)
+            if models is not None and (tuple(models) if isinstance(models, (list, tuple)) else models) != value:
+                raise CompositionError(f"{self.prior.label} models {fact}={models!r} but tokenizer "
+                                       f"{self.tokenizer.name!r} writes {fact}={value!r}")
+        self.prior.to("cpu").eval()
+        object.__setattr__(self, "pairing", pairing_digest(self.tokenizer, self.prior))
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str | os.PathLike[str] = DEFAULT_PRETRAINED, *,
+                        prior: str | os.PathLike[str] | None = None) -> ImageCoder:
+        """A saved tokenizer (a shipped name or a folder) with the prior in its ``context-prior/`` folder,
+        or the prior saved in ``prior`` (:func:`~tatok_core.workflows.generation.save_prior`)."""
+        tokenizer = Tokenizer.from_pretrained(name_or_dir)
+        folder = Path(prior) if prior is not None else pretrained_folder(name_or_dir) / CODING_PRIOR
+        if prior is None and not folder.is_dir():
+            raise TatokError(f"tokenizer {tokenizer.name!r} ships no {CODING_PRIOR}/ folder (the prior its tokens "
+                             "are coded with): fit one with `tatok train-prior --generator context` on its tokens "
+                             "and pass that folder as the prior")
+        return cls(tokenizer, load_prior(folder))
+
+    # -- tokens ↔ bytes ------------------------------------------------------------------------------
+    def compress_tokens(self, tokens: Tokens) -> bytes:
+        """One image's tokens (a batch of one) → the bytes of a compressed file."""
+        if tokens.batch_size != 1:
+            raise TatokError(f"a compressed file holds one image; got {tokens.batch_size}")
+        tokens = tokens.to("cpu")
+        writer = _Writer()
+        with _reproducible():
+            self.prior.walk(writer, grid=tokens.grid, given=tokens)
+        header = b"".join([MAGIC, bytes([FORMAT_VERSION]), self.pairing,
+                           *map(_varint, (*tokens.image_size, *tokens.grid)),
+                           token_checksum(tokens).to_bytes(4, "big")])
+        return header + writer.coder.get_compressed().astype("<u4").tobytes()
+
+    def decompress_tokens(self, data: bytes, source: str = "compressed data") -> Tokens:
+        """The bytes of a compressed file → its tokens; ``source`` names it in errors."""
+        header = read_header(data, source)
+        if header.pairing != self.pairing:
+            raise TokenFileError(f"{source}: written by another tokenizer or prior (pairing {header.pairing.hex()}; "
+                                 f"{self.tokenizer.name!r} with this prior is {self.pairing.hex()})")
+        if header.grid != tuple(self.tokenizer.grid_for(*header.image_size)) or (len(data) - header.size) % 4:
+            raise TokenFileError(f"{source}: damaged (grid {header.grid[0]}×{header.grid[1]} for a "
+                                 f"{header.image_size[0]}×{header.image_size[1]} image, {len(data)} bytes)")
+        reader = _Reader(np.frombuffer(data[header.size:], dtype="<u4").astype(np.uint32))
+        try:
+            with _reproducible():
+                tokens = self.prior.walk(reader, grid=header.grid, given=None)
+        except (ValueError, RuntimeError) as exc:  # the range decoder ran out of data or met an invalid word
+            raise TokenFileError(f"{source}: damaged payload ({exc})") from exc
+        tokens = attrs.evolve(tokens, image_size=header.image_size)
+        if token_checksum(tokens) != header.checksum:
+            raise TokenFileError(f"{source}: the decoded tokens fail their checksum: the file is damaged, or was "
+                                 "written with another tatok, torch build or CPU kind (the prior's logits differ)")
+        return tokens
+
+    # -- images ↔ bytes, files ------------------------------------------------------------------------
+    @property
+    def _device(self) -> torch.device:
+        return next(self.tokenizer.parameters()).device
+
+    def tokens_of(self, image: Tensor, tau: float | None = None) -> Tokens:
+        """An image (3, H, W) in [0, 1] → its tokens (a batch of one), kept by the tokenizer's rule."""
+        with torch.inference_mode():
+            return self.tokenizer.encode(image[None].to(self._device), tau=tau)
+
+    def compress(self, image: Tensor, tau: float | None = None) -> bytes:
+        """An image (3, H, W) in [0, 1] → compressed bytes."""
+        return self.compress_tokens(self.tokens_of(image, tau))
+
+    def decompress(self, data: bytes, source: str = "compressed data") -> Tensor:
+        """Compressed bytes → the reconstructed image (3, H, W) at the original size."""
+        tokens = self.decompress_tokens(data, source)
+        with torch.inference_mode():
+            return self.tokenizer.decode(tokens.to(self._device))[0].cpu()
+
+    def compress_file(self, image_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
+                      tau: float | None = None, longest_side: int | None = None) -> CompressedFile:
+        """Compress an image file (downscaled to ``longest_side`` if given) into ``out``, written atomically."""
+        image = read_image(image_path)
+        if longest_side is not None:
+            image = fit_longest_side(image, longest_side)
+        tokens = self.tokens_of(image, tau)
+        data = self.compress_tokens(tokens)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, data)
+        return CompressedFile(Path(out), tokens.image_size, int(tokens.codes.numel()), tokens.num_patches, len(data))
+
+    def decompress_file(self, path: str | os.PathLike[str]) -> Tensor:
+        """A compressed file → the reconstructed image (3, H, W); errors name the file."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise TokenFileError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        return self.decompress(data, str(path))
+
+
+@attrs.frozen
+class FileHeader:
+    """What precedes a compressed file's payload (module docs); ``size`` is its length in bytes."""
+
+    pairing: bytes
+    image_size: tuple[int, int]
+    grid: tuple[int, int]
+    checksum: int
+    size: int
+
+
+def read_header(data: bytes, source: str = "compressed data") -> FileHeader:
+    """The header of a compressed file (checked: magic, version, complete); ``source`` names it in errors."""
+    if data[:3] != MAGIC:
+        raise TokenFileError(f"{source}: not a compressed TaTok image (it starts with {data[:4]!r})")
+    if len(data) < 4 or data[3] != FORMAT_VERSION:
+        version = data[3] if len(data) > 3 else None
+        raise TokenFileError(f"{source}: format version {version}; this tatok reads {FORMAT_VERSION}")
+    at = 12
+    sizes = []
+    for _ in range(4):
+        value, at = _read_varint(data, at, source)
+        sizes.append(value)
+    if len(data) < at + 4:
+        raise TokenFileError(f"{source}: truncated header")
+    height, width, rows, cols = sizes
+    return FileHeader(data[4:12], (height, width), (rows, cols), int.from_bytes(data[at:at + 4], "big"), at + 4)
+
+
+def header_size(data: bytes) -> int:
+    """Bytes of a compressed file before its payload (20 for sizes under 128, 24 at most below 16384)."""
+    return read_header(data).size
+
+
+@attrs.frozen
+class CompressedFile:
+    """What :meth:`ImageCoder.compress_file` wrote."""
+
+    path: Path
+    image_size: tuple[int, int]
+    kept: int  # patch tokens kept, of num_patches
+    num_patches: int
+    size: int  # bytes
+
+    @property
+    def bpp(self) -> float:
+        return 8 * self.size / (self.image_size[0] * self.image_size[1])
