@@ -10,9 +10,7 @@ from rich.table import Table
 from tatok_cli.console import console, err_console
 from tatok_cli.options import at_least
 from tatok_cli.tokens import model_option
-from tatok_core.contract.errors import ImageReadError, TatokError
-from tatok_core.io.images import write_image
-from tatok_core.workflows.compression import SUFFIX, ImageCoder
+from tatok_core.workflows.compression import SUFFIX, ImageCoder, compress_files, decompress_files
 from tatok_core.workflows.encoding import source_names
 from tatok_core.workflows.rate_control import check_rate, with_rule
 
@@ -45,20 +43,15 @@ def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tu
     check_rate(tau, None, theta=theta, epsilon=epsilon)
     coder = _coder(model_name, prior)
     coder = ImageCoder(with_rule(coder.tokenizer, tau=tau, theta=theta, epsilon=epsilon), coder.prior)
+    written, failed = compress_files(coder, source_names(inputs), output, tau=tau, longest_side=longest_side,
+                                     progress=True)
     table = Table(title=f"{model_name}: compressed")
     for column in ("image", "size", "tokens kept / max", "bytes", "bpp"):
         table.add_column(column, justify="left" if column == "image" else "right")
-    failed = []
-    for path, name in source_names(inputs):
-        try:
-            written = coder.compress_file(path, output / Path(name).with_suffix(SUFFIX), tau=tau,
-                                          longest_side=longest_side)
-        except ImageReadError as exc:
-            failed.append(str(exc))
-            continue
-        height, width = written.image_size
-        table.add_row(name, f"{height}×{width}", f"{written.kept} / {written.num_patches}", str(written.size),
-                      f"{written.bpp:.3f}")
+    for file in written:
+        height, width = file.image_size
+        table.add_row(file.path.name, f"{height}×{width}", f"{file.kept} / {file.num_patches}", str(file.size),
+                      f"{file.bpp:.3f}")
     console.print(table)
     for reason in failed:
         err_console.print(f"[yellow]skipped[/] {reason}", highlight=False, soft_wrap=True)
@@ -75,15 +68,8 @@ def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tu
 @click.option("--overwrite", is_flag=True, help="replace PNGs of the same names already in the folder")
 def decompress(model_name: str, prior: Path | None, files: tuple[Path, ...], output: Path, overwrite: bool) -> None:
     """Decode compressed files back into PNGs (the same model and prior that compressed them)."""
-    targets = [output / file.with_suffix(".png").name for file in files]
-    clash = next((t for t in targets if t.exists()), None)
-    if clash is not None and not overwrite:
-        raise TatokError(f"{clash} already exists (--overwrite replaces it)")
-    coder = _coder(model_name, prior)
-    for file, target in zip(files, targets):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_image(target, coder.decompress_file(file))
-    console.print(f"decoded {len(files)} file(s) into {output}", highlight=False)
+    written = decompress_files(_coder(model_name, prior), files, output, overwrite=overwrite, progress=True)
+    console.print(f"decoded {len(written)} file(s) into {output}", highlight=False)
 
 
 COMMANDS = [compress, decompress]

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from tatok_cli.main import cli
 from tatok_core.contract.bitrate import token_bits
-from tatok_core.contract.errors import CompositionError, TokenFileError
+from tatok_core.contract.errors import CompositionError, GenerationError, TokenFileError
 from tatok_core.contract.tokens import Tokens
 from tatok_core.io.images import read_image, write_image
 from tatok_core.pipeline.tokenizer import Tokenizer
@@ -120,6 +120,9 @@ def test_a_prior_that_cannot_code_these_tokens_fails_when_the_coder_is_built(tok
     with pytest.raises(CompositionError, match=r"generator 'adaptive'.*cannot drive the entropy coder of tokenizer "
                                                r"'tatok-small8-covered'.*has no walk\(\)"):
         ImageCoder(tokenizer, build_generator("adaptive", facts, width=16, depth=1, heads=2))
+    with pytest.raises(GenerationError, match="generator 'adaptive'.* cannot drive an entropy coder"):
+        build_generator("adaptive", facts, width=16, depth=1, heads=2).walk(lambda logits, _: logits.argmax(-1),
+                                                                            grid=(4, 4))
     other = generator_facts((8, 8), tokenizer.num_global, (4, 4), tokenizer.patch_size)
     with pytest.raises(CompositionError, match=r"models code_factors=\(8, 8\) but tokenizer 'tatok-small8-covered' "
                                                r"writes code_factors=\(8, 8, 8, 5, 5\)"):
@@ -130,10 +133,13 @@ def test_cli_compresses_and_decompresses_to_the_tokenizer_s_reconstruction(tmp_p
     photo = tmp_path / "rocket.png"
     write_image(photo, fit_longest_side(load_builtin_photo("rocket"), 64))
     runner = CliRunner()
-    done = runner.invoke(cli, ["compress", str(photo), "-o", str(tmp_path / "small"), "--theta", "211"])
-    assert done.exit_code == 0, done.output
+    broken = tmp_path / "broken.png"
+    broken.write_text("not an image")
+    done = runner.invoke(cli, ["compress", str(photo), str(broken), "-o", str(tmp_path / "small"), "--theta", "211"])
+    assert done.exit_code == 1 and "skipped" in done.output and "broken.png" in done.output  # the rest is written
     compressed = tmp_path / "small" / "rocket.ttk"
-    assert f"{compressed.stat().st_size}" in done.output and "rocket.png" in done.output
+    assert f"{compressed.stat().st_size}" in done.output and "rocket.ttk" in done.output
+    assert not (tmp_path / "small" / "broken.ttk").exists()
     done = runner.invoke(cli, ["decompress", str(compressed), "-o", str(tmp_path / "back")])
     assert done.exit_code == 0, done.output
     coder = ImageCoder.from_pretrained()

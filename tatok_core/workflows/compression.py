@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -44,14 +44,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tatok_core.contract.errors import CompositionError, TatokError, TokenFileError
+from tatok_core.contract.errors import CompositionError, ImageReadError, TatokError, TokenFileError
 from tatok_core.contract.interfaces import Generator
 from tatok_core.contract.tokens import Tokens
 from tatok_core.io.atomic import atomic_write
-from tatok_core.io.images import fit_longest_side, read_image
+from tatok_core.io.images import fit_longest_side, read_image, write_image
 from tatok_core.io.persistence import state_digest
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer, pretrained_folder
 from tatok_core.workflows.generation import load_prior
+from tatok_core.workflows.progress import progress_bar
 
 MAGIC = b"TTK"
 FORMAT_VERSION = 1
@@ -302,3 +303,38 @@ class CompressedFile:
     @property
     def bpp(self) -> float:
         return 8 * self.size / (self.image_size[0] * self.image_size[1])
+
+
+def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_dir: str | os.PathLike[str], *,
+                   tau: float | None = None, longest_side: int | None = None,
+                   progress: bool = False) -> tuple[list[CompressedFile], list[str]]:
+    """Compress (path, name) pairs (:func:`~tatok_core.workflows.encoding.source_names`) into
+    ``out_dir``/NAME.ttk; unreadable images are skipped and reported, as (written, reasons)."""
+    written, failed = [], []
+    with progress_bar(progress) as bar:
+        task = bar.add_task("compress", total=len(sources))
+        for path, name in sources:
+            try:
+                written.append(coder.compress_file(path, Path(out_dir) / Path(name).with_suffix(SUFFIX), tau=tau,
+                                                   longest_side=longest_side))
+            except ImageReadError as exc:
+                failed.append(str(exc))
+            bar.advance(task)
+    return written, failed
+
+
+def decompress_files(coder: ImageCoder, files: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
+                     overwrite: bool = False, progress: bool = False) -> list[Path]:
+    """Decode compressed files into ``out_dir``/STEM.png; an existing PNG stops it before any work unless
+    ``overwrite``."""
+    targets = [Path(out_dir) / Path(file).with_suffix(".png").name for file in files]
+    clash = next((t for t in targets if t.exists()), None)
+    if clash is not None and not overwrite:
+        raise TatokError(f"{clash} already exists (--overwrite replaces it)")
+    with progress_bar(progress) as bar:
+        task = bar.add_task("decompress", total=len(targets))
+        for file, target in zip(files, targets):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_image(target, coder.decompress_file(file))
+            bar.advance(task)
+    return targets
