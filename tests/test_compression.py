@@ -111,6 +111,8 @@ def test_bad_files_are_refused_by_name(tokenizer: Tokenizer) -> None:
         coder.decompress_tokens(data[:13], "photo.ttk")
     with pytest.raises(TokenFileError, match=r"photo.ttk: damaged \(grid"):
         coder.decompress_tokens(data[:12] + bytes([99]) + data[13:], "photo.ttk")  # an image size off its grid
+    with pytest.raises(TokenFileError, match=r"photo.ttk: damaged \(a 4294967295×"):
+        coder.decompress_tokens(data[:12] + b"\xff\xff\xff\xff\x0f" + data[13:], "photo.ttk")  # no walk over 2^32 rows
     for at in (17, 24, len(data) - 7, len(data) - 1):  # a flipped bit in the checksum or anywhere in the payload
         flipped = bytearray(data)
         flipped[at] ^= 0x10

@@ -57,6 +57,7 @@ from tatok_core.workflows.progress import progress_bar
 MAGIC = b"TTK"
 FORMAT_VERSION = 1
 SUFFIX = ".ttk"
+MAX_SIDE = 1 << 16  # pixels: a header beyond it is damaged (and would have the decoder walk a vast grid)
 CODING_PRIOR = "context-prior"
 """The folder, inside a saved tokenizer's, of the prior its tokens are coded with."""
 
@@ -282,6 +283,8 @@ def read_header(data: bytes, source: str = "compressed data") -> FileHeader:
     if len(data) < at + 4:
         raise TokenFileError(f"{source}: truncated header")
     height, width, rows, cols = sizes
+    if max(sizes) > MAX_SIDE or min(sizes) < 1:
+        raise TokenFileError(f"{source}: damaged (a {height}×{width} image on a {rows}×{cols} grid)")
     return FileHeader(data[4:12], (height, width), (rows, cols), int.from_bytes(data[at:at + 4], "big"), at + 4)
 
 
