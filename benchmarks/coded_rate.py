@@ -200,7 +200,7 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
         evaluator = analysed_photos(model, load_photos(args.heldout_data, args.side), device, f"{label}: held-out",
                                     args.progress)
         if coder is not None:
-            codecs = {**codecs, SCAN_ONLY: scan_only_jpeg(evaluator.photos, args.scan_qualities)}
+            codecs = {**codecs, SCAN_ONLY: scan_only_jpeg(evaluator.photos, codecs["jpeg-scaled"]["qualities"])}
         methods = [m for m in reference_methods(evaluator) if m.name != "globals"]
         for fraction in args.fractions:
             methods += [m for m in matched_methods(evaluator, fraction, args.seed)[0] if m.name == "own"]
@@ -302,7 +302,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if any("=" not in value for value in args.prior):
         parser.error("--prior takes LABEL=DIR")
     args.prior = dict(value.split("=", 1) for value in args.prior)
-    args.scan_qualities = list(range(1, 96))  # operating_point.py's JPEG qualities
     args.train_sides = [int(s) for s in args.train_sides.split(",")]
     args.train_fractions = [float(f) for f in args.train_fractions.split(",")]
     args.fractions = [float(f) for f in args.fractions.split(",")]

@@ -18,10 +18,6 @@ prior_option = click.option("--prior", type=click.Path(file_okay=False, path_typ
                             help="the saved context prior to code with  [default: the model's context-prior/]")
 
 
-def _coder(model_name: str, prior: Path | None) -> ImageCoder:
-    return ImageCoder.from_pretrained(model_name, prior=prior)
-
-
 @click.command()
 @model_option
 @prior_option
@@ -41,8 +37,8 @@ def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tu
     compute the prior's probabilities bit for bit (a file decoded elsewhere is refused by its checksum).
     """
     check_rate(tau, None, theta=theta, epsilon=epsilon)
-    coder = _coder(model_name, prior)
-    coder = ImageCoder(with_rule(coder.tokenizer, tau=tau, theta=theta, epsilon=epsilon), coder.prior)
+    loaded = ImageCoder.from_pretrained(model_name, prior=prior)
+    coder = ImageCoder(with_rule(loaded.tokenizer, tau=tau, theta=theta, epsilon=epsilon), loaded.prior)
     written, failed = compress_files(coder, source_names(inputs), output, tau=tau, longest_side=longest_side,
                                      progress=True)
     table = Table(title=f"{model_name}: compressed")
@@ -68,7 +64,8 @@ def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tu
 @click.option("--overwrite", is_flag=True, help="replace PNGs of the same names already in the folder")
 def decompress(model_name: str, prior: Path | None, files: tuple[Path, ...], output: Path, overwrite: bool) -> None:
     """Decode compressed files back into PNGs (the same model and prior that compressed them)."""
-    written = decompress_files(_coder(model_name, prior), files, output, overwrite=overwrite, progress=True)
+    coder = ImageCoder.from_pretrained(model_name, prior=prior)
+    written = decompress_files(coder, files, output, overwrite=overwrite, progress=True)
     console.print(f"decoded {len(written)} file(s) into {output}", highlight=False)
 
 
