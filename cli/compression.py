@@ -12,7 +12,7 @@ from tatok_cli.options import at_least
 from tatok_cli.tokens import model_option
 from tatok_core.workflows.compression import SUFFIX, ImageCoder, compress_files, decompress_files
 from tatok_core.workflows.encoding import source_names
-from tatok_core.workflows.rate_control import check_rate, with_rule
+from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, with_rule
 
 prior_option = click.option("--prior", type=click.Path(file_okay=False, path_type=Path),
                             help="the saved context prior to code with  [default: the model's context-prior/]")
@@ -27,31 +27,39 @@ prior_option = click.option("--prior", type=click.Path(file_okay=False, path_typ
 @click.option("--tau", type=float, help="per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
 @click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")
 @click.option("--epsilon", type=float, help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")
+@click.option("--budget", type=float, help="mean patch tokens per image; ONE threshold is calibrated on the inputs")
+@click.option("--budget-mode", type=click.Choice(BUDGET_MODES), default="theta", show_default=True,
+              help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")
 @click.option("--longest-side", type=int, callback=at_least(1), help="downscale each image so its longest side is this")
 @click.pass_context
 def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tuple[str, ...], output: Path,
-             tau: float | None, theta: float | None, epsilon: float | None, longest_side: int | None) -> None:
+             tau: float | None, theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
+             longest_side: int | None) -> None:
     """Compress images into files: the kept tokens, range-coded under the model's prior.
 
     Decode them with `tatok decompress` on the same tatok, torch build and kind of CPU: the decoder must
     compute the prior's probabilities bit for bit (a file decoded elsewhere is refused by its checksum).
     """
-    check_rate(tau, None, theta=theta, epsilon=epsilon)
+    check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     loaded = ImageCoder.from_pretrained(model_name, prior=prior)
     coder = ImageCoder(with_rule(loaded.tokenizer, tau=tau, theta=theta, epsilon=epsilon), loaded.prior)
-    written, failed = compress_files(coder, source_names(inputs), output, tau=tau, longest_side=longest_side,
-                                     progress=True)
+    report = compress_files(coder, source_names(inputs), output, tau=tau, budget=budget, budget_mode=budget_mode,
+                            longest_side=longest_side, progress=True)
+    if report.calibration is not None:
+        c = report.calibration
+        console.print(f"calibrated {c.mode} {c.threshold:.6g}: {c.mean_tokens:.2f} patch tokens per image on average "
+                      f"(budget {c.budget:g})", highlight=False, soft_wrap=True)
     table = Table(title=f"{model_name}: compressed")
     for column in ("image", "size", "tokens kept / max", "bytes", "bpp"):
         table.add_column(column, justify="left" if column == "image" else "right")
-    for file in written:
+    for file in report.written:
         height, width = file.image_size
         table.add_row(file.path.name, f"{height}×{width}", f"{file.kept} / {file.num_patches}", str(file.size),
                       f"{file.bpp:.3f}")
     console.print(table)
-    for reason in failed:
+    for reason in report.failed:
         err_console.print(f"[yellow]skipped[/] {reason}", highlight=False, soft_wrap=True)
-    if failed:
+    if report.failed:
         ctx.exit(1)
 
 

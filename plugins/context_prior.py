@@ -131,9 +131,8 @@ class ContextPrior(GridPrior):
     @torch.no_grad()
     def walk(self, pick: Pick, *, grid: Grid, given: Tokens | None = None, n: int = 1) -> Tokens:
         """The global codes slot by slot, then each position's keep flag and, where kept, its code, in raster
-        order (the interface's contract). Each position's state is computed on the window of the grid it
-        reads — ``reach`` rows above and columns either side — which is exact and keeps a position's cost
-        independent of the grid's size."""
+        order (the interface's contract). The states are built as the walk goes (:class:`RasterStates`):
+        a position costs the same on any grid."""
         if given is not None:
             if tuple(given.grid) != tuple(grid):
                 raise GenerationError(f"{self.label}: tokens on a {given.grid} grid walked on {grid}")
@@ -149,24 +148,86 @@ class ContextPrior(GridPrior):
         rows, cols = grid
         codes = torch.zeros(n, rows, cols, dtype=torch.long, device=device)
         kept = torch.zeros(n, rows, cols, dtype=torch.bool, device=device)
+        raster = RasterStates(self, summary, grid)
         for row in range(rows):
-            top = max(0, row - self.reach)
+            raster.start_row(row)
             for col in range(cols):
-                left, right = max(0, col - self.reach), min(cols, col + self.reach + 1)
-                window = (slice(None), slice(top, row + 1), slice(left, right))
-                state = self.patch_states(codes[window], kept[window], summary)[:, -1, col - left]  # (n, W)
+                state = raster.state(col)  # (n, W)
                 keep_logits = F.pad(self.keep_head(state), (1, 0))  # (n, 2): dropped, kept
                 keep = pick(keep_logits, None if given is None else known_kept[:, row, col].long()).bool()  # (n,)
                 kept[:, row, col] = keep
                 if bool(keep.any()):  # a code only where kept: a dropped position has none
                     known = None if given is None else known_codes[keep, row, col]
                     codes[keep, row, col] = self.code_head.choose(state[keep], pick, known)
+                raster.place(col, codes[:, row, col], keep)
         image_size = self.image_size(grid) if given is None else given.image_size
         return sparse_tokens(global_codes, codes, kept, image_size)
 
     def refuse_labels(self, labels: Tensor | None) -> None:
         if labels is not None:
             raise GenerationError(f"{self.label} is unconditional: it takes no labels")
+
+
+class RasterStates:
+    """:meth:`ContextPrior.patch_states` computed one position at a time, in raster order, for a walk.
+
+    Why: a walk needs each position's state just after the choices before it are made. Recomputing the
+    convolutions over the window a position reads costs ~(reach + 1)·(2·reach + 1) outputs per position;
+    here each output is computed once. Every layer's output at a position depends only on positions
+    before it (and on itself through earlier layers), so once computed it is final. A row's share from
+    the rows above — most of each kernel — is one thin convolution per layer when the row starts; a
+    position adds only its left neighbours' share (and, past the reader, its own). The same
+    arithmetic as the dense convolutions, summed in another order: logits agree to float rounding
+    (which is why both ends of a coder walk the same way).
+    """
+
+    def __init__(self, prior: ContextPrior, summary: Tensor, grid: Grid) -> None:
+        self.prior, self.summary = prior, summary  # summary (n, W)
+        n, width = summary.shape
+        reader = prior.reader
+        radius = reader.padding[0]
+        weight = reader.weight * reader.mask  # (W, C, k, k)
+        self.radius = radius
+        self.reader_above = weight[:, :, :radius]  # (W, C, r, k) the rows above
+        self.reader_left = weight[:, :, radius, :radius].permute(2, 1, 0).reshape(-1, width)  # (r·C, W)
+        # the layers are 3×3: one row above, and the left neighbour and the position itself on its row
+        self.layers_above = [(layer.weight * layer.mask)[:, :, :1] for layer in prior.layers]  # (W, W, 1, 3)
+        self.layers_here = [(layer.weight * layer.mask)[:, :, 1, :2].permute(2, 1, 0).reshape(-1, width)
+                            for layer in prior.layers]  # (2·W, W): left neighbour, then itself
+        channels = width + 2
+        # inputs (code embedding, kept, inside) of every row so far, zero beyond the grid and not yet placed
+        self.inputs = summary.new_zeros(n, channels, grid[0] + radius, grid[1] + 2 * radius)  # (n, C, r + H, 2r + W')
+        depth = len(prior.layers) + 1
+        self.previous = [summary.new_zeros(n, width, grid[1] + 2) for _ in range(depth)]  # (n, W, 1 + W' + 1) per layer
+        self.current = [summary.new_zeros(n, width, grid[1] + 2) for _ in range(depth)]
+        self.row = -1
+
+    def start_row(self, row: int) -> None:
+        """Each layer's share from the rows above, for every column of ``row`` (the rows above are final)."""
+        self.row = row
+        self.previous, self.current = self.current, [torch.zeros_like(x) for x in self.current]
+        above = self.inputs[:, :, row:row + self.radius]  # (n, C, r, 2r + W'): rows row − r … row − 1
+        self.above_reader = F.conv2d(above, self.reader_above, self.prior.reader.bias)[:, :, 0]  # (n, W, W')
+        self.above_layers = [F.conv2d(x[:, :, None], weight, layer.bias)[:, :, 0]  # (n, W, W')
+                             for x, weight, layer in zip(self.previous, self.layers_above, self.prior.layers)]
+
+    def state(self, col: int) -> Tensor:
+        """(n, W) the state of (row, col): what its keep flag and code are predicted from."""
+        r = self.radius
+        left = self.inputs[:, :, self.row + r, col:col + r].permute(0, 2, 1).flatten(1)  # (n, r·C) columns col − r …
+        x = F.gelu(self.above_reader[..., col] + left @ self.reader_left + self.summary)  # (n, W)
+        self.current[0][..., col + 1] = x
+        for k, (above, here) in enumerate(zip(self.above_layers, self.layers_here)):
+            neighbours = self.current[k][..., col:col + 2].permute(0, 2, 1).flatten(1)  # (n, 2·W) left, itself
+            x = x + F.gelu(above[..., col] + neighbours @ here)
+            self.current[k + 1][..., col + 1] = x
+        return x
+
+    def place(self, col: int, codes: Tensor, keep: Tensor) -> None:
+        """Record the choices at (row, col): codes (n,) where ``keep`` (n,)."""
+        embedded = self.prior.code_in(codes).masked_fill(~keep[:, None], 0.0)  # (n, W)
+        flags = torch.stack([keep, torch.ones_like(keep)], dim=1).to(embedded.dtype)  # (n, 2)
+        self.inputs[:, :, self.row + self.radius, col + self.radius] = torch.cat([embedded, flags], dim=1)
 
 
 def dense_grid(tokens: Tokens) -> tuple[Tensor, Tensor]:

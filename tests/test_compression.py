@@ -16,13 +16,14 @@ from hypothesis import strategies as st
 
 from tatok_cli.main import cli
 from tatok_core.contract.bitrate import token_bits
-from tatok_core.contract.errors import CompositionError, GenerationError, TokenFileError
+from tatok_core.contract.errors import CompositionError, GenerationError, TatokError, TokenFileError
 from tatok_core.contract.tokens import Tokens
 from tatok_core.io.images import read_image, write_image
 from tatok_core.pipeline.tokenizer import Tokenizer
-from tatok_core.workflows.compression import ImageCoder
+from tatok_core.workflows.compression import ImageCoder, compress_files
 from tatok_core.workflows.data import load_builtin_photo
 from tatok_core.workflows.generation import build_generator, generator_facts
+from tatok_core.workflows.rate_control import calibrate_threshold, with_rule
 from tatok_core.io.images import fit_longest_side
 from tatok_plugins.context_prior import sparse_tokens
 
@@ -103,8 +104,11 @@ def test_bad_files_are_refused_by_name(tokenizer: Tokenizer) -> None:
     data = coder.compress_tokens(random_tokens(4, 5, 0.5, 1))
     with pytest.raises(TokenFileError, match=r"photo\.ttk: not a compressed TaTok image"):
         coder.decompress_tokens(b"\x89PNG\r\n" + data, "photo.ttk")
-    with pytest.raises(TokenFileError, match="photo.ttk: format version 2; this tatok reads 1"):
-        coder.decompress_tokens(data[:3] + b"\x02" + data[4:], "photo.ttk")
+    with pytest.raises(TokenFileError, match="photo.ttk: format version 3; this tatok reads 2$"):
+        coder.decompress_tokens(data[:3] + b"\x03" + data[4:], "photo.ttk")
+    with pytest.raises(TokenFileError, match="photo.ttk: format version 1, written by an earlier tatok.*compress the "
+                                             "image again"):
+        coder.decompress_tokens(data[:3] + b"\x01" + data[4:], "photo.ttk")
     with pytest.raises(TokenFileError, match="photo.ttk: written by another tokenizer or prior"):
         peaked_coder(tokenizer, seed=1).decompress_tokens(data, "photo.ttk")
     with pytest.raises(TokenFileError, match="photo.ttk: truncated header"):
@@ -165,3 +169,35 @@ def test_cli_compresses_and_decompresses_to_the_tokenizer_s_reconstruction(tmp_p
     compressed.write_bytes(compressed.read_bytes()[:-3])
     done = runner.invoke(cli, ["decompress", str(compressed), "-o", str(tmp_path / "again")])
     assert done.exit_code == 1 and f"{compressed}: damaged" in done.output
+
+
+def test_a_budget_calibrates_one_threshold_on_the_images_and_the_files_keep_it(tmp_path: Path) -> None:
+    """``--budget``: the mean kept count over the images is the budget (one shared θ, so the busier photo
+    gets more tokens), the threshold is the one ``calibrate_threshold`` finds on the same images, and
+    every file decodes to the tokens that threshold keeps."""
+    names = ("coins", "rocket", "coffee")
+    sources = []
+    for name in names:
+        sources.append((tmp_path / f"{name}.png", name))
+        write_image(sources[-1][0], fit_longest_side(load_builtin_photo(name), 48))
+    sources.append((tmp_path / "broken.png", "broken"))
+    sources[-1][0].write_text("not an image")
+    coder = ImageCoder.from_pretrained()
+    report = compress_files(coder, sources, tmp_path / "small", budget=12.0)
+    assert [f.path.name for f in report.written] == ["coins.ttk", "rocket.ttk", "coffee.ttk"]
+    assert len(report.failed) == 1 and "broken.png" in report.failed[0]
+    kept = [f.kept for f in report.written]
+    assert abs(sum(kept) / 3 - 12.0) <= 0.5 and len(set(kept)) > 1  # the mean is the budget, not each count
+    images = [read_image(path) for path, _ in sources[:3]]
+    theta = calibrate_threshold(coder.tokenizer, [image[None] for image in images], 12.0, mode="theta").threshold
+    assert report.calibration is not None and report.calibration.threshold == theta
+    kept_by = with_rule(coder.tokenizer, theta=theta)
+    for file, image in zip(report.written, images):
+        with torch.inference_mode():
+            expected = kept_by.encode(image[None])
+        assert same(coder.decompress_tokens(file.path.read_bytes(), str(file.path)), expected)
+    with pytest.raises(TatokError, match="budget 5000 tokens per image is outside what these images can reach"):
+        compress_files(coder, sources[:1], tmp_path / "none", budget=5000.0)
+    done = CliRunner().invoke(cli, ["compress", str(sources[0][0]), "-o", str(tmp_path / "cli"), "--budget", "10",
+                                    "--theta", "100"])
+    assert done.exit_code != 0 and "theta and budget exclude each other" in done.output

@@ -16,7 +16,7 @@ from tatok_core.contract.selection import Selection
 from tatok_core.contract.tokens import Tokens
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter
 from tatok_core.workflows.generation import build_generator, dataset_facts, generator_facts, nll_bits_per_image, train_prior
-from tatok_plugins.context_prior import dense_grid, sparse_tokens
+from tatok_plugins.context_prior import RasterStates, dense_grid, sparse_tokens
 
 
 def peaked_prior(factors: tuple[int, ...], num_global: int, grid: tuple[int, int], seed: int = 0, **options):
@@ -63,6 +63,30 @@ def test_a_position_reads_only_the_positions_before_it(seed: int, rows: int, col
     assert torch.equal(before[:, :p], after[:, :p])  # raster order: nothing before p sees it
     if p + 1 < rows * cols:
         assert not torch.equal(before[:, p + 1:], after[:, p + 1:])  # ... and what follows does
+
+
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 6), cols=st.integers(1, 7), rings=st.integers(1, 3),
+       depth=st.integers(0, 3), batch=st.integers(1, 3))
+@settings(max_examples=30, deadline=None)
+def test_the_walk_builds_the_states_the_dense_layers_compute(seed: int, rows: int, cols: int, rings: int, depth: int,
+                                                             batch: int) -> None:
+    """The walk's position-by-position states (what the coder's probabilities come from) are the dense
+    masked convolutions' (what training and the code length use), on any grid, reach and depth."""
+    prior = peaked_prior((3, 4), 2, (rows, cols), seed=seed % 4, rings=rings, depth=depth)
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(12, (batch, rows, cols), generator=gen)
+    kept = torch.rand(batch, rows, cols, generator=gen) < 0.6
+    summary = torch.randn(batch, 8, generator=gen)
+    raster = RasterStates(prior, summary, (rows, cols))
+    walked = torch.empty(batch, rows, cols, 8)
+    with torch.no_grad():
+        dense = prior.patch_states(codes, kept, summary)  # (B, H, W, 8)
+        for row in range(rows):
+            raster.start_row(row)
+            for col in range(cols):
+                walked[:, row, col] = raster.state(col)
+                raster.place(col, codes[:, row, col], kept[:, row, col])
+    torch.testing.assert_close(walked, dense, rtol=1e-5, atol=1e-5)
 
 
 def test_dense_and_sparse_layouts_round_trip() -> None:

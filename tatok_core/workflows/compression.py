@@ -8,12 +8,12 @@ tokens choice by choice (:meth:`~tatok_core.contract.interfaces.Generator.walk`:
 So the file's length is the prior's code length plus a few bytes, and the rate an entropy coder writes
 becomes a file a user can compare with a JPEG.
 
-File layout, version 1 (what :meth:`ImageCoder.compress_tokens` writes):
+File layout, version 2 (what :meth:`ImageCoder.compress_tokens` writes):
 
 ==============  ===========  ===========================================================================
 field           size         meaning
 ==============  ===========  ===========================================================================
-magic           4 bytes      ``b"TTK"`` and the format version (1)
+magic           4 bytes      ``b"TTK"`` and the format version (2)
 pairing         8 bytes      :func:`pairing_digest` of the tokenizer and the prior: tokens are decoded
                              only by the pair that wrote them (whatever rule kept them)
 sizes           4 varints    image height and width, grid rows and columns (LEB128, 2 bytes each < 16384)
@@ -51,11 +51,14 @@ from tatok_core.io.atomic import atomic_write
 from tatok_core.io.images import fit_longest_side, read_image, write_image
 from tatok_core.io.persistence import state_digest
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer, pretrained_folder
+from tatok_core.workflows.analysis import Analysed
 from tatok_core.workflows.generation import load_prior
+from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.progress import progress_bar
+from tatok_core.workflows.rate_control import RateResult, calibrate_bits, check_rate, rule_filter
 
 MAGIC = b"TTK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SUFFIX = ".ttk"
 MAX_SIDE = 1 << 16  # pixels: a header beyond it is damaged (and would have the decoder walk a vast grid)
 CODING_PRIOR = "context-prior"
@@ -218,13 +221,14 @@ class ImageCoder:
 
     # -- images ↔ bytes, files ------------------------------------------------------------------------
     @property
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """Where the tokenizer runs (the prior always runs on the CPU)."""
         return next(self.tokenizer.parameters()).device
 
     def tokens_of(self, image: Tensor, tau: float | None = None) -> Tokens:
         """An image (3, H, W) in [0, 1] → its tokens (a batch of one), kept by the tokenizer's rule."""
         with torch.inference_mode():
-            return self.tokenizer.encode(image[None].to(self._device), tau=tau)
+            return self.tokenizer.encode(image[None].to(self.device), tau=tau)
 
     def compress(self, image: Tensor, tau: float | None = None) -> bytes:
         """An image (3, H, W) in [0, 1] → compressed bytes."""
@@ -234,15 +238,15 @@ class ImageCoder:
         """Compressed bytes → the reconstructed image (3, H, W) at the original size."""
         tokens = self.decompress_tokens(data, source)
         with torch.inference_mode():
-            return self.tokenizer.decode(tokens.to(self._device))[0].cpu()
+            return self.tokenizer.decode(tokens.to(self.device))[0].cpu()
 
     def compress_file(self, image_path: str | os.PathLike[str], out: str | os.PathLike[str], *,
                       tau: float | None = None, longest_side: int | None = None) -> CompressedFile:
         """Compress an image file (downscaled to ``longest_side`` if given) into ``out``, written atomically."""
-        image = read_image(image_path)
-        if longest_side is not None:
-            image = fit_longest_side(image, longest_side)
-        tokens = self.tokens_of(image, tau)
+        return self.write_file(self.tokens_of(_read_image_at(image_path, longest_side), tau), out)
+
+    def write_file(self, tokens: Tokens, out: str | os.PathLike[str]) -> CompressedFile:
+        """One image's tokens compressed into ``out``, written atomically."""
         data = self.compress_tokens(tokens)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, data)
@@ -272,9 +276,13 @@ def read_header(data: bytes, source: str = "compressed data") -> FileHeader:
     """The header of a compressed file (checked: magic, version, complete); ``source`` names it in errors."""
     if data[:3] != MAGIC:
         raise TokenFileError(f"{source}: not a compressed TaTok image (it starts with {data[:4]!r})")
-    if len(data) < 4 or data[3] != FORMAT_VERSION:
-        version = data[3] if len(data) > 3 else None
-        raise TokenFileError(f"{source}: format version {version}; this tatok reads {FORMAT_VERSION}")
+    if len(data) < 4:
+        raise TokenFileError(f"{source}: truncated header")
+    if data[3] < FORMAT_VERSION:  # version 1: the walk summed its convolutions in another order
+        raise TokenFileError(f"{source}: format version {data[3]}, written by an earlier tatok whose prior computed "
+                             f"its probabilities another way; this tatok reads {FORMAT_VERSION}: compress the image again")
+    if data[3] != FORMAT_VERSION:
+        raise TokenFileError(f"{source}: format version {data[3]}; this tatok reads {FORMAT_VERSION}")
     at = 12
     sizes = []
     for _ in range(4):
@@ -308,22 +316,70 @@ class CompressedFile:
         return 8 * self.size / (self.image_size[0] * self.image_size[1])
 
 
+def _read_image_at(path: str | os.PathLike[str], longest_side: int | None) -> Tensor:
+    """An image file (3, H, W), downscaled so its longest side is ``longest_side`` when given."""
+    image = read_image(path)
+    return image if longest_side is None else fit_longest_side(image, longest_side)
+
+
+@attrs.frozen
+class CompressReport:
+    """What :func:`compress_files` did: the files written, why others were skipped, and — for a budget —
+    the threshold calibrated on the images."""
+
+    written: list[CompressedFile]
+    failed: list[str]
+    calibration: RateResult | None = None
+
+
 def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_dir: str | os.PathLike[str], *,
-                   tau: float | None = None, longest_side: int | None = None,
-                   progress: bool = False) -> tuple[list[CompressedFile], list[str]]:
+                   tau: float | None = None, budget: float | None = None, budget_mode: str = "theta",
+                   longest_side: int | None = None, progress: bool = False) -> CompressReport:
     """Compress (path, name) pairs (:func:`~tatok_core.workflows.encoding.source_names`) into
-    ``out_dir``/NAME.ttk; unreadable images are skipped and reported, as (written, reasons)."""
-    written, failed = [], []
-    with progress_bar(progress) as bar:
-        task = bar.add_task("compress", total=len(sources))
+    ``out_dir``/NAME.ttk; unreadable images are skipped and reported.
+
+    With ``budget`` (mean patch tokens per image) ONE threshold of ``budget_mode`` is calibrated on these
+    very images, as ``tatok encode --budget`` does (:func:`~tatok_core.workflows.rate_control.calibrate_bits`):
+    every image is analysed first (its codes and bits wait in memory, ~12 bytes per patch), then each is
+    coded with that threshold — images holding more information get more tokens, the mean is the budget.
+    """
+    mode = check_rate(tau, budget, budget_mode=budget_mode)
+    out = Path(out_dir)
+    failed: list[str] = []
+
+    def readable() -> Iterator[tuple[str, Tensor]]:
         for path, name in sources:
             try:
-                written.append(coder.compress_file(path, Path(out_dir) / Path(name).with_suffix(SUFFIX), tau=tau,
-                                                   longest_side=longest_side))
+                yield name, _read_image_at(path, longest_side)
             except ImageReadError as exc:
                 failed.append(str(exc))
-            bar.advance(task)
-    return written, failed
+
+    def target(name: str) -> Path:
+        return out / Path(name).with_suffix(SUFFIX)
+
+    written: list[CompressedFile] = []
+    calibration = None
+    with progress_bar(progress) as bar:
+        if budget is None:
+            task = bar.add_task("compress", total=len(sources))
+            for name, image in readable():
+                written.append(coder.write_file(coder.tokens_of(image, tau), target(name)))
+                bar.update(task, completed=len(written) + len(failed))
+        else:
+            task = bar.add_task("analyse", total=len(sources))
+            analysed: list[tuple[str, Analysed]] = []
+            with evaluating(coder.tokenizer):
+                for name, image in readable():
+                    analysed.append((name, Analysed.of(coder.tokenizer.analyse(image[None].to(coder.device)))))
+                    bar.update(task, completed=len(analysed) + len(failed))
+            token_filter = rule_filter(coder.tokenizer, mode)
+            calibration = calibrate_bits(token_filter, [a.bits for _, a in analysed], budget)
+            task = bar.add_task("compress", total=len(analysed))
+            for name, image_analysis in analysed:
+                selection = token_filter.select(image_analysis.bits, calibration.threshold)
+                written.append(coder.write_file(image_analysis.tokens(selection), target(name)))
+                bar.advance(task)
+    return CompressReport(written, failed, calibration)
 
 
 def decompress_files(coder: ImageCoder, files: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[str], *,
