@@ -70,8 +70,9 @@ def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> tuple[Te
     the mean of the ring filled before them, ``steps`` rings at most.
 
     dense (B, N, C) is read only where ``keep`` (B, N); the result (B, N, C) equals it there and is zero
-    where no kept position lies within ``steps``, which the second result, ``reached`` (B, N), tells
-    (True where kept or filled). Why: a dropped patch is best guessed from
+    where no kept position lies within ``steps``. The second result, ``ring`` (B, N), says how far the
+    nearest kept position is: 0 where kept, i where filled from the i-th ring, ``steps`` + 1 where
+    none is within reach. Why: a dropped patch is best guessed from
     its kept neighbours (averaging them beats a mask token by several dB), so the fill stage starts from
     that guess and learns only the correction. Cost O(steps · N · C).
     """
@@ -81,12 +82,14 @@ def spread_kept(dense: Tensor, keep: Tensor, grid: Grid, steps: int) -> tuple[Te
     # the known-flag rides along as one more channel: one box sum per ring gives the neighbours' total and
     # their count, and total / count sets the flag of a freshly reached position to exactly 1
     state = torch.cat([value, keep_map], dim=1)  # (B, C + 1, gh, gw)
-    for _ in range(steps):
+    ring = torch.where(keep, 0, steps + 1)  # (B, N)
+    for step in range(1, steps + 1):
         total = box_sum_3x3(state)  # (B, C + 1, gh, gw): zero wherever nothing is known yet
         weight = total[:, -1:]  # (B, 1, gh, gw) how many known neighbours
         fresh = (state[:, -1:] == 0) & (weight > 0)  # (B, 1, gh, gw) reached for the first time
         state = torch.where(fresh, total / weight.clamp_min(1.0), state)
-    return state[:, :-1].reshape(batch, channels, n).transpose(1, 2), state[:, -1].reshape(batch, n) > 0
+        ring = ring.masked_fill(fresh.reshape(batch, n), step)
+    return state[:, :-1].reshape(batch, channels, n).transpose(1, 2), ring
 
 
 class WindowLayout:
@@ -259,7 +262,10 @@ class PackedDecoder(Decoder):
     ones before the fill stage; 0 = the mask token alone), ``canvas`` (a dropped position that no kept
     token is within ``fill_spread`` rings of starts from the layout tokens' output interpolated to its
     place instead: a coarse picture laid out by the globals, all there is in a globals-only decode),
-    ``prefix_mlp_ratio`` (the heavy blocks' MLP width for the prefix, ≤ ``mlp_ratio``; 0 = attention
+    ``canvas_gate`` (the canvas at *every* dropped position, scaled per channel by a learned gain for
+    its distance in rings to the nearest kept token — 1 beyond ``fill_spread`` and 0 nearer at
+    initialisation, which is ``canvas`` alone: the decoder learns how much of the coarse picture a
+    position near a kept token still needs), ``prefix_mlp_ratio`` (the heavy blocks' MLP width for the prefix, ≤ ``mlp_ratio``; 0 = attention
     only; default ``mlp_ratio``: the prefix is a fixed cost of every decode, so a narrow one lets the
     cost fall further with the kept tokens).
 
@@ -288,6 +294,7 @@ class PackedDecoder(Decoder):
         refine: int = 32,
         fill_spread: int = 0,
         canvas: bool = False,
+        canvas_gate: bool = False,
         prefix_mlp_ratio: float | None = None,
     ) -> None:
         super().__init__(facts)
@@ -308,6 +315,8 @@ class PackedDecoder(Decoder):
                              f"got {prefix_mlp_ratio:g}")
         if canvas and not layout:
             raise ValueError(f"{self.label}: canvas = true interpolates the layout tokens, so it needs layout ≥ 1")
+        if canvas_gate and not canvas:
+            raise ValueError(f"{self.label}: canvas_gate = true weighs the canvas, so it needs canvas = true")
         self.fill_spread, self.canvas = fill_spread, canvas
         self.width, self.fill_width, self.window, self.layout = width or dim, fill_width, window, layout
         check_heads(self.width, heads, self.label)
@@ -319,6 +328,9 @@ class PackedDecoder(Decoder):
         self.heavy_norm = nn.LayerNorm(self.width)
         self.to_fill = nn.Linear(self.width, self.fill_width)
         self.mask_token = init_tokens(self.fill_width)
+        # per ring 1 … fill_spread + 1 (the last: out of reach), the share of the canvas a dropped position starts from
+        self.canvas_gain = nn.Parameter(F.one_hot(torch.tensor([fill_spread] * self.fill_width), fill_spread + 1)
+                                        .T.float()) if canvas_gate else None  # (spread + 1, F)
         self.fill = nn.ModuleList(PackedBlock(self.fill_width, heads, mlp_ratio) for _ in range(fill_depth))
         self.fill_norm = nn.LayerNorm(self.fill_width)
         self.to_pixels = nn.Linear(self.fill_width, self.channels * self.patch_size**2)
@@ -329,6 +341,14 @@ class PackedDecoder(Decoder):
         if self.refine is not None:
             nn.init.zeros_(self.refine[-1].weight)
             nn.init.zeros_(self.refine[-1].bias)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        """Weights saved without ``canvas_gate`` load into a decoder with it: the gain keeps its initial
+        value, with which the decoder computes exactly what the saved one did (so ``train.init`` can
+        start a gated decoder from an ungated model)."""
+        if self.canvas_gain is not None and prefix + "canvas_gain" not in state_dict:
+            state_dict = {**state_dict, prefix + "canvas_gain": self.canvas_gain.detach().clone()}
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod
     def _grid_positions(side: int, width: int, device: torch.device) -> Tensor:
@@ -367,12 +387,14 @@ class PackedDecoder(Decoder):
         fill_positions = grid_positions(grid, self.window, self.fill_width, device).to(tokens.dtype)  # (N, F)
         kept = scatter_packed(tokens, keep)  # (B, N, F), zeros where dropped
         dropped = self.mask_token.to(tokens.dtype).expand(batch, n, -1)  # (B, N, F)
-        reached = keep  # (B, N) positions with a kept token within fill_spread rings
+        ring = torch.where(keep, 0, self.fill_spread + 1)  # (B, N) rings to the nearest kept position
         if self.fill_spread:
-            spread, reached = spread_kept(kept, keep, grid, self.fill_spread)
+            spread, ring = spread_kept(kept, keep, grid, self.fill_spread)
             dropped = dropped + spread
-        if self.canvas:  # only where the neighbours say nothing: their mean is the better guess
-            dropped = dropped + self._canvas(prefix[:, m:], grid) * (~reached)[..., None]
+        if self.canvas:  # by default only where the neighbours say nothing: their mean is the better guess
+            gain = ((ring > self.fill_spread)[..., None].to(tokens.dtype) if self.canvas_gain is None
+                    else self.canvas_gain.to(tokens.dtype)[(ring - 1).clamp_min(0)])  # (B, N, 1 or F)
+            dropped = dropped + self._canvas(prefix[:, m:], grid) * gain
         dense = torch.where(keep[..., None], kept, dropped) + fill_positions  # (B, N, F)
         dense = dense.reshape(batch * n, -1)  # every position, packed
         for i, (block, packed) in enumerate(zip(self.fill, per_block(layouts, None, len(self.fill), batch))):

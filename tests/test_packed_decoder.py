@@ -213,6 +213,25 @@ def test_the_canvas_reaches_dropped_positions_only() -> None:
         decoder(canvas=True, layout=0)
 
 
+def test_the_canvas_gate_starts_as_the_canvas_and_learns_a_share_per_ring() -> None:
+    """canvas_gate: a learned gain per ring to the nearest kept token, 1 out of reach and 0 nearer at
+    initialisation — exactly ``canvas`` — so that training can let the canvas reach nearer positions."""
+    gated, plain = decoder(canvas=True, canvas_gate=True, fill_spread=2), decoder(canvas=True, fill_spread=2)
+    start = gated.canvas_gain.detach().clone()
+    gated.load_state_dict(plain.state_dict())  # saved without the gate (train.init): the gain keeps its start
+    assert torch.equal(gated.canvas_gain, start) and start[-1].eq(1).all() and start[:-1].eq(0).all()
+    g, p = torch.randn(2, 3, 32), torch.randn(2, 36, 32)
+    keep = torch.zeros(2, 36, dtype=torch.bool)
+    keep[:, 0] = True  # one kept corner: rings 1 and 2 around it, the rest out of reach
+    with torch.no_grad():
+        torch.testing.assert_close(gated(g, p, keep, (6, 6)), plain(g, p, keep, (6, 6)), rtol=0, atol=0)
+        gated.canvas_gain[0] = 1.0  # the first ring now takes the canvas too
+        changed = (gated(g, p, keep, (6, 6)) - plain(g, p, keep, (6, 6))).abs().amax(dim=(0, 1))  # (H, W)
+    assert changed.max() > 1e-4
+    with pytest.raises(ValueError, match="canvas_gate = true weighs the canvas, so it needs canvas = true"):
+        decoder(canvas_gate=True, fill_spread=2)
+
+
 def test_a_prefix_mlp_wider_than_the_blocks_mlp_is_refused() -> None:
     with pytest.raises(ValueError, match=r"prefix_mlp_ratio must lie in \[0, mlp_ratio = 4\], got 6"):
         decoder(prefix_mlp_ratio=6.0)
@@ -297,8 +316,9 @@ def test_spread_gives_dropped_positions_the_mean_of_their_nearest_kept_ones() ->
     keep = torch.zeros(1, 9, dtype=torch.bool)
     keep[0, [0, 2]] = True
     dense[0, 4] = 100.0  # a dropped position's own vector is never read
-    (one, reached_one), (two, reached_two) = spread_kept(dense, keep, (3, 3), 1), spread_kept(dense, keep, (3, 3), 2)
-    assert reached_one[0].tolist() == [True] * 6 + [False] * 3 and bool(reached_two.all())
+    (one, ring_one), (two, ring_two) = spread_kept(dense, keep, (3, 3), 1), spread_kept(dense, keep, (3, 3), 2)
+    assert ring_one[0].tolist() == [0, 1, 0, 1, 1, 1, 2, 2, 2]  # kept, the first ring, out of reach (steps + 1)
+    assert ring_two[0].tolist() == [0, 1, 0, 1, 1, 1, 2, 2, 2]  # the bottom row is the second ring
     torch.testing.assert_close(one[0, [0, 2]], dense[0, [0, 2]])  # kept positions unchanged
     torch.testing.assert_close(one[0, 1], torch.tensor([2.0, 4.0]))  # between both: their mean
     torch.testing.assert_close(one[0, 3], dense[0, 0])  # below the first corner: only it is in reach
