@@ -265,9 +265,9 @@ class PackedDecoder(Decoder):
     ``canvas_gate`` (the canvas at *every* dropped position, scaled per channel by a learned gain for
     its distance in rings to the nearest kept token — 1 beyond ``fill_spread`` and 0 nearer at
     initialisation, which is ``canvas`` alone: the decoder learns how much of the coarse picture a
-    position near a kept token still needs), ``prefix_mlp_ratio`` (the heavy blocks' MLP width for the prefix, ≤ ``mlp_ratio``; 0 = attention
-    only; default ``mlp_ratio``: the prefix is a fixed cost of every decode, so a narrow one lets the
-    cost fall further with the kept tokens).
+    position near a kept token still needs), ``prefix_mlp_ratio`` (the heavy blocks' MLP width for the
+    prefix, ≤ ``mlp_ratio``; 0 = attention only; default ``mlp_ratio``: the prefix is a fixed cost of
+    every decode, so a narrow one lets the cost fall further with the kept tokens).
 
     Facts: ``dim``, ``patch_size``, ``channels``, ``num_global`` and, optionally, ``global_grid`` (a global
     tokenizer whose first a×a globals stand for grid cells: those get their cells' image-relative
@@ -328,9 +328,11 @@ class PackedDecoder(Decoder):
         self.heavy_norm = nn.LayerNorm(self.width)
         self.to_fill = nn.Linear(self.width, self.fill_width)
         self.mask_token = init_tokens(self.fill_width)
-        # per ring 1 … fill_spread + 1 (the last: out of reach), the share of the canvas a dropped position starts from
-        self.canvas_gain = nn.Parameter(F.one_hot(torch.tensor([fill_spread] * self.fill_width), fill_spread + 1)
-                                        .T.float()) if canvas_gate else None  # (spread + 1, F)
+        self.canvas_gain = None  # per ring 1 … fill_spread + 1 (out of reach): the share of the canvas a position takes
+        if canvas_gate:
+            start = torch.zeros(fill_spread + 1, self.fill_width)  # (spread + 1, F)
+            start[-1] = 1.0  # the canvas rule: only out of reach
+            self.canvas_gain = nn.Parameter(start)
         self.fill = nn.ModuleList(PackedBlock(self.fill_width, heads, mlp_ratio) for _ in range(fill_depth))
         self.fill_norm = nn.LayerNorm(self.fill_width)
         self.to_pixels = nn.Linear(self.fill_width, self.channels * self.patch_size**2)
