@@ -18,18 +18,17 @@ import argparse
 import importlib.util
 import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 if __package__ in (None, ""):  # ``python benchmarks/compression_speed.py``: import ``benchmarks`` like ``-m`` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.claims.common import environment, table, write_json  # noqa: E402
+from benchmarks.coded_rate import file_bytes  # noqa: E402
 from benchmarks.operating_point import DEFAULT_DATA, load_photos  # noqa: E402
 from tatok_core.contract.tokens import Tokens  # noqa: E402
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED  # noqa: E402
@@ -46,19 +45,6 @@ def walk_from(path: Path) -> Walk:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ContextPrior.walk
-
-
-def timed_round_trip(coder: ImageCoder, tokens: Tokens, name: str) -> tuple[float, float]:
-    """Seconds to write ``tokens`` as a file and to read it back (which must give the same tokens)."""
-    start = time.perf_counter()
-    data = coder.compress_tokens(tokens)
-    middle = time.perf_counter()
-    back = coder.decompress_tokens(data, name)
-    end = time.perf_counter()
-    if not (torch.equal(back.codes, tokens.codes) and torch.equal(back.positions, tokens.positions)
-            and torch.equal(back.global_codes, tokens.global_codes)):
-        raise SystemExit(f"{name}: the file decoded to other tokens")
-    return middle - start, end - middle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {"photo": photo.name, "kept": int(tokens.codes.numel()), "num_patches": tokens.num_patches}
         for label, walk in walks.items():
             coder.prior.walk = types.MethodType(walk, coder.prior)  # this instance only
-            times = [timed_round_trip(coder, tokens, f"{photo.name} ({label})") for _ in range(args.repeats)]
+            times = [file_bytes(coder, tokens, f"{photo.name} ({label})")[1:] for _ in range(args.repeats)]
             row[label] = {"write_s": statistics.median(t[0] for t in times),
                           "read_s": statistics.median(t[1] for t in times)}
         rows.append(row)

@@ -8,11 +8,11 @@ import click
 from rich.table import Table
 
 from tatok_cli.console import console, err_console
-from tatok_cli.options import at_least
+from tatok_cli.options import absolute_rule_options, at_least, budget_options
 from tatok_cli.tokens import model_option
 from tatok_core.workflows.compression import SUFFIX, ImageCoder, compress_files, decompress_files
 from tatok_core.workflows.encoding import source_names
-from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, with_rule
+from tatok_core.workflows.rate_control import check_rate, with_rule
 
 prior_option = click.option("--prior", type=click.Path(file_okay=False, path_type=Path),
                             help="the saved context prior to code with  [default: the model's context-prior/]")
@@ -25,11 +25,8 @@ prior_option = click.option("--prior", type=click.Path(file_okay=False, path_typ
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help=f"folder for the compressed files (NAME{SUFFIX})")
 @click.option("--tau", type=float, help="per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
-@click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")
-@click.option("--epsilon", type=float, help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")
-@click.option("--budget", type=float, help="mean patch tokens per image; ONE threshold is calibrated on the inputs")
-@click.option("--budget-mode", type=click.Choice(BUDGET_MODES), default="theta", show_default=True,
-              help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")
+@absolute_rule_options
+@budget_options
 @click.option("--longest-side", type=int, callback=at_least(1), help="downscale each image so its longest side is this")
 @click.pass_context
 def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tuple[str, ...], output: Path,

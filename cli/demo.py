@@ -9,6 +9,7 @@ import click
 from rich.table import Table
 
 from tatok_cli.console import console
+from tatok_cli.options import absolute_rule_options
 from tatok_core.workflows.demo import run_demo
 from tatok_core.workflows.rate_control import check_rate, with_rule
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
@@ -17,8 +18,7 @@ from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer
 @click.command()
 @click.option("--model", default=DEFAULT_PRETRAINED, show_default=True, help="shipped name or saved directory")
 @click.option("--tau", type=float, default=None, help="use the per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
-@click.option("--theta", type=float, help="use the absolute rule: keep every token holding more than THETA bits")
-@click.option("--epsilon", type=float, help="use the absolute rule: keep the fewest tokens dropping at most EPSILON bits")
+@absolute_rule_options
 @click.option("--max-side", default=256, show_default=True, help="downscale photos so the longest side fits")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=Path("tatok-demo.png"),
               show_default=True, help="where to write the PNG panel")

@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from tatok_core.contract.errors import TatokError
+from tatok_core.workflows.rate_control import BUDGET_MODES
 
 
 def at_least(minimum: int) -> Any:
@@ -18,3 +19,18 @@ def at_least(minimum: int) -> Any:
         return value
 
     return check
+
+
+def absolute_rule_options(command: Any) -> Any:
+    """``--theta`` / ``--epsilon``: DTF's absolute rules, the same on every command that keeps tokens."""
+    command = click.option("--epsilon", type=float,
+                           help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")(command)
+    return click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")(command)
+
+
+def budget_options(command: Any) -> Any:
+    """``--budget`` / ``--budget-mode``: one threshold calibrated on the inputs of a command over many images."""
+    command = click.option("--budget-mode", type=click.Choice(BUDGET_MODES), default="theta", show_default=True,
+                           help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")(command)
+    return click.option("--budget", type=float,
+                        help="mean patch tokens per image; ONE threshold is calibrated on the inputs")(command)

@@ -18,7 +18,7 @@ from torch import Tensor
 from rich.table import Table
 
 from tatok_cli.console import console, err_console
-from tatok_cli.options import at_least
+from tatok_cli.options import absolute_rule_options, at_least, budget_options
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.contract.errors import ImageReadError, TatokError
 from tatok_core.io.images import read_image
@@ -26,7 +26,7 @@ from tatok_core.workflows.allocation import allocation_report
 from tatok_core.io.images import fit_longest_side
 from tatok_core.workflows.analysis import cannot_tokenize
 from tatok_core.workflows.encoding import source_names
-from tatok_core.workflows.rate_control import BUDGET_MODES, check_rate, check_tau, with_rule
+from tatok_core.workflows.rate_control import check_rate, check_tau, with_rule
 from tatok_core.workflows.rate_distortion import DEFAULT_METHODS, evaluate_rate_distortion, save_rate_distortion
 from tatok_core.workflows.token_sets import decode_token_set, encode_token_set, ignored_rate_option
 from tatok_core.workflows.panels import show_panel
@@ -73,11 +73,8 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="new token directory (shards), or a single FILE.safetensors")
 @click.option("--tau", type=float, help="per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule and threshold)")
-@click.option("--theta", type=float, help="absolute rule: keep every token holding more than THETA bits")
-@click.option("--epsilon", type=float, help="absolute rule: keep the fewest tokens dropping at most EPSILON bits")
-@click.option("--budget", type=float, help="mean patch tokens per image; ONE threshold is calibrated on the inputs")
-@click.option("--budget-mode", type=click.Choice(BUDGET_MODES), default="theta", show_default=True,
-              help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")
+@absolute_rule_options
+@budget_options
 @click.option("--filter", "filter_name", metavar="NAME", help="token filter for this run (see `tatok plugins`)")
 @click.option("--set", "assignments", multiple=True, metavar="filter.OPTION=VALUE",
               help="filter option, e.g. filter.k=32; filter.min_keep / filter.max_keep are the per-image floor / cap")
@@ -264,8 +261,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write")
 @click.option("--tau", type=float, help="use the per-image DTF τ rule at this τ in [0, 1] (default: the model's own rule)")
-@click.option("--theta", type=float, help="use the absolute rule: keep every token holding more than THETA bits")
-@click.option("--epsilon", type=float, help="use the absolute rule: keep the fewest tokens dropping at most EPSILON bits")
+@absolute_rule_options
 def show(model_name: str, image: Path, output: Path, tau: float | None, theta: float | None,
          epsilon: float | None) -> None:
     """Draw one image, the tokens DTF keeps (bits per patch), the reconstruction and its error."""
