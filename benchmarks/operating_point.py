@@ -145,7 +145,7 @@ class ModelEvaluator:
         self.codebook_size = int(model.quantizer.codebook_size)
         self.analysed: list[Analysed] = []
         for photo in self.photos:
-            self.analysed.append(Analysed.of(model.analyse(photo.image[None].to(device))))
+            self.analysed.append(Analysed.of(model, photo.image[None].to(device)))
             if progress is not None:
                 progress()
 
@@ -429,7 +429,7 @@ def decode_times(model: Tokenizer, image: Tensor, device: torch.device, repeats:
     """Median seconds of :meth:`Tokenizer.decode` for one (3, S, S) image at each kept fraction (topk),
     the fractions interleaved within each round so all see the same machine state; one run, reported
     side by side with the ratio to the first fraction. A benchmark number, never an assertion."""
-    analysed = Analysed.of(model.analyse(image[None].to(device)))
+    analysed = Analysed.of(model, image[None].to(device))
     n = analysed.bits.shape[1]
     tokens = {f: analysed.tokens(model.token_filter("topk", k=round(f * n), min_keep=0, max_keep=-1)
                                  .select(analysed.bits)).to(device) for f in fractions}

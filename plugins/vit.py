@@ -11,7 +11,14 @@ from tatok_plugins.layers import Transformer, check_heads, check_window, init_to
 
 
 class ViTEncoder(Encoder):
-    """Patch embedding + transformer over the patch grid (any H×W divisible by the patch size)."""
+    """Patch embedding + transformer over the patch grid (any H×W divisible by the patch size).
+
+    ``keep_aware`` > 0 adds that many transformer blocks that re-express the patch features once the
+    kept tokens are known (:meth:`given_keep`): each position learns whether it is kept, so a kept
+    token can spend its code on what its dropped neighbours hold rather than on its own patch alone.
+    The blocks' output enters through a zero-initialised projection: at the start the tokens are
+    exactly the keep-blind ones, so the option can be added to trained weights.
+    """
 
     def __init__(
         self,
@@ -24,15 +31,42 @@ class ViTEncoder(Encoder):
         mlp_ratio: float = 4.0,
         channels: int = 3,
         window: int = 0,
+        keep_aware: int = 0,
     ) -> None:
         super().__init__(facts)
         check_heads(dim, heads, self.label)
+        if keep_aware < 0:
+            raise ValueError(f"{self.label}: keep_aware is a number of blocks ≥ 0, got {keep_aware!r}")
         self.window = check_window(window, self.label)
         if patch_size < 1:
             raise ValueError(f"patch_size must be ≥ 1, got {patch_size}")
         self.patch_size, self.dim, self.channels = patch_size, dim, channels
         self.embed = nn.Conv2d(channels, dim, kernel_size=patch_size, stride=patch_size)
         self.transformer = Transformer(dim, depth, heads, mlp_ratio)
+        self.keep_aware = bool(keep_aware)
+        if keep_aware:
+            self.keep_state = nn.Parameter(torch.zeros(2, dim))  # (dropped, kept); learned once keep_out is not 0
+            self.keep_blocks = Transformer(dim, int(keep_aware), heads, mlp_ratio)
+            self.keep_out = nn.Linear(dim, dim)
+            nn.init.zeros_(self.keep_out.weight)
+            nn.init.zeros_(self.keep_out.bias)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: object) -> None:
+        """Weights saved without ``keep_aware`` load into an encoder with it: the new blocks keep their
+        initial values, with which the encoder computes exactly what the saved one did (so
+        ``train.init`` can start a keep-aware encoder from a trained model)."""
+        own = {prefix + name: value for name, value in self.state_dict().items() if name.startswith("keep_")}
+        if own and not any(key in state_dict for key in own):  # in place: the blocks load from this dict next
+            state_dict.update({key: value.detach().clone() for key, value in own.items()})
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def given_keep(self, patches: Tensor, keep: Tensor, grid: Grid) -> Tensor:
+        if not self.keep_aware:
+            return patches
+        positions, windows = patch_layout(grid, self.dim, window=self.window, prefix=0, shift=self.training,
+                                          device=patches.device)
+        x = patches + self.keep_state[keep.long()].to(patches.dtype) + positions.to(patches.dtype)  # (B, N, D)
+        return patches + self.keep_out(self.keep_blocks(x, windows=windows))  # (B, N, D)
 
     def forward(self, images: Tensor) -> Tensor:
         patches = self.embed(images * 2 - 1)  # (B, D, H/p, W/p), pixels centred on 0

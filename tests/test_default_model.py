@@ -71,7 +71,7 @@ def photos() -> list[torch.Tensor]:
 def analysed(model: Tokenizer, photos: list[torch.Tensor]) -> list[Analysed]:
     """Each photo encoded once (the `chain` estimator decodes it at its probes)."""
     with torch.no_grad():
-        return [Analysed.of(model.analyse(photo)) for photo in photos]
+        return [Analysed.of(model, photo) for photo in photos]
 
 
 def test_the_default_is_the_shipped_operating_point_model(model: Tokenizer) -> None:
@@ -173,7 +173,7 @@ def test_the_coverage_ranking_beats_worst_first_at_a_quarter_of_the_tokens(model
     assert model.spec.entropy.options["coverage"] > 0
     worst_first = Tokenizer(model.spec.updated({}, {"entropy.coverage": 0})).eval()
     worst_first.load_state_dict(model.state_dict())
-    plain = [Analysed.of(worst_first.analyse(photo)) for photo in photos]
+    plain = [Analysed.of(worst_first, photo) for photo in photos]
     covered = shared_theta_psnr(model, photos, analysed, 0.25)
     piled = shared_theta_psnr(worst_first, photos, plain, 0.25)
     gain = (sum(covered) - sum(piled)) / len(photos)

@@ -268,7 +268,7 @@ def analyse(model: Tokenizer, images: Tensor | Sequence[Tensor], batch_size: int
     model.eval()
     batches = []
     for indices, batch in group_by_size(enumerate(images), batch_size):
-        analysed = analysis.Analysed.of(model.analyse(batch))
+        analysed = analysis.Analysed.of(model, batch)
         batches.append(Batch(**attrs.asdict(analysed, recurse=False), indices=indices, images=batch))
     return Analysed(batches, len(images))
 

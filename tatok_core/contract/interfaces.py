@@ -185,11 +185,19 @@ class Encoder(Component):
     patch_size: int
     dim: int
 
+    #: True when :meth:`given_keep` re-expresses the patch features knowing which tokens are kept.
+    keep_aware: bool = False
+
     def provides(self) -> dict[str, Any]:
         return {"channels": self.channels, "patch_size": self.patch_size, "dim": self.dim}
 
     @abc.abstractmethod
     def forward(self, images: Tensor) -> Tensor: ...
+
+    def given_keep(self, patches: Tensor, keep: Tensor, grid: Grid) -> Tensor:
+        """Patch features (B, N, D) re-expressed knowing ``keep`` (B, N): a kept token may then carry
+        what its dropped neighbours hold. The default keeps them as they are (``keep_aware`` False)."""
+        return patches
 
 
 class GlobalTokenizer(Component):

@@ -44,6 +44,7 @@ class Analysis(NamedTuple):
     entropy: EntropyEstimate  # bits (B, N)
     aux_loss: Tensor
     base_reconstruction: Tensor | None = None  # (B, C, H', W') globals-only decode, when the estimator asked
+    patch_features: Tensor | None = None  # (B, N, D) before quantization, only for a keep-aware encoder
 
 
 @attrs.frozen(eq=False)
@@ -158,15 +159,30 @@ class Tokenizer(nn.Module):
         quantized = self.quantizer(torch.cat([global_features, patch_features], dim=1))  # one codebook for both
         globals_ = Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics)
         patches = Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics)
-        context = self.entropy_context(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes)
+        features = patch_features if self.encoder.keep_aware else None  # what kept_patches re-expresses
+        context = self.entropy_context(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes,
+                                       features)
         return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss,
-                        context.base_reconstruction)
+                        context.base_reconstruction, features)
+
+    def express_kept(self, patch_features: Tensor, keep: Tensor, grid: Grid) -> Quantized:
+        """A keep-aware encoder's patch tokens when ``keep`` (B, N) is kept: ``patch_features`` (B, N, D)
+        re-expressed knowing the set, then quantized."""
+        return self.quantizer(self.encoder.given_keep(patch_features, keep, grid))
+
+    def kept_patches(self, analysis: Analysis, keep: Tensor) -> Quantized:
+        """The patch tokens a decoder receives when ``keep`` (B, N) is kept: the analysed ones, or, with a
+        keep-aware encoder, those :meth:`express_kept` gives for this very set."""
+        if analysis.patch_features is None:
+            return analysis.patches
+        return self.express_kept(analysis.patch_features, keep, analysis.grid)
 
     def entropy_context(self, padded: Tensor, grid: Grid, global_vectors: Tensor, global_codes: Tensor,
-                        patch_vectors: Tensor, patch_codes: Tensor) -> EntropyContext:
+                        patch_vectors: Tensor, patch_codes: Tensor, patch_features: Tensor | None = None) -> EntropyContext:
         """What the entropy estimator conditions on, built in one place: the quantized tokens, plus the
         globals-only decode and this model's decoder for estimators that ask for them
-        (``needs_base_reconstruction``, ``needs_decoder``)."""
+        (``needs_base_reconstruction``, ``needs_decoder``). Given a keep-aware encoder's
+        ``patch_features``, each decode uses the tokens that set would carry (:meth:`express_kept`)."""
         base = None
         if self.entropy.needs_base_reconstruction:  # the decoder's picture from the globals alone
             nothing_kept = torch.zeros(patch_codes.shape, dtype=torch.bool, device=padded.device)  # (B, N)
@@ -174,7 +190,8 @@ class Tokenizer(nn.Module):
         decode = None
         if self.entropy.needs_decoder:
             def decode(keep: Tensor) -> Tensor:  # (B, N) → (B, C, H', W')
-                return self.decoder(global_vectors, patch_vectors, keep, grid)
+                vectors = patch_vectors if patch_features is None else self.express_kept(patch_features, keep, grid).vectors
+                return self.decoder(global_vectors, vectors, keep, grid)
         return EntropyContext(padded, grid, global_vectors, global_codes, patch_vectors, patch_codes, base, decode)
 
     def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
@@ -219,7 +236,8 @@ class Tokenizer(nn.Module):
         per_image = tau is not None and "mode" not in filter_options
         token_filter = (self.tau_filter if per_image else self.token_filter)(filter, **filter_options)
         selection = token_filter.select(analysis.entropy.bits, tau)
-        return Tokens.from_selection(analysis.globals_.codes, analysis.patches.codes, selection, analysis.grid,
+        patch_codes = self.kept_patches(analysis, selection.keep).codes  # (B, N)
+        return Tokens.from_selection(analysis.globals_.codes, patch_codes, selection, analysis.grid,
                                      analysis.image_size)
 
     @torch.no_grad()
@@ -292,11 +310,13 @@ class Tokenizer(nn.Module):
             if tau is None and self.training:
                 tau = self.sample_tau(batch, images.device)
             selection = (self.filter if tau is None else self.tau_filter()).select(bits, tau)
-        reconstruction = self.decoder(analysis.globals_.vectors, analysis.patches.vectors, selection.keep, analysis.grid)
+        patches = self.kept_patches(analysis, selection.keep)
+        reconstruction = self.decoder(analysis.globals_.vectors, patches.vectors, selection.keep, analysis.grid)
         height, width = analysis.image_size
         reconstruction = reconstruction[..., :height, :width]
         target = images.to(reconstruction.dtype)
-        losses = {**pixel_losses(reconstruction, target), "quantizer": analysis.aux_loss,
+        aux_loss = analysis.aux_loss if patches is analysis.patches else analysis.aux_loss + patches.aux_loss
+        losses = {**pixel_losses(reconstruction, target), "quantizer": aux_loss,
                   "entropy": analysis.entropy.loss}
         if analysis.base_reconstruction is not None:  # teaches the globals to carry the picture on their own
             base = pixel_losses(analysis.base_reconstruction[..., :height, :width], target)

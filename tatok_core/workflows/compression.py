@@ -370,7 +370,7 @@ def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_d
             analysed: list[tuple[str, Analysed]] = []
             with evaluating(coder.tokenizer):
                 for name, image in readable():
-                    analysed.append((name, Analysed.of(coder.tokenizer.analyse(image[None].to(coder.device)))))
+                    analysed.append((name, Analysed.of(coder.tokenizer, image[None].to(coder.device))))
                     bar.update(task, completed=len(analysed) + len(failed))
             token_filter = rule_filter(coder.tokenizer, mode)
             calibration = calibrate_bits(token_filter, [a.bits for _, a in analysed], budget)

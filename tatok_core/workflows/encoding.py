@@ -190,7 +190,7 @@ def encode_files(
         task = bar.add_task("encode", total=len(paths))
         analysed_count = 0
         for indices, batch in group_by_size(readable(), batch_size):
-            analysed = Analysed.of(model.analyse(batch.to(device)))
+            analysed = Analysed.of(model, batch.to(device))
             if budget is None:
                 finish(indices, analysed)
             else:

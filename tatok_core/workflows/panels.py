@@ -53,7 +53,7 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
         raise TatokError(f"cannot tokenize {name or 'image'}: {problem}")
     token_filter = model.token_filter() if tau is None else model.tau_filter()
     with evaluating(model) as device:
-        analysed = Analysed.of(model.analyse(image[None].to(device)))
+        analysed = Analysed.of(model, image[None].to(device))
         selection = token_filter.select(analysed.bits, tau)
         reconstruction = model.decode(analysed.tokens(selection).to(device))[0].cpu()
     rows, cols = analysed.grid

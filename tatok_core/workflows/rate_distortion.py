@@ -149,7 +149,7 @@ def evaluate_rate_distortion(
         if problem:
             raise TatokError(f"cannot evaluate image {i}: {problem}")
     with evaluating(model) as device:
-        batches = [(indices, batch, Analysed.of(model.analyse(batch.to(device))))
+        batches = [(indices, batch, Analysed.of(model, batch.to(device)))
                    for indices, batch in group_by_size(enumerate(images), batch_size)]
         count = sum(len(indices) for indices, _, _ in batches)
         bits = [a.bits for _, _, a in batches]
