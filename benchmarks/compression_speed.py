@@ -71,12 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {"photo": photo.name, "kept": int(tokens.codes.numel()), "num_patches": tokens.num_patches}
         for label, walk in walks.items():
             coder.prior.walk = types.MethodType(walk, coder.prior)  # this instance only
-            times = [file_bytes(coder, tokens, f"{photo.name} ({label})")[1:] for _ in range(args.repeats)]
-            row[label] = {"write_s": statistics.median(t[0] for t in times),
-                          "read_s": statistics.median(t[1] for t in times)}
+            trips = [file_bytes(coder, tokens, f"{photo.name} ({label})") for _ in range(args.repeats)]
+            row[label] = {"bytes": len(trips[0][0]), "write_s": statistics.median(t[1] for t in trips),
+                          "read_s": statistics.median(t[2] for t in trips)}
         rows.append(row)
     del coder.prior.walk
-    summary = {label: {part: statistics.fmean(row[label][part] for row in rows) for part in ("write_s", "read_s")}
+    summary = {label: {part: statistics.fmean(row[label][part] for row in rows) for part in ("bytes", "write_s", "read_s")}
                for label in walks}
     if args.walk_from is not None:
         summary["ratio"] = {part: summary[str(args.walk_from)][part] / summary["current"][part]
@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
               "repeats": args.repeats, "photos": rows, "summary": summary}
     path = write_json(args.out / "compression_speed.json", result)
     Console().print(table(f"{len(rows)} photos, longest side {args.side}: mean of the per-photo medians (s)",
-                          ["walk", "write", "read"],
-                          [[label, f"{summary[label]['write_s']:.3f}", f"{summary[label]['read_s']:.3f}"]
-                           for label in walks]))
+                          ["walk", "bytes", "write", "read"],
+                          [[label, f"{summary[label]['bytes']:.1f}", f"{summary[label]['write_s']:.3f}",
+                            f"{summary[label]['read_s']:.3f}"] for label in walks]))
     if "ratio" in summary:
         print(f"the other walk takes {summary['ratio']['write_s']:.2f}× as long to write, "
               f"{summary['ratio']['read_s']:.2f}× to read")

@@ -20,6 +20,7 @@ from tatok_core.contract.errors import CompositionError, GenerationError, TatokE
 from tatok_core.contract.tokens import Tokens
 from tatok_core.io.images import read_image, write_image
 from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows import compression
 from tatok_core.workflows.compression import ImageCoder, compress_files
 from tatok_core.workflows.data import load_builtin_photo
 from tatok_core.workflows.generation import build_generator, generator_facts
@@ -99,16 +100,42 @@ def test_a_photo_compresses_to_its_coded_size_and_decodes_whatever_the_thread_co
     assert torch.equal(coder.decompress(data), expected)
 
 
+def test_a_file_decodes_where_another_machine_s_arithmetic_differs_in_the_last_bits(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another machine sums the prior's float64 arithmetic in another order (~1e-15 relative); here the
+    reading coder's weights differ by 1e-8 relative, ten million times more. Its files still decode to
+    the very tokens written: the range coder sees only logits rounded to 1/64 nat. Fed the prior's
+    float probabilities, as format version 2 was, the same reader fails on these photos."""
+    writer, reader = ImageCoder.from_pretrained(), ImageCoder.from_pretrained()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for weight in reader.prior.parameters():  # float64: the coder's own copy
+            weight.mul_(1 + 1e-8 * torch.randn_like(weight))
+    photos = [writer.tokens_of(fit_longest_side(load_builtin_photo(name), 128)) for name in ("rocket", "coffee", "chelsea")]
+    files = [writer.compress_tokens(tokens) for tokens in photos]
+    assert all(same(reader.decompress_tokens(data), tokens) for data, tokens in zip(files, photos))
+
+    monkeypatch.setattr(compression, "choice_probabilities", lambda logits: torch.softmax(logits.double(), -1).numpy())
+    failed = 0
+    for tokens in photos:
+        try:
+            failed += not same(reader.decompress_tokens(writer.compress_tokens(tokens)), tokens)
+        except TokenFileError:
+            failed += 1
+    assert failed == len(photos)
+
+
 def test_bad_files_are_refused_by_name(tokenizer: Tokenizer) -> None:
     coder = peaked_coder(tokenizer)
     data = coder.compress_tokens(random_tokens(4, 5, 0.5, 1))
     with pytest.raises(TokenFileError, match=r"photo\.ttk: not a compressed TaTok image"):
         coder.decompress_tokens(b"\x89PNG\r\n" + data, "photo.ttk")
-    with pytest.raises(TokenFileError, match="photo.ttk: format version 3; this tatok reads 2$"):
-        coder.decompress_tokens(data[:3] + b"\x03" + data[4:], "photo.ttk")
-    with pytest.raises(TokenFileError, match="photo.ttk: format version 1, written by an earlier tatok.*compress the "
-                                             "image again"):
-        coder.decompress_tokens(data[:3] + b"\x01" + data[4:], "photo.ttk")
+    with pytest.raises(TokenFileError, match="photo.ttk: format version 4; this tatok reads 3$"):
+        coder.decompress_tokens(data[:3] + b"\x04" + data[4:], "photo.ttk")
+    for earlier in (b"\x01", b"\x02"):
+        with pytest.raises(TokenFileError, match=f"photo.ttk: format version {earlier[0]}, written by an earlier tatok"
+                                                 ".*compress the image again"):
+            coder.decompress_tokens(data[:3] + earlier + data[4:], "photo.ttk")
     with pytest.raises(TokenFileError, match="photo.ttk: written by another tokenizer or prior"):
         peaked_coder(tokenizer, seed=1).decompress_tokens(data, "photo.ttk")
     with pytest.raises(TokenFileError, match="photo.ttk: truncated header"):

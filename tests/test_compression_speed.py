@@ -20,6 +20,7 @@ def test_two_walks_are_timed_side_by_side_and_each_file_round_trips(tmp_path: Pa
     for row in result["photos"]:
         assert 0 <= row["kept"] <= row["num_patches"] <= 16  # longest side 32: at most 4×4 patches of 8 px
         assert row["current"]["write_s"] > 0 and row[str(CONTEXT_PRIOR)]["read_s"] > 0
+        assert row["current"]["bytes"] == row[str(CONTEXT_PRIOR)]["bytes"] >= 20  # the same walk: the same file
     ratio = result["summary"]["ratio"]
     assert ratio["write_s"] > 0 and ratio["read_s"] > 0  # the same walk twice: a ratio near 1, not asserted (timing)
 

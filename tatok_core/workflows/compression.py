@@ -8,12 +8,12 @@ tokens choice by choice (:meth:`~tatok_core.contract.interfaces.Generator.walk`:
 So the file's length is the prior's code length plus a few bytes, and the rate an entropy coder writes
 becomes a file a user can compare with a JPEG.
 
-File layout, version 2 (what :meth:`ImageCoder.compress_tokens` writes):
+File layout, version 3 (what :meth:`ImageCoder.compress_tokens` writes):
 
 ==============  ===========  ===========================================================================
 field           size         meaning
 ==============  ===========  ===========================================================================
-magic           4 bytes      ``b"TTK"`` and the format version (2)
+magic           4 bytes      ``b"TTK"`` and the format version (3)
 pairing         8 bytes      :func:`pairing_digest` of the tokenizer and the prior: tokens are decoded
                              only by the pair that wrote them (whatever rule kept them)
 sizes           4 varints    image height and width, grid rows and columns (LEB128, 2 bytes each < 16384)
@@ -21,16 +21,23 @@ checksum        4 bytes      CRC-32 of the token set (globals, kept positions, c
 payload         rest         the range coder's 32-bit words, little-endian
 ==============  ===========  ===========================================================================
 
-Decoding re-runs the encoder's walk with the choices read back from the payload, so it needs the very
-logits the encoder saw, bit for bit. Both ends therefore run the prior on the CPU, single-threaded,
-in float32: the same tatok, torch build and CPU kind decode what they encoded. Where anything differs
-(or the file is damaged) the decoded tokens fail the checksum and the file is refused by name — a
-wrong image is never returned. (A format for any machine needs integer inference; not done.)
+Decoding re-runs the encoder's walk with the choices read back from the payload, so both ends must
+give the range coder the very same probabilities, bit for bit — also on another machine, whose float
+arithmetic sums in another order. So the coder never sees the prior's floats: the prior runs in float64
+(its logits then agree across machines to ~1e-13), each logit is rounded to a grid of
+:data:`LOGIT_STEPS` per nat, and the probabilities are integer weights from a table computed in exact
+decimal arithmetic (:data:`EXP_WEIGHTS`), divided by their sum — one correctly rounded IEEE division.
+Two machines then disagree only where a logit lies within ~1e-13 of a rounding boundary: about once
+in 10^11 logits, under one file in 10^6. Where they do (or the file is damaged) the decoded tokens
+fail the checksum and the file is refused by name — a wrong image is never returned. The rounding
+changed no held-out photo's file size (docs/results.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import decimal
 import hashlib
 import json
 import os
@@ -58,7 +65,7 @@ from tatok_core.workflows.progress import progress_bar
 from tatok_core.workflows.rate_control import RateResult, calibrate_bits, check_rate, rule_filter
 
 MAGIC = b"TTK"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SUFFIX = ".ttk"
 MAX_SIDE = 1 << 16  # pixels: a header beyond it is damaged (and would have the decoder walk a vast grid)
 CODING_PRIOR = "context-prior"
@@ -67,9 +74,35 @@ CODING_PRIOR = "context-prior"
 _CHOICE_MODEL = constriction.stream.model.Categorical(perfect=False)  # probabilities given per choice
 
 
-def _probabilities(logits: Tensor) -> np.ndarray:
-    """Logits (B, V) → float64 probabilities (B, V): what the range coder quantizes, identically at both ends."""
-    return torch.softmax(logits.double(), dim=-1).numpy()
+LOGIT_STEPS = 64
+"""Logits are rounded to multiples of 1/64 nat before they become probabilities (module docs)."""
+LOGIT_FLOOR = 16 * LOGIT_STEPS
+"""A choice more than 16 nats below the likeliest gets the weight of one exactly 16 below (the range
+coder's own resolution, 2^-24, is about e^-16.6)."""
+
+
+def _exp_weights() -> Tensor:
+    """(LOGIT_FLOOR + 1,) int64: round(2^32 · e^(−i / LOGIT_STEPS)), computed in exact decimal arithmetic
+    (correctly rounded, so every machine builds the same table); the smallest, 2^32 · e^-16, is 483."""
+    with decimal.localcontext() as context:
+        context.prec = 40
+        scale = decimal.Decimal(2) ** 32
+        return torch.tensor([int((scale * (decimal.Decimal(-i) / LOGIT_STEPS).exp()).to_integral_value(decimal.ROUND_HALF_EVEN))
+                             for i in range(LOGIT_FLOOR + 1)], dtype=torch.int64)
+
+
+EXP_WEIGHTS = _exp_weights()
+
+
+def choice_probabilities(logits: Tensor) -> np.ndarray:
+    """Logits (B, V) → float64 probabilities (B, V) the range coder quantizes: the logits rounded to
+    1/:data:`LOGIT_STEPS` nat, weighted by :data:`EXP_WEIGHTS` relative to the likeliest choice, divided
+    by their sum (integers exact in float64 for V < 2^21, so the result is one correctly rounded
+    division: the same on every machine)."""
+    steps = torch.round(logits.double() * LOGIT_STEPS).long()  # (B, V)
+    below = (steps.amax(dim=-1, keepdim=True) - steps).clamp_max(LOGIT_FLOOR)  # (B, V) ≥ 0
+    weights = EXP_WEIGHTS[below]  # (B, V) int64
+    return (weights.double() / weights.sum(dim=-1, keepdim=True).double()).numpy()
 
 
 class _Writer:
@@ -80,7 +113,7 @@ class _Writer:
 
     def __call__(self, logits: Tensor, given: Tensor | None) -> Tensor:
         assert given is not None, "the encoder walks a given token set"
-        self.coder.encode(given.numpy().astype(np.int32), _CHOICE_MODEL, _probabilities(logits))
+        self.coder.encode(given.numpy().astype(np.int32), _CHOICE_MODEL, choice_probabilities(logits))
         return given
 
 
@@ -91,7 +124,7 @@ class _Reader:
         self.coder = constriction.stream.queue.RangeDecoder(words)
 
     def __call__(self, logits: Tensor, given: Tensor | None) -> Tensor:
-        return torch.from_numpy(self.coder.decode(_CHOICE_MODEL, _probabilities(logits)).astype(np.int64))
+        return torch.from_numpy(self.coder.decode(_CHOICE_MODEL, choice_probabilities(logits)).astype(np.int64))
 
 
 @contextlib.contextmanager
@@ -137,10 +170,12 @@ def token_checksum(tokens: Tokens) -> int:
 def pairing_digest(tokenizer: Tokenizer, prior: Generator) -> bytes:
     """8 bytes of SHA-256 over what decoding a file depends on: the tokenizer's weights and the components
     that give tokens their meaning (encoder, globals, quantizer, decoder — not the entropy estimator and
-    filter, which only choose the tokens kept), and the prior's weights."""
+    filter, which only choose the tokens kept), and the prior's weights (as float32, the precision they are
+    trained and saved in)."""
     meaning = {kind: tokenizer.spec.component(kind).to_dict()
                for kind in ("encoder", "global_tokenizer", "quantizer", "decoder")}
-    text = json.dumps([meaning, tokenizer.weights_digest(), state_digest(prior.state_dict())], sort_keys=True)
+    weights = {name: value.float() if value.is_floating_point() else value for name, value in prior.state_dict().items()}
+    text = json.dumps([meaning, tokenizer.weights_digest(), state_digest(weights)], sort_keys=True)  # the coder's float64 copy: the same
     return hashlib.sha256(text.encode()).digest()[:8]
 
 
@@ -150,7 +185,8 @@ class ImageCoder:
 
     The tokenizer's own rule decides which tokens are kept (give it another with
     :func:`~tatok_core.workflows.rate_control.with_rule`); the prior must model its codes: the same code
-    factors and number of globals (checked here, naming both). The prior runs on the CPU.
+    factors and number of globals (checked here, naming both). The coder walks its own copy of the
+    prior, on the CPU in float64 (module docs); the prior given is left as it is.
     """
 
     tokenizer: Tokenizer
@@ -168,8 +204,8 @@ class ImageCoder:
             if models is not None and (tuple(models) if isinstance(models, (list, tuple)) else models) != value:
                 raise CompositionError(f"{self.prior.label} models {fact}={models!r} but tokenizer "
                                        f"{self.tokenizer.name!r} writes {fact}={value!r}")
-        self.prior.to("cpu").eval()
-        object.__setattr__(self, "pairing", pairing_digest(self.tokenizer, self.prior))
+        object.__setattr__(self, "pairing", pairing_digest(self.tokenizer, self.prior))  # of the weights as saved
+        object.__setattr__(self, "prior", copy.deepcopy(self.prior).to("cpu", torch.float64).eval())
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str | os.PathLike[str] = DEFAULT_PRETRAINED, *,
@@ -216,7 +252,7 @@ class ImageCoder:
         tokens = attrs.evolve(tokens, image_size=header.image_size)
         if token_checksum(tokens) != header.checksum:
             raise TokenFileError(f"{source}: the decoded tokens fail their checksum: the file is damaged, or was "
-                                 "written with another tatok, torch build or CPU kind (the prior's logits differ)")
+                                 "written by a tatok whose prior computed other logits")
         return tokens
 
     # -- images ↔ bytes, files ------------------------------------------------------------------------
@@ -278,7 +314,7 @@ def read_header(data: bytes, source: str = "compressed data") -> FileHeader:
         raise TokenFileError(f"{source}: not a compressed TaTok image (it starts with {data[:4]!r})")
     if len(data) < 4:
         raise TokenFileError(f"{source}: truncated header")
-    if data[3] < FORMAT_VERSION:  # version 1: the walk summed its convolutions in another order
+    if data[3] < FORMAT_VERSION:  # 1: the walk summed its convolutions in another order; 2: float32 probabilities
         raise TokenFileError(f"{source}: format version {data[3]}, written by an earlier tatok whose prior computed "
                              f"its probabilities another way; this tatok reads {FORMAT_VERSION}: compress the image again")
     if data[3] != FORMAT_VERSION:
