@@ -35,8 +35,8 @@ def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tu
     """Compress images into files: the kept tokens, range-coded under the model's prior.
 
     Decode them with `tatok decompress` and the same model and prior, on this machine or another: the
-    coder sees only rounded logits, so both ends compute the same probabilities (a file that still
-    decodes otherwise, or is damaged, is refused by its checksum).
+    coder sees only rounded logits, so both ends compute the same probabilities (a damaged file, or the
+    rare one whose probabilities still differ, is refused by its checksum).
     """
     check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     loaded = ImageCoder.from_pretrained(model_name, prior=prior)

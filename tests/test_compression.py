@@ -111,7 +111,8 @@ def test_a_file_decodes_where_another_machine_s_arithmetic_differs_in_the_last_b
     with torch.no_grad():
         for weight in reader.prior.parameters():  # float64: the coder's own copy
             weight.mul_(1 + 1e-8 * torch.randn_like(weight))
-    photos = [writer.tokens_of(fit_longest_side(load_builtin_photo(name), 128)) for name in ("rocket", "coffee", "chelsea")]
+    photos = [writer.tokens_of(fit_longest_side(load_builtin_photo(name), 128))
+              for name in ("rocket", "coffee", "chelsea")]
     files = [writer.compress_tokens(tokens) for tokens in photos]
     assert all(same(reader.decompress_tokens(data), tokens) for data, tokens in zip(files, photos))
 

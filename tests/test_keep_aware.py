@@ -49,7 +49,7 @@ def test_kept_tokens_depend_on_the_kept_set_and_every_path_gives_the_same_ones()
         analysis = aware.analyse(x)
         few, many = (aware.token_filter("topk", k=k).select(analysis.entropy.bits).keep for k in (3, 12))  # (B, N)
         fewer, more = (aware.encoder.given_keep(analysis.patch_features, keep, analysis.grid) for keep in (few, many))
-    assert (fewer - more)[few].abs().amax() > 1e-3  # the same kept positions, expressed for another set (rounding: 1e-7)
+    assert (fewer - more)[few].abs().amax() > 1e-3  # the same kept positions, another set (rounding: 1e-7)
 
     encoded = aware.encode(x, filter="topk", k=12)
     analysed = Analysed.of(aware, x)  # what every rate workflow decodes

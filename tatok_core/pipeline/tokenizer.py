@@ -178,7 +178,8 @@ class Tokenizer(nn.Module):
         return self.express_kept(analysis.patch_features, keep, analysis.grid)
 
     def entropy_context(self, padded: Tensor, grid: Grid, global_vectors: Tensor, global_codes: Tensor,
-                        patch_vectors: Tensor, patch_codes: Tensor, patch_features: Tensor | None = None) -> EntropyContext:
+                        patch_vectors: Tensor, patch_codes: Tensor,
+                        patch_features: Tensor | None = None) -> EntropyContext:
         """What the entropy estimator conditions on, built in one place: the quantized tokens, plus the
         globals-only decode and this model's decoder for estimators that ask for them
         (``needs_base_reconstruction``, ``needs_decoder``). Given a keep-aware encoder's
@@ -190,7 +191,9 @@ class Tokenizer(nn.Module):
         decode = None
         if self.entropy.needs_decoder:
             def decode(keep: Tensor) -> Tensor:  # (B, N) → (B, C, H', W')
-                vectors = patch_vectors if patch_features is None else self.express_kept(patch_features, keep, grid).vectors
+                vectors = patch_vectors  # (B, N, D)
+                if patch_features is not None:  # the tokens this very set would carry
+                    vectors = self.express_kept(patch_features, keep, grid).vectors
                 return self.decoder(global_vectors, vectors, keep, grid)
         return EntropyContext(padded, grid, global_vectors, global_codes, patch_vectors, patch_codes, base, decode)
 

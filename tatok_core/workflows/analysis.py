@@ -1,4 +1,5 @@
-"""Images analysed once, filtered many times: what every rate workflow keeps of an :class:`Analysis`.
+"""Images analysed once, filtered many times: what every rate workflow keeps of an
+:class:`~tatok_core.pipeline.tokenizer.Analysis`.
 
 The expensive half of the pipeline (encoder, global tokens, quantizer, entropy model:
 :meth:`Tokenizer.analyse`) runs **once** per image; the cheap token filter re-runs for each threshold
@@ -17,12 +18,13 @@ from torch import Tensor
 from tatok_core.contract.interfaces import Grid
 from tatok_core.contract.selection import Selection
 from tatok_core.contract.tokens import Tokens
-from tatok_core.pipeline.tokenizer import Analysis, Tokenizer
+from tatok_core.pipeline.tokenizer import Tokenizer
 
 
 @attrs.frozen(eq=False)
 class Analysed:
-    """The part of an :class:`Analysis` that filtering and decoding need: codes and bits, on the CPU.
+    """The part of an :class:`~tatok_core.pipeline.tokenizer.Analysis` that filtering and decoding need:
+    codes and bits, on the CPU.
 
     Small (about 12 bytes per patch), so a whole data set's worth can wait for τ to be calibrated. A
     keep-aware encoder's codes depend on the set kept: then the patch features stay too (4·D bytes per
@@ -34,7 +36,7 @@ class Analysed:
     bits: Tensor  # (B, N)
     grid: Grid
     image_size: tuple[int, int]
-    kept_codes: Callable[[Tensor], Tensor] | None = attrs.field(default=None, kw_only=True)  # keep (B, N) → codes (B, N)
+    kept_codes: Callable[[Tensor], Tensor] | None = attrs.field(default=None, kw_only=True)  # keep (B, N) → (B, N)
 
     @classmethod
     def of(cls, model: Tokenizer, images: Tensor) -> Analysed:

@@ -87,8 +87,8 @@ def _exp_weights() -> Tensor:
     with decimal.localcontext() as context:
         context.prec = 40
         scale = decimal.Decimal(2) ** 32
-        return torch.tensor([int((scale * (decimal.Decimal(-i) / LOGIT_STEPS).exp()).to_integral_value(decimal.ROUND_HALF_EVEN))
-                             for i in range(LOGIT_FLOOR + 1)], dtype=torch.int64)
+        exact = [scale * (decimal.Decimal(-i) / LOGIT_STEPS).exp() for i in range(LOGIT_FLOOR + 1)]
+        return torch.tensor([int(w.to_integral_value(decimal.ROUND_HALF_EVEN)) for w in exact], dtype=torch.int64)
 
 
 EXP_WEIGHTS = _exp_weights()
@@ -174,8 +174,9 @@ def pairing_digest(tokenizer: Tokenizer, prior: Generator) -> bytes:
     trained and saved in)."""
     meaning = {kind: tokenizer.spec.component(kind).to_dict()
                for kind in ("encoder", "global_tokenizer", "quantizer", "decoder")}
-    weights = {name: value.float() if value.is_floating_point() else value for name, value in prior.state_dict().items()}
-    text = json.dumps([meaning, tokenizer.weights_digest(), state_digest(weights)], sort_keys=True)  # the coder's float64 copy: the same
+    weights = {name: value.float() if value.is_floating_point() else value  # the coder's float64 copy: the same
+               for name, value in prior.state_dict().items()}
+    text = json.dumps([meaning, tokenizer.weights_digest(), state_digest(weights)], sort_keys=True)
     return hashlib.sha256(text.encode()).digest()[:8]
 
 
