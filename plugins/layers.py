@@ -348,6 +348,17 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
+def start_missing(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, optional: str) -> None:
+    """For a ``_load_from_state_dict``: weights saved before ``module``'s entries named ``optional``… existed
+    (an option added later) get those entries at their current, initial values — in place, so the
+    submodules, which load from this dict next, find theirs. An option whose initial values leave the
+    output unchanged then starts from trained weights (``train.init``). Entries that are only partly
+    saved are left missing, for the strict load to name."""
+    own = {prefix + name: value for name, value in module.state_dict().items() if name.startswith(optional)}
+    if own and not any(key in state_dict for key in own):
+        state_dict.update({key: value.detach().clone() for key, value in own.items()})
+
+
 def init_tokens(*shape: int) -> nn.Parameter:
     """Learned token embeddings (mask token, global tokens) with the ViT initialisation."""
     return nn.Parameter(torch.randn(*shape) * 0.02)

@@ -33,7 +33,8 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tatok_core.contract.interfaces import Decoder, Facts, Grid
-from tatok_plugins.layers import check_heads, grid_coordinates, init_tokens, init_weights, relative_embedding, sincos_at
+from tatok_plugins.layers import (check_heads, grid_coordinates, init_tokens, init_weights, relative_embedding, sincos_at,
+                                   start_missing)
 
 
 @functools.lru_cache(maxsize=16)
@@ -348,8 +349,7 @@ class PackedDecoder(Decoder):
         """Weights saved without ``canvas_gate`` load into a decoder with it: the gain keeps its initial
         value, with which the decoder computes exactly what the saved one did (so ``train.init`` can
         start a gated decoder from an ungated model)."""
-        if self.canvas_gain is not None and prefix + "canvas_gain" not in state_dict:
-            state_dict = {**state_dict, prefix + "canvas_gain": self.canvas_gain.detach().clone()}
+        start_missing(self, state_dict, prefix, "canvas_gain")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @staticmethod

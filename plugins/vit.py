@@ -7,7 +7,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tatok_core.contract.interfaces import Decoder, Encoder, Facts, Grid
-from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout
+from tatok_plugins.layers import Transformer, check_heads, check_window, init_tokens, patch_layout, start_missing
 
 
 class ViTEncoder(Encoder):
@@ -55,9 +55,7 @@ class ViTEncoder(Encoder):
         """Weights saved without ``keep_aware`` load into an encoder with it: the new blocks keep their
         initial values, with which the encoder computes exactly what the saved one did (so
         ``train.init`` can start a keep-aware encoder from a trained model)."""
-        own = {prefix + name: value for name, value in self.state_dict().items() if name.startswith("keep_")}
-        if own and not any(key in state_dict for key in own):  # in place: the blocks load from this dict next
-            state_dict.update({key: value.detach().clone() for key, value in own.items()})
+        start_missing(self, state_dict, prefix, "keep_")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def given_keep(self, patches: Tensor, keep: Tensor, grid: Grid) -> Tensor:
