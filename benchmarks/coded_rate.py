@@ -191,6 +191,8 @@ def file_bytes(coder: ImageCoder, tokens: Tokens, name: str) -> tuple[bytes, flo
 
 def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, device: torch.device) -> dict:
     model = Tokenizer.from_pretrained(source).to(device)
+    if args.refine_steps is not None:  # every model alike, its prior's training tokens too
+        model = model.with_pipeline_options(refine_steps=args.refine_steps)
     if label in args.prior:
         prior, prior_record = generation.load_prior(args.prior[label]), {"loaded": str(args.prior[label])}
     else:
@@ -290,6 +292,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refine-steps", type=int,
+                        help="test-time refinement steps for every model (default: each spec's own)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("runs/coded_rate"))

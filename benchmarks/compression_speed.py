@@ -47,13 +47,19 @@ def walk_from(path: Path) -> Walk:
     return module.ContextPrior.walk
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_coder_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--prior``, ``--data``, ``--side``, ``--limit``: a tokenizer, the prior its tokens are
+    coded with, and whole photos — the same on every benchmark of coded tokens."""
     parser.add_argument("--model", default=DEFAULT_PRETRAINED, help="a shipped name or a saved tokenizer folder")
     parser.add_argument("--prior", type=Path, help="the saved prior to code with (default: the model's context-prior/)")
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"photos (default {DEFAULT_DATA})")
     parser.add_argument("--side", type=int, default=256, help="longest side in pixels (default 256)")
     parser.add_argument("--limit", type=int, help="only the first LIMIT photos")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_coder_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="round trips per photo and walk (median)")
     parser.add_argument("--walk-from", type=Path, help="time this file's ContextPrior.walk side by side")
     parser.add_argument("--out", type=Path, default=Path("runs/compression_speed"))

@@ -709,7 +709,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 bar.advance(task)
     record: dict[str, Any] = {
         "command": command, "data": args.data, "side": args.side, "fractions": list(fractions),
-        "quick": args.quick, "seed": args.seed, "device": str(device), "environment": environment(),
+        "quick": args.quick, "seed": args.seed, "refine_steps": args.refine_steps, "device": str(device),
+        "environment": environment(),
         "photos": [{"name": p.name, "height": p.image.shape[-2], "width": p.image.shape[-1]} for p in photos],
         "codecs": {codec: {"qualities": list(qualities), "options": "JPEG optimize=True (4:2:0); WebP method=6",
                            "per_photo": {p.name: curve for p, curve in zip(photos, codecs[codec])}}
@@ -720,6 +721,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
     timing_source = timing_image(photos[0], args.timing_side)
     for label, source, baseline in models:
         model = Tokenizer.from_pretrained(source).to(device).eval()
+        if args.refine_steps is not None:  # every model alike: the comparison stays fair
+            model = model.with_pipeline_options(refine_steps=args.refine_steps)
         result = evaluate_model(label, source, model, photos, codecs, fractions=fractions, baseline=baseline,
                                 device=device, seed=args.seed, holes_fraction=args.holes_fraction,
                                 grid_photos=args.grid_photos, progress=progress)
@@ -847,6 +850,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"{QUICK_PHOTOS} photos, codec qualities {QUICK_QUALITIES}, 1 timing warm-up")
     p.add_argument("--timing-side", type=int, default=256, help="side of the square decode-time image (default 256)")
     p.add_argument("--timing-repeats", type=int, default=5, help="timed decodes per fraction (median; default 5)")
+    p.add_argument("--refine-steps", type=int,
+                   help="test-time refinement steps for every model and baseline (default: each spec's own)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--nice", type=int, default=19, help="raise this process's niceness to at least this (default 19)")

@@ -34,3 +34,15 @@ def budget_options(command: Any) -> Any:
                            help="what --budget calibrates: shared θ or ε (allocates by amount) or per-image τ")(command)
     return click.option("--budget", type=float,
                         help="mean patch tokens per image; ONE threshold is calibrated on the inputs")(command)
+
+
+def refine_option(command: Any) -> Any:
+    """``--refine-steps``: how hard encoding works (``Tokenizer.refine``), the same on every command that encodes."""
+    return click.option("--refine-steps", type=int, callback=at_least(0),
+                        help="optimiser steps fitting each image's kept tokens to it (default: the model's own; "
+                             "0: the encoder's tokens)")(command)
+
+
+def with_refinement(model: Any, refine_steps: int | None) -> Any:
+    """``model`` with ``--refine-steps`` applied (unchanged when the option is not given)."""
+    return model if refine_steps is None else model.with_pipeline_options(refine_steps=refine_steps)

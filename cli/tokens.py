@@ -18,7 +18,7 @@ from torch import Tensor
 from rich.table import Table
 
 from tatok_cli.console import console, err_console
-from tatok_cli.options import absolute_rule_options, at_least, budget_options
+from tatok_cli.options import absolute_rule_options, at_least, budget_options, refine_option, with_refinement
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.contract.errors import ImageReadError, TatokError
 from tatok_core.io.images import read_image
@@ -83,11 +83,12 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
               help="images per shard; each full shard is kept when a run is interrupted")
 @click.option("--resume", is_flag=True, help="continue an encode into -o that was killed or interrupted (same inputs)")
 @click.option("--append", is_flag=True, help="add these images to the existing token set in -o (same model and rate)")
+@refine_option
 @click.pass_context
 def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output: Path, tau: float | None,
            theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
            filter_name: str | None, assignments: tuple[str, ...], batch_size: int, shard_size: int, resume: bool,
-           append: bool) -> None:
+           append: bool, refine_steps: int | None) -> None:
     """Tokenize image files, folders or globs into a token file.
 
     Unreadable files are reported and skipped, the rest written, and the exit status is 1. Full
@@ -100,7 +101,7 @@ def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output:
     check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     options = _filter_options(assignments)
     world = World.from_environment()
-    model = _load(model_name, world.device)
+    model = with_refinement(_load(model_name, world.device), refine_steps)
     model.token_filter(filter_name, **options)  # unknown filter or option: fail before reading any image
     ignored = ignored_rate_option(model, tau=tau, theta=theta, epsilon=epsilon, budget=budget,
                                   filter=filter_name, filter_options=options)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -346,6 +348,29 @@ def init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+Built = TypeVar("Built")
+
+
+def cached_for_autograd(maxsize: int) -> Callable[[Callable[..., Built]], Callable[..., Built]]:
+    """``functools.lru_cache`` whose values are built outside inference mode.
+
+    Why: a cached tensor first built during an ``inference_mode`` decode is an inference tensor, and
+    autograd refuses to save one for backward — so a later training step or test-time refinement of
+    the same size failed. Built outside it, the value serves both (it is never modified in place).
+    """
+
+    def wrap(build: Callable[..., Built]) -> Callable[..., Built]:
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args: object) -> Built:
+            with torch.inference_mode(False):
+                return build(*args)
+
+        return cached
+
+    return wrap
 
 
 def start_missing(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, optional: str) -> None:

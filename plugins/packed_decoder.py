@@ -25,7 +25,6 @@ window look alike to the globals, which then carry only the mean colour.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +32,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from tatok_core.contract.interfaces import Decoder, Facts, Grid
-from tatok_plugins.layers import (check_heads, grid_coordinates, init_tokens, init_weights, relative_embedding, sincos_at,
-                                   start_missing)
+from tatok_plugins.layers import (cached_for_autograd, check_heads, grid_coordinates, init_tokens, init_weights,
+                                   relative_embedding, sincos_at, start_missing)
 
 
-@functools.lru_cache(maxsize=16)
+@cached_for_autograd(maxsize=16)
 def grid_positions(grid: Grid, window: int, width: int, device: torch.device) -> Tensor:
     """(N, width) position embedding of every grid position: half within its window, half image-relative.
     Cached: a decode of the same size reuses it (never modified in place)."""
@@ -149,13 +148,13 @@ def packings(layout: WindowLayout, where: Tensor) -> tuple[Packing, Packing]:
     return windows, Packing(image, where.shape[0], compact=False)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_for_autograd(maxsize=64)
 def window_layout(grid: Grid, window: int, offset: int, device: torch.device) -> WindowLayout:
     """:class:`WindowLayout`, cached: decodes of one size share it (and so :func:`dense_packings`)."""
     return WindowLayout(grid, window, offset, device)
 
 
-@functools.lru_cache(maxsize=64)
+@cached_for_autograd(maxsize=64)
 def dense_packings(layout: WindowLayout, batch: int) -> tuple[Packing, Packing]:
     """:func:`packings` with every position kept (the fill stage): the same for every decode of a size, so
     built once — a fixed cost of each decode otherwise. Never modified in place."""

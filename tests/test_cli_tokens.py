@@ -71,6 +71,22 @@ def test_encode_decode_round_trip_matches_in_memory(run, models: dict[str, Path]
         assert (tmp_path / "out" / path.name).read_bytes() == (tmp_path / "reference.png").read_bytes()
 
 
+def test_encode_refines_as_the_library_does(models: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    # a step large enough for a random model's codes to move in 3 steps
+    model = Tokenizer.from_pretrained(models["pixel"]).with_pipeline_options(refine_lr=0.05)
+    model.save_pretrained(tmp_path / "model")
+    result = CliRunner().invoke(cli, ["encode", "--model", str(tmp_path / "model"), str(images), "-o",
+                                      str(tmp_path / "refined.safetensors"), "--tau", "0.7", "--batch-size", "1",
+                                      "--refine-steps", "3"])
+    assert result.exit_code == 0, result.output
+    stored = TokenDataset(tmp_path / "refined.safetensors")
+    for i, path in enumerate(sorted(images.iterdir())):
+        expected = model.encode(read_image(path)[None], tau=0.7, refine_steps=3)
+        assert torch.equal(stored[i].global_codes, expected.global_codes[0])
+        assert torch.equal(stored[i].codes, expected.per_image()[0].codes)
+        assert not torch.equal(expected.global_codes, model.encode(read_image(path)[None], tau=0.7).global_codes)
+
+
 def test_encode_is_deterministic_and_batch_size_invariant(run, images: Path, tmp_path: Path) -> None:
     for name, batch in [("a", "1"), ("b", "4"), ("c", "4")]:
         result = run("encode", images, "-o", tmp_path / f"{name}.safetensors", "--budget", "20", "--batch-size", batch)
@@ -139,6 +155,7 @@ def bad_inputs(tmp_path: Path) -> Path:
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--tau", "0.5", "--budget", "3"], "exclude each other"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--set", "encoder.dim=3"], "--set takes filter.OPTION=VALUE"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--filter", "nope"], "unknown filter 'nope'"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
     (["decode", "{d}/missing", "-o", "{d}/out"], "no token shards"),
     (["show", "{d}/tiny.png", "-o", "{d}/out"], "smaller than one 4×4 patch"),
     (["show", "{d}/junk.jpg", "-o", "{d}/out"], "cannot read image"),

@@ -194,6 +194,16 @@ def test_cli_compresses_and_decompresses_to_the_tokenizer_s_reconstruction(tmp_p
     assert done.exit_code == 0, done.output  # another rule keeps more tokens; the same model decodes them
     more = coder.decompress_tokens((tmp_path / "more" / "rocket.ttk").read_bytes())
     assert more.codes.numel() > tokens.codes.numel()
+    assert coder.tokenizer.refine_steps > 0  # the default fits its tokens to the photo; 0 keeps the encoder's
+    done = runner.invoke(cli, ["compress", str(photo), "-o", str(tmp_path / "plain"), "--theta", "211",
+                               "--refine-steps", "0"])
+    assert done.exit_code == 0, done.output
+    plain = coder.decompress_tokens((tmp_path / "plain" / "rocket.ttk").read_bytes())
+    assert torch.equal(plain.positions, tokens.positions)  # the same set, other codes
+    assert not torch.equal(plain.global_codes, tokens.global_codes)
+    original = read_image(photo)[None]
+    errors = [(coder.tokenizer.decode(t) - original).pow(2).mean() for t in (tokens, plain)]
+    assert errors[0] < errors[1]
     compressed.write_bytes(compressed.read_bytes()[:-3])
     done = runner.invoke(cli, ["decompress", str(compressed), "-o", str(tmp_path / "again")])
     assert done.exit_code == 1 and f"{compressed}: damaged" in done.output

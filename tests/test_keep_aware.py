@@ -48,7 +48,8 @@ def test_kept_tokens_depend_on_the_kept_set_and_every_path_gives_the_same_ones()
     with torch.no_grad():
         analysis = aware.analyse(x)
         few, many = (aware.token_filter("topk", k=k).select(analysis.entropy.bits).keep for k in (3, 12))  # (B, N)
-        fewer, more = (aware.encoder.given_keep(analysis.patch_features, keep, analysis.grid) for keep in (few, many))
+        features = analysis.sources.patch_features  # (B, N, D)
+        fewer, more = (aware.encoder.given_keep(features, keep, analysis.grid) for keep in (few, many))
     assert (fewer - more)[few].abs().amax() > 1e-3  # the same kept positions, another set (rounding: 1e-7)
 
     encoded = aware.encode(x, filter="topk", k=12)
@@ -61,7 +62,7 @@ def test_kept_tokens_depend_on_the_kept_set_and_every_path_gives_the_same_ones()
     with torch.no_grad():  # the chain estimator's probe decodes see the tokens that set would carry
         context = aware.entropy_context(analysis.images, analysis.grid, analysis.globals_.vectors,
                                         analysis.globals_.codes, analysis.patches.vectors, analysis.patches.codes,
-                                        analysis.patch_features)
+                                        analysis.sources.patch_features)
         probe = context.decode(selection.keep).clamp(0, 1)
     torch.testing.assert_close(probe, aware.decode(encoded), rtol=0, atol=1e-5)
 

@@ -384,3 +384,16 @@ def test_a_decoder_told_another_global_grid_than_the_tokenizer_provides_fails_at
     spec = small_spec(decoder="packed").updated({}, {"global_tokenizer.anchored": 2, "decoder.global_grid": 1})
     with pytest.raises(CompositionError, match=r"global_grid=1 but global_tokenizer 'learned' provides global_grid=2"):
         Tokenizer(spec)
+
+
+@pytest.mark.parametrize("name", ["packed", "vit"])
+def test_a_training_step_follows_an_inference_mode_decode_of_the_same_size(name: str) -> None:
+    """The decoder's cached layouts are built outside inference mode, so autograd can save them later."""
+    torch.manual_seed(0)
+    model = Tokenizer(small_spec(entropy="chain", decoder=name)).eval()
+    x = torch.rand(2, 3, 16, 24)
+    with torch.inference_mode():
+        model.decode(model.encode(x))
+    model.train()
+    model(x, tau=0.5).losses["mse"].backward()
+    assert all(p.grad is not None for p in model.decoder.parameters() if p.requires_grad)

@@ -45,6 +45,8 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "train_random_rank": 0.0,  # with "topk": share of images whose tokens are ranked at random
     "train_full_share": 0.0,  # with "topk": share of images that keep every token (k = N)
     "train_max_fraction": 1.0,  # with "topk": the other images draw k ~ U{0 … ⌊fraction·N⌋}
+    "refine_steps": 0,  # encoding: optimiser steps fitting the kept set's tokens to the image (0: the encoder's)
+    "refine_lr": 0.005,  # encoding: Adam's step on the quantizer's inputs (small: codes stay predictable)
 }
 
 
@@ -111,6 +113,12 @@ class PipelineSpec:
         fraction = value.get("train_max_fraction", 1.0)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise SpecError(f"pipeline option train_max_fraction must be a number in [0, 1], got {fraction!r}")
+        steps = value.get("refine_steps", 0)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise SpecError(f"pipeline option refine_steps must be an integer >= 0, got {steps!r}")
+        lr = value.get("refine_lr", 0.005)
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise SpecError(f"pipeline option refine_lr must be a number > 0, got {lr!r}")
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -240,8 +248,8 @@ class PipelineSpec:
 
     def digest(self) -> str:
         """A stable hash of the components (names and options), e.g. to tag token files. The pipeline
-        options only steer training, so a new one (or another value) leaves the tokens' meaning and the
-        digest alone."""
+        options only steer training and how hard encoding works, never what a token decodes to, so a
+        new one (or another value) leaves the tokens' meaning and the digest alone."""
         components = {kind: self.component(kind).to_dict() for kind in PIPELINE_KINDS}
         canonical = json.dumps(components, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -33,6 +33,22 @@ FORMAT = "tatok"
 FORMAT_VERSION = 1
 
 
+class TokenSources(NamedTuple):
+    """What the tokens of one kept set are made from when they depend on the set: the features before
+    quantization (re-expressed by a keep-aware encoder, optimised by refinement) and the images they
+    must decode to."""
+
+    images: Tensor  # (B, C, H', W') padded to the grid
+    image_size: tuple[int, int]  # (H, W) before padding
+    grid: Grid
+    global_features: Tensor  # (B, M, D)
+    patch_features: Tensor  # (B, N, D)
+
+    def to(self, device: torch.device | str) -> TokenSources:
+        return self._replace(images=self.images.to(device), global_features=self.global_features.to(device),
+                             patch_features=self.patch_features.to(device))
+
+
 class Analysis(NamedTuple):
     """Everything the encoder side computes for a batch, before filtering (a NamedTuple: dynamo traces it)."""
 
@@ -43,8 +59,8 @@ class Analysis(NamedTuple):
     patches: Quantized  # vectors (B, N, D), codes (B, N)
     entropy: EntropyEstimate  # bits (B, N)
     aux_loss: Tensor
+    sources: TokenSources  # the features before quantization (references, no copy)
     base_reconstruction: Tensor | None = None  # (B, C, H', W') globals-only decode, when the estimator asked
-    patch_features: Tensor | None = None  # (B, N, D) before quantization, only for a keep-aware encoder
 
 
 @attrs.frozen(eq=False)
@@ -109,6 +125,8 @@ class Tokenizer(nn.Module):
         self.decoder = built["decoder"]
         self.facts: Facts = self.filter.facts_in
         self.train_tau_min = float(self.spec.pipeline["train_tau_min"])
+        self.refine_steps = int(self.spec.pipeline["refine_steps"])
+        self.refine_lr = float(self.spec.pipeline["refine_lr"])
 
     # -- facts ---------------------------------------------------------------------------
     @property
@@ -157,25 +175,84 @@ class Tokenizer(nn.Module):
         global_features, patch_features = self.global_tokenizer(features, grid)  # (B, M, D), (B, N, D)
         m = global_features.shape[1]
         quantized = self.quantizer(torch.cat([global_features, patch_features], dim=1))  # one codebook for both
-        globals_ = Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics)
-        patches = Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics)
-        features = patch_features if self.encoder.keep_aware else None  # what kept_patches re-expresses
+        globals_, patches = _split(quantized, m)
+        features = patch_features if self.encoder.keep_aware else None  # what each probe re-expresses
         context = self.entropy_context(padded, grid, globals_.vectors, globals_.codes, patches.vectors, patches.codes,
                                        features)
-        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss,
-                        context.base_reconstruction, features)
+        sources = TokenSources(padded, size, grid, global_features, patch_features)
+        return Analysis(padded, size, grid, globals_, patches, self.entropy(context), quantized.aux_loss, sources,
+                        context.base_reconstruction)
 
     def express_kept(self, patch_features: Tensor, keep: Tensor, grid: Grid) -> Quantized:
         """A keep-aware encoder's patch tokens when ``keep`` (B, N) is kept: ``patch_features`` (B, N, D)
         re-expressed knowing the set, then quantized."""
         return self.quantizer(self.encoder.given_keep(patch_features, keep, grid))
 
-    def kept_patches(self, analysis: Analysis, keep: Tensor) -> Quantized:
-        """The patch tokens a decoder receives when ``keep`` (B, N) is kept: the analysed ones, or, with a
-        keep-aware encoder, those :meth:`express_kept` gives for this very set."""
-        if analysis.patch_features is None:
-            return analysis.patches
-        return self.express_kept(analysis.patch_features, keep, analysis.grid)
+    def tokens_depend_on_keep(self, refine_steps: int | None = None) -> bool:
+        """Whether the kept set changes the tokens (a keep-aware encoder, or refinement at encode):
+        then they are made per set by :meth:`tokens_for` and workflows keep the :class:`TokenSources`."""
+        return self.encoder.keep_aware or (self.refine_steps if refine_steps is None else refine_steps) > 0
+
+    def kept_tokens(self, analysis: Analysis, keep: Tensor,
+                    refine_steps: int | None = None) -> tuple[Quantized, Quantized]:
+        """The (global, patch) tokens a decoder receives when ``keep`` (B, N) is kept: the analysed ones,
+        or, when they depend on the set, those :meth:`tokens_for` makes for this very set."""
+        if not self.tokens_depend_on_keep(refine_steps):
+            return analysis.globals_, analysis.patches
+        return self.tokens_for(analysis.sources, keep, refine_steps, analysed_globals=analysis.globals_)
+
+    def tokens_for(self, sources: TokenSources, keep: Tensor, refine_steps: int | None = None,
+                   analysed_globals: Quantized | None = None) -> tuple[Quantized, Quantized]:
+        """The (global, patch) tokens of the set ``keep`` (B, N) made from ``sources``: a keep-aware encoder
+        re-expresses the patch features for it (:meth:`express_kept`), then ``refine_steps`` (default: the
+        spec's) of :meth:`refine` fit them to the images. Unrefined, ``analysed_globals`` (when the caller
+        has them) are used as they are rather than quantized again."""
+        patch_features = sources.patch_features  # (B, N, D)
+        if self.encoder.keep_aware:
+            patch_features = self.encoder.given_keep(patch_features, keep, sources.grid)
+        steps = self.refine_steps if refine_steps is None else refine_steps
+        if steps > 0:
+            return self.refine(sources._replace(patch_features=patch_features), keep, steps)
+        globals_ = self.quantizer(sources.global_features) if analysed_globals is None else analysed_globals
+        return globals_, self.quantizer(patch_features)
+
+    def refine(self, sources: TokenSources, keep: Tensor, steps: int) -> tuple[Quantized, Quantized]:
+        """Test-time refinement: the (global, patch) tokens of the set ``keep`` (B, N) whose decode is closest
+        to the images, found by ``steps`` Adam steps (``refine_lr``) on the quantizer's inputs through its
+        straight-through gradient, starting from the encoder's.
+
+        Why: the encoder is amortised — one pass, blind to which tokens will be dropped — so a kept token
+        describes only its own patch. Fitted to the decode, the kept tokens and the globals also carry
+        what the decoder fills the dropped positions with. Only the encoder side works harder: the tokens
+        are ordinary codes, decoded as always. Each image keeps the best codes seen (the encoder's
+        included), so a refined decode is never worse than the unrefined one; dropped positions get no
+        gradient and keep their codes (never transmitted). The weights are untouched.
+        """
+        m = sources.global_features.shape[1]
+        height, width = sources.image_size
+        with torch.inference_mode(False), torch.enable_grad():
+            start = torch.cat([sources.global_features, sources.patch_features], dim=1)  # (B, M + N, D)
+            start = start.detach().clone()
+            target = sources.images[..., :height, :width].detach().clone().float()  # (B, C, H, W)
+            keep = keep.clone()
+            delta = torch.zeros_like(start, requires_grad=True)  # (B, M + N, D)
+            optimizer = torch.optim.Adam([delta], lr=self.refine_lr)
+            best = start.clone()  # (B, M + N, D)
+            best_error = torch.full(start.shape[:1], float("inf"), device=start.device)  # (B,)
+            for step in range(steps + 1):
+                features = start + delta  # (B, M + N, D)
+                vectors = self.quantizer(features).vectors
+                decoded = self.decoder(vectors[:, :m], vectors[:, m:], keep, sources.grid)[..., :height, :width]
+                error = (decoded.float().clamp(0, 1) - target).pow(2).flatten(1).mean(1)  # (B,) what decode scores
+                better = error < best_error  # (B,)
+                best = torch.where(better[:, None, None], features.detach(), best)
+                best_error = torch.where(better, error.detach(), best_error)
+                if step == steps:
+                    break
+                (delta.grad,) = torch.autograd.grad(error.sum(), [delta])  # per image: images do not mix
+                optimizer.step()
+        with torch.no_grad():
+            return _split(self.quantizer(best), m)
 
     def entropy_context(self, padded: Tensor, grid: Grid, global_vectors: Tensor, global_codes: Tensor,
                         patch_vectors: Tensor, patch_codes: Tensor,
@@ -227,21 +304,25 @@ class Tokenizer(nn.Module):
         return self._registry or get_registry()
 
     @torch.no_grad()
-    def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, **filter_options: Any) -> Tokens:
+    def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, *,
+               refine_steps: int | None = None, **filter_options: Any) -> Tokens:
         """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call.
 
         ``tau`` is DTF's per-image τ in [0, 1] (:meth:`tau_filter`) whatever rule the spec's filter uses,
         unless the options name a ``mode``: then it is that rule's threshold (``mode="theta"``: bits).
         Images are checked and converted by :func:`check_images` (other float dtypes and devices are
         converted; integer pixels, NaN, values outside [0, 1] and meta tensors are refused).
+        ``refine_steps`` overrides the spec's test-time refinement (:meth:`refine`; 0: the encoder's tokens).
         """
+        if refine_steps is not None and (isinstance(refine_steps, bool) or not isinstance(refine_steps, int)
+                                         or refine_steps < 0):
+            raise TatokError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
         analysis = self.analyse(images)
         per_image = tau is not None and "mode" not in filter_options
         token_filter = (self.tau_filter if per_image else self.token_filter)(filter, **filter_options)
         selection = token_filter.select(analysis.entropy.bits, tau)
-        patch_codes = self.kept_patches(analysis, selection.keep).codes  # (B, N)
-        return Tokens.from_selection(analysis.globals_.codes, patch_codes, selection, analysis.grid,
-                                     analysis.image_size)
+        globals_, patches = self.kept_tokens(analysis, selection.keep, refine_steps)
+        return Tokens.from_selection(globals_.codes, patches.codes, selection, analysis.grid, analysis.image_size)
 
     @torch.no_grad()
     def decode(self, tokens: Tokens) -> Tensor:
@@ -313,7 +394,7 @@ class Tokenizer(nn.Module):
             if tau is None and self.training:
                 tau = self.sample_tau(batch, images.device)
             selection = (self.filter if tau is None else self.tau_filter()).select(bits, tau)
-        patches = self.kept_patches(analysis, selection.keep)
+        _, patches = self.kept_tokens(analysis, selection.keep, refine_steps=0)  # training stays amortised
         reconstruction = self.decoder(analysis.globals_.vectors, patches.vectors, selection.keep, analysis.grid)
         height, width = analysis.image_size
         reconstruction = reconstruction[..., :height, :width]
@@ -342,6 +423,16 @@ class Tokenizer(nn.Module):
         width) cannot keep its weights: that is a :class:`CompositionError` naming it.
         """
         return self._replaced({kind: ComponentSpec(name, options)})
+
+    def with_pipeline_options(self, **options: Any) -> Tokenizer:
+        """A copy with pipeline options replaced (e.g. ``refine_steps``), every weight kept: they steer
+        training and how hard encoding works, never what a token decodes to (the spec digest stays)."""
+        model = type(self)(self.spec.updated({}, {"pipeline": options}), self._registry, name=self.name)
+        model.load_state_dict(self.state_dict())
+        reference = next(iter(self.parameters()), None)
+        if reference is not None:
+            model.to(device=reference.device, dtype=reference.dtype)
+        return model.train(self.training)
 
     def _replaced(self, changes: Mapping[str, ComponentSpec]) -> Tokenizer:
         """A copy with several components replaced at once (``from_pretrained(overrides=…)``)."""
@@ -448,6 +539,12 @@ class Tokenizer(nn.Module):
         if overrides:
             model = model._replaced({kind: _component_spec(kind, value) for kind, value in overrides.items()})
         return model.to(map_location).eval()
+
+
+def _split(quantized: Quantized, m: int) -> tuple[Quantized, Quantized]:
+    """One quantizer output over globals + patches (B, M + N, …) → (globals, patches)."""
+    return (Quantized(quantized.vectors[:, :m], quantized.codes[:, :m], quantized.aux_loss, quantized.metrics),
+            Quantized(quantized.vectors[:, m:], quantized.codes[:, m:], quantized.aux_loss, quantized.metrics))
 
 
 def pixel_losses(reconstruction: Tensor, target: Tensor) -> dict[str, Tensor]:

@@ -18,7 +18,7 @@ from torch import Tensor
 from tatok_core.contract.interfaces import Grid
 from tatok_core.contract.selection import Selection
 from tatok_core.contract.tokens import Tokens
-from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.pipeline.tokenizer import TokenSources, Tokenizer
 
 
 @attrs.frozen(eq=False)
@@ -26,40 +26,47 @@ class Analysed:
     """The part of an :class:`~tatok_core.pipeline.tokenizer.Analysis` that filtering and decoding need:
     codes and bits, on the CPU.
 
-    Small (about 12 bytes per patch), so a whole data set's worth can wait for τ to be calibrated. A
-    keep-aware encoder's codes depend on the set kept: then the patch features stay too (4·D bytes per
-    patch) and :meth:`tokens` re-expresses them for each selection, exactly as :meth:`Tokenizer.encode`.
+    Small (about 12 bytes per patch), so a whole data set's worth can wait for τ to be calibrated. When
+    the tokens depend on the kept set (a keep-aware encoder, or refinement at encode:
+    :meth:`Tokenizer.tokens_depend_on_keep`) the :class:`~tatok_core.pipeline.tokenizer.TokenSources`
+    stay too (4·D bytes per token and the image) and :meth:`tokens` makes each selection's tokens
+    exactly as :meth:`Tokenizer.encode` does.
     """
 
-    global_codes: Tensor  # (B, M)
+    global_codes: Tensor  # (B, M) as analysed
     patch_codes: Tensor  # (B, N) as analysed: the codes when every token is kept blind to the others
     bits: Tensor  # (B, N)
     grid: Grid
     image_size: tuple[int, int]
-    kept_codes: Callable[[Tensor], Tensor] | None = attrs.field(default=None, kw_only=True)  # keep (B, N) → (B, N)
+    # keep (B, N) → global (B, M) and patch (B, N) codes, when the tokens depend on the kept set
+    kept_codes: Callable[[Tensor], tuple[Tensor, Tensor]] | None = attrs.field(default=None, kw_only=True)
 
     @classmethod
-    def of(cls, model: Tokenizer, images: Tensor) -> Analysed:
-        """Analyse ``images`` (B, C, H, W) with ``model`` once (no gradients)."""
+    def of(cls, model: Tokenizer, images: Tensor, refine_steps: int | None = None) -> Analysed:
+        """Analyse ``images`` (B, C, H, W) with ``model`` once (no gradients); ``refine_steps`` overrides
+        the spec's test-time refinement, as in :meth:`Tokenizer.encode`."""
         with torch.no_grad():
             analysis = model.analyse(images)
         kept_codes = None
-        if analysis.patch_features is not None:
-            kept_codes = partial(_kept_codes, model, analysis.patch_features.detach().cpu(), analysis.grid)
+        if model.tokens_depend_on_keep(refine_steps):
+            kept_codes = partial(_kept_codes, model, analysis.sources.to("cpu"), refine_steps)
         return cls(analysis.globals_.codes.cpu(), analysis.patches.codes.cpu(), analysis.entropy.bits.float().cpu(),
                    analysis.grid, analysis.image_size, kept_codes=kept_codes)
 
     def tokens(self, selection: Selection) -> Tokens:
         """The kept tokens, laid out exactly as :meth:`Tokenizer.encode` lays them out."""
-        codes = self.patch_codes if self.kept_codes is None else self.kept_codes(selection.keep)  # (B, N)
-        return Tokens.from_selection(self.global_codes, codes, selection, self.grid, self.image_size)
+        global_codes, codes = ((self.global_codes, self.patch_codes) if self.kept_codes is None
+                               else self.kept_codes(selection.keep))  # (B, M), (B, N)
+        return Tokens.from_selection(global_codes, codes, selection, self.grid, self.image_size)
 
 
 @torch.no_grad()
-def _kept_codes(model: Tokenizer, features: Tensor, grid: Grid, keep: Tensor) -> Tensor:
-    """(B, N) codes of a keep-aware encoder's tokens for ``keep`` (B, N), from ``features`` (B, N, D)."""
+def _kept_codes(model: Tokenizer, sources: TokenSources, refine_steps: int | None,
+                keep: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, M) global and (B, N) patch codes of the set ``keep`` (B, N), made from ``sources``."""
     device = next(model.parameters()).device
-    return model.express_kept(features.to(device), keep.to(device), grid).codes.cpu()
+    globals_, patches = model.tokens_for(sources.to(device), keep.to(device), refine_steps)
+    return globals_.codes.cpu(), patches.codes.cpu()
 
 
 def cannot_tokenize(model: Tokenizer, image: Tensor) -> str | None:

@@ -1,0 +1,128 @@
+"""What test-time refinement buys and costs: PSNR, coded bits and encode time per setting, side by side.
+
+    python benchmarks/refinement.py --data builtin:photos:extended --limit 12 \\
+        --settings 0,5:0.005,10:0.005,20:0.005,10:0.01,20:0.05 --out runs/refinement
+
+For each whole photo (longest side ``--side``) the model analyses once; then for each setting
+``STEPS:LR`` (``0``: the encoder's tokens) and each rule — the model's own filter and a per-photo top-k
+at ``--topk-fraction`` of the tokens — the kept set's tokens are made as ``Tokenizer.encode`` makes them,
+decoded and scored: PSNR, and the bits the model's shipped context prior codes them in (what a
+compressed file holds, to within the coder's few bits). Refinement makes each set's tokens fit the
+image better, but moves codes away from what the prior (fitted on the encoder's tokens) expects: the
+trade is PSNR against bits. ``--timing-repeats`` whole encodes per setting (median seconds per photo,
+in one run) give its cost. Pick settings on training photos; report on held-out ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+if __package__ in (None, ""):  # ``python benchmarks/refinement.py``: import ``benchmarks`` like ``-m`` does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.claims.common import environment, table, write_json  # noqa: E402
+from benchmarks.coded_rate import coded_bits  # noqa: E402
+from benchmarks.compression_speed import add_coder_arguments  # noqa: E402
+from benchmarks.operating_point import load_photos  # noqa: E402
+from tatok_core.pipeline.tokenizer import Tokenizer, pretrained_folder  # noqa: E402
+from tatok_core.workflows import generation  # noqa: E402
+from tatok_core.workflows.analysis import Analysed  # noqa: E402
+from tatok_core.workflows.compression import CODING_PRIOR  # noqa: E402
+from tatok_core.workflows.metrics import psnr  # noqa: E402
+from tatok_core.workflows.progress import progress_bar  # noqa: E402
+
+
+def parse_settings(text: str) -> list[tuple[int, float | None]]:
+    """``"0,10:0.005"`` → [(0, None), (10, 0.005)]: refinement steps, and Adam's step (None: the spec's)."""
+    settings = []
+    for item in text.split(","):
+        steps, _, lr = item.partition(":")
+        settings.append((int(steps), float(lr) if lr else None))
+    return settings
+
+
+def label(steps: int, lr: float | None) -> str:
+    return "encoder" if steps == 0 else f"{steps} steps" + (f" @ {lr:g}" if lr is not None else "")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_coder_arguments(parser)
+    parser.add_argument("--settings", default="0,10:0.005,20:0.005,20:0.05", help="STEPS[:LR] list (0: the encoder's)")
+    parser.add_argument("--topk-fraction", type=float, default=0.25,
+                        help="the top-k rule's kept fraction (default 0.25)")
+    parser.add_argument("--timing-repeats", type=int, default=3, help="timed whole encodes per setting (median)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--out", type=Path, default=Path("runs/refinement"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = Tokenizer.from_pretrained(args.model).eval()
+    prior = generation.load_prior(args.prior or pretrained_folder(args.model) / CODING_PRIOR)
+    photos = load_photos(args.data, args.side, args.limit)
+    settings = parse_settings(args.settings)
+    rules = {"own": lambda bits: model.token_filter().select(bits),
+             f"topk@{args.topk_fraction:g}": lambda bits: model.token_filter(
+                 "topk", k=round(args.topk_fraction * bits.shape[1])).select(bits)}
+    rows: dict[str, dict[str, list[dict[str, float]]]] = {label(*s): {rule: [] for rule in rules} for s in settings}
+    seconds: dict[str, list[float]] = {label(*s): [] for s in settings}
+    with progress_bar(args.progress) as bar:
+        task = bar.add_task("refinement", total=len(photos) * len(settings))
+        for photo in photos:
+            image = photo.image[None]  # (1, C, H, W)
+            for steps, lr in settings:
+                refining = model.with_pipeline_options(refine_steps=steps,
+                                                       **({} if lr is None else {"refine_lr": lr}))
+                analysed = Analysed.of(refining, image)
+                for rule, select in rules.items():
+                    tokens = analysed.tokens(select(analysed.bits))
+                    rows[label(steps, lr)][rule].append({
+                        "kept": int(tokens.lengths[0]), "psnr": float(psnr(refining.decode(tokens), image)[0]),
+                        "bits": coded_bits(prior, tokens)["total"]})
+                times = []
+                for _ in range(args.timing_repeats):
+                    start = time.perf_counter()
+                    refining.encode(image)
+                    times.append(time.perf_counter() - start)
+                seconds[label(steps, lr)].append(statistics.median(times))
+                bar.advance(task)
+    base = label(*settings[0])
+    summary: dict[str, dict[str, Any]] = {}
+    for name, by_rule in rows.items():
+        summary[name] = {"encode_s": float(np.mean(seconds[name]))}
+        for rule, points in by_rule.items():
+            reference = rows[base][rule]
+            summary[name][rule] = {
+                "kept": float(np.mean([p["kept"] for p in points])),
+                "psnr": float(np.mean([p["psnr"] for p in points])),
+                "bits": float(np.mean([p["bits"] for p in points])),
+                "psnr_gain": float(np.mean([p["psnr"] - r["psnr"] for p, r in zip(points, reference)])),
+                "bits_added": float(np.mean([p["bits"] - r["bits"] for p, r in zip(points, reference)])),
+            }
+    header = ["setting", "encode s"] + [f"{rule}: {what}" for rule in rules
+                                        for what in ("PSNR", "+dB", "bits", "+bits")]
+    body = [[name, f"{s['encode_s']:.2f}"] + [v for rule in rules for v in (
+        f"{s[rule]['psnr']:.2f}", f"{s[rule]['psnr_gain']:+.2f}", f"{s[rule]['bits']:.0f}",
+        f"{s[rule]['bits_added']:+.0f}")] for name, s in summary.items()]
+    title = f"{args.model}: refinement on {len(photos)} photos of {args.data}, {args.side} px"
+    Console().print(table(title, header, body))
+    record = {"command": "python benchmarks/refinement.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "environment": environment(), "model": args.model, "data": args.data, "side": args.side,
+              "photos": [p.name for p in photos], "summary": summary, "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "refinement.json", record)
+    print(f"→ {args.out / 'refinement.json'}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
