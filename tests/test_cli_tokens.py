@@ -87,6 +87,25 @@ def test_encode_refines_as_the_library_does(models: dict[str, Path], images: Pat
         assert not torch.equal(expected.global_codes, model.encode(read_image(path)[None], tau=0.7).global_codes)
 
 
+def test_a_budget_encode_of_a_refining_model_writes_encode_s_tokens(models: dict[str, Path], images: Path,
+                                                                    tmp_path: Path) -> None:
+    """Calibrated on the bits first, then each image analysed again for its set's refined tokens."""
+    model = Tokenizer.from_pretrained(models["pixel"]).with_pipeline_options(refine_steps=3, refine_lr=0.05)
+    model.save_pretrained(tmp_path / "model")
+    for batch in ("1", "4"):
+        result = CliRunner().invoke(cli, ["encode", "--model", str(tmp_path / "model"), str(images), "-o",
+                                          str(tmp_path / f"b{batch}.safetensors"), "--budget", "20",
+                                          "--batch-size", batch])
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "b1.safetensors").read_bytes() == (tmp_path / "b4.safetensors").read_bytes()
+    stored = TokenDataset(tmp_path / "b1.safetensors")
+    threshold = stored.metadata["threshold"]
+    for i, path in enumerate(sorted(images.iterdir())):
+        expected = model.encode(read_image(path)[None], mode="theta", theta=threshold).per_image()[0]
+        assert torch.equal(stored[i].codes, expected.codes) and torch.equal(stored[i].positions, expected.positions)
+        assert torch.equal(stored[i].global_codes, expected.global_codes)
+
+
 def test_encode_is_deterministic_and_batch_size_invariant(run, images: Path, tmp_path: Path) -> None:
     for name, batch in [("a", "1"), ("b", "4"), ("c", "4")]:
         result = run("encode", images, "-o", tmp_path / f"{name}.safetensors", "--budget", "20", "--batch-size", batch)

@@ -112,6 +112,8 @@ def test_bad_refinement_settings_are_refused_by_name() -> None:
         tiny().with_pipeline_options(refine_lr=0)
     with pytest.raises(TatokError, match="refine_steps must be an integer >= 0, got 1.5"):
         tiny().encode(images(), refine_steps=1.5)  # type: ignore[arg-type]
+    with pytest.raises(TatokError, match="refine_steps must be an integer >= 0, got -2"):
+        Analysed.of(tiny(), images(), refine_steps=-2)
 
 
 def test_pipeline_options_change_without_touching_weights_or_the_digest() -> None:

@@ -154,7 +154,8 @@ def encode_files(
     patch tokens per image): ONE threshold of ``budget_mode`` ("theta" by default: images holding more
     information get more tokens; "tau" keeps the older per-image meaning) is calibrated on these very
     images in one encoder pass (codes and bits wait in memory, ~12 bytes per patch) and recorded in the
-    writer's meta; with ``distributed`` it is calibrated over every rank's images and every rank gets it.
+    writer's meta — when the tokens depend on the kept set (refinement, a keep-aware encoder) the images
+    are analysed a second time once the threshold is known, rather than every image's features waiting; with ``distributed`` it is calibrated over every rank's images and every rank gets it.
     Same-size images are batched together; each image's tokens do not depend on the batch it was
     encoded in and are written in input order, so the output bytes do not depend on ``batch_size``.
     ``names[i]`` is stored as the source name of ``paths[i]`` (default: the file name).
@@ -186,11 +187,14 @@ def encode_files(
             out.finish(index, image)
 
     waiting: list[tuple[list[int], Analysed]] = []
+    second_pass = budget is not None and model.tokens_depend_on_keep()  # only bits wait, not features
     with evaluating(model) as device, progress_bar(progress) as bar:
         task = bar.add_task("encode", total=len(paths))
         analysed_count = 0
         for indices, batch in group_by_size(readable(), batch_size):
             analysed = Analysed.of(model, batch.to(device))
+            if second_pass:
+                analysed = attrs.evolve(analysed, kept_codes=None)  # drops the features and images it held
             if budget is None:
                 finish(indices, analysed)
             else:
@@ -203,8 +207,16 @@ def encode_files(
             calibration = calibrate_bits(token_filter, bits, budget, distributed=distributed)
             threshold = calibration.threshold
             writer.update_meta({"threshold": threshold})
-            for indices, analysed in waiting:
-                finish(indices, analysed)
+            if second_pass:  # the same batches again: the same bits, now each set's tokens
+                bar.update(task, description="encode: the kept tokens", completed=len(failed))
+                again = ((i, read_image(paths[i])) for indices, _ in waiting for i in indices)
+                waiting = []
+                for indices, batch in group_by_size(again, batch_size):
+                    finish(indices, Analysed.of(model, batch.to(device)))
+                    bar.advance(task, len(indices))
+            else:
+                for indices, analysed in waiting:
+                    finish(indices, analysed)
         bar.update(task, completed=len(paths))
     if threshold is None:
         mode, threshold = applied_rule(token_filter)
