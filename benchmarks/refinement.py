@@ -10,7 +10,8 @@ decoded and scored: PSNR, and the bits the model's shipped context prior codes t
 compressed file holds, to within the coder's few bits). Refinement makes each set's tokens fit the
 image better, but moves codes away from what the prior (fitted on the encoder's tokens) expects: the
 trade is PSNR against bits. ``--timing-repeats`` whole encodes per setting (median seconds per photo,
-in one run) give its cost. Pick settings on training photos; report on held-out ones.
+in one run; ``--device cuda`` on a GPU) give its cost. Pick settings on training photos; report on
+held-out ones.
 """
 
 from __future__ import annotations
@@ -62,11 +63,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="the top-k rule's kept fraction (default 0.25)")
     parser.add_argument("--timing-repeats", type=int, default=3, help="timed whole encodes per setting (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="where the tokenizer runs (the prior counts bits on the CPU)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("runs/refinement"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = Tokenizer.from_pretrained(args.model).eval()
+    device = torch.device(args.device)
+    model = Tokenizer.from_pretrained(args.model, map_location=device)
     prior = generation.load_prior(args.prior or pretrained_folder(args.model) / CODING_PRIOR)
     photos = load_photos(args.data, args.side, args.limit)
     settings = parse_settings(args.settings)
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with progress_bar(args.progress) as bar:
         task = bar.add_task("refinement", total=len(photos) * len(settings))
         for photo in photos:
-            image = photo.image[None]  # (1, C, H, W)
+            image = photo.image[None].to(device)  # (1, C, H, W)
             for steps, lr in settings:
                 refining = model.with_pipeline_options(refine_steps=steps,
                                                        **({} if lr is None else {"refine_lr": lr}))
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for _ in range(args.timing_repeats):
                     start = time.perf_counter()
                     refining.encode(image)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
                     times.append(time.perf_counter() - start)
                 seconds[label(steps, lr)].append(statistics.median(times))
                 bar.advance(task)
