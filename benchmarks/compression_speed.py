@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                           "read_s": statistics.median(t[2] for t in trips)}
         rows.append(row)
     del coder.prior.walk
-    summary = {label: {part: statistics.fmean(row[label][part] for row in rows) for part in ("bytes", "write_s", "read_s")}
+    parts = ("bytes", "write_s", "read_s")
+    summary = {label: {part: statistics.fmean(row[label][part] for row in rows) for part in parts}
                for label in walks}
     if args.walk_from is not None:
         summary["ratio"] = {part: summary[str(args.walk_from)][part] / summary["current"][part]

@@ -228,9 +228,10 @@ class Tokenizer(nn.Module):
         Why: the encoder is amortised — one pass for every image and every kept set — so its codes are
         good on average, not the best this decoder can do for this image and this set. Only the encoder
         side works harder: the tokens are ordinary codes, decoded as always (measured: +0.4–0.7 dB at
-        every budget on held-out photos, the codes a little less predictable; docs/default-tokenizer.md). Each image keeps the best codes seen (the encoder's
-        included), so a refined decode is never worse than the unrefined one; dropped positions get no
-        gradient and keep their codes (never transmitted). The weights are untouched.
+        every budget on held-out photos, the codes a little less predictable; docs/default-tokenizer.md).
+        Each image keeps the best codes seen (the encoder's included), so a refined decode is never worse
+        than the unrefined one; dropped positions get no gradient and keep their codes (never
+        transmitted). The weights are untouched.
         """
         m = sources.global_features.shape[1]
         height, width = sources.image_size

@@ -155,7 +155,8 @@ def encode_files(
     information get more tokens; "tau" keeps the older per-image meaning) is calibrated on these very
     images in one encoder pass (codes and bits wait in memory, ~12 bytes per patch) and recorded in the
     writer's meta — when the tokens depend on the kept set (refinement, a keep-aware encoder) the images
-    are analysed a second time once the threshold is known, rather than every image's features waiting; with ``distributed`` it is calibrated over every rank's images and every rank gets it.
+    are analysed a second time once the threshold is known, rather than every image's features waiting;
+    with ``distributed`` it is calibrated over every rank's images and every rank gets it.
     Same-size images are batched together; each image's tokens do not depend on the batch it was
     encoded in and are written in input order, so the output bytes do not depend on ``batch_size``.
     ``names[i]`` is stored as the source name of ``paths[i]`` (default: the file name).
