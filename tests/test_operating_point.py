@@ -12,6 +12,7 @@ import torch
 
 from benchmarks.operating_point import (
     CODEC_SCALES,
+    bootstrap_interval,
     codec_at,
     codec_bpp_for,
     codec_curve,
@@ -172,6 +173,10 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
     assert all(r["kept"] == 0 for r in globals_only)
     assert all(r["thumbnail"]["bits"] <= r["bits"] for r in globals_only)  # the same bits, at most
     assert {p["a"] + "-" + p["b"] for p in model["paired"]} >= {"theta-topk", "own-random"}
+    for d in model["paired"]:  # the interval is of the same per-photo differences as the mean
+        low, high = d["psnr_difference_ci95"]
+        per_photo = d["per_photo_psnr_difference"]
+        assert min(per_photo) <= low <= d["mean_psnr_difference"] <= high <= max(per_photo)
     assert "holes" in model and "holes" not in record["models"]["fixed"]
     assert [h["fraction"] for h in model["holes_at_own"]] == [0.25, 0.5]
     assert any(name.startswith("holes, own@0.25") for name in (t["name"] for t in model["targets"]))
@@ -190,3 +195,17 @@ def test_quick_run_writes_json_pngs_and_markdown(tiny_model_dir: Path, tmp_path:
         "reconstructions_tiny-theta.png", "kept_tokens_tiny-theta.png"}
     text = md.read_text()
     assert text.startswith("## Operating point") and record["command"] in text and "theta − topk" in text
+
+
+def test_the_bootstrap_interval_brackets_the_mean_and_narrows_with_agreeing_photos() -> None:
+    """Paired differences that agree photo by photo give a narrow interval around their mean; the same mean
+    from photos that disagree gives a wide one that may include zero — what a margin over a target is worth."""
+    agreeing = [0.30, 0.28, 0.32, 0.29, 0.31, 0.30, 0.27, 0.33, 0.30, 0.30, 0.29, 0.31, 0.30, 0.30]
+    scattered = [1.5, -0.9, 0.8, -0.4, 1.1, -0.7, 0.3, 0.9, -0.6, 0.2, 0.7, -0.5, 0.4, -0.6]
+    low, high = bootstrap_interval(agreeing)
+    assert low <= sum(agreeing) / len(agreeing) <= high and high - low < 0.03
+    wide_low, wide_high = bootstrap_interval(scattered)
+    assert wide_low < 0 < wide_high and wide_high - wide_low > 10 * (high - low)
+    assert bootstrap_interval(scattered) == (wide_low, wide_high)  # seeded: the same photos, the same interval
+    assert bootstrap_interval([0.5] * 5) == (0.5, 0.5)
+
