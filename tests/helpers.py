@@ -1,8 +1,11 @@
-"""Small, fast compositions for tests."""
+"""Small, fast compositions for tests, and a recorder of what a budget workflow does in which order."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import pytest
 
 from tatok_core import PipelineSpec
 from tatok_core.contract.interfaces import PIPELINE_KINDS
@@ -34,3 +37,21 @@ def small_spec(**names: str) -> PipelineSpec:
         generic = SMALL_OPTIONS.get(kind, {}) if name in ("vit", "learned") else {}
         options[kind] = {**generic, **COMPONENT_OPTIONS.get((kind, name), {})}
     return PipelineSpec.compose(**{kind: chosen.component(kind).name for kind in options}, options=options)
+
+
+def work_order(monkeypatch: pytest.MonkeyPatch, workflow: object) -> list[str]:
+    """Records, in order, what a budget ``workflow`` module does: a bits-only analysis ("bits"), the
+    calibration ("calibrate") and an analysis that keeps what the tokens are made from ("tokens")."""
+    events: list[str] = []
+
+    def recorded(name: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            events.append(name)
+            return call(*args, **kwargs)
+        return wrapper
+
+    for name, attribute in (("bits", "analysed_bits"), ("calibrate", "calibrate_bits")):
+        monkeypatch.setattr(workflow, attribute, recorded(name, getattr(workflow, attribute)))
+    analysed = getattr(workflow, "Analysed")
+    monkeypatch.setattr(analysed, "of", classmethod(recorded("tokens", analysed.of.__func__)))
+    return events

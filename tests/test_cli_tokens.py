@@ -17,9 +17,11 @@ from click.testing import CliRunner, Result
 from tatok_cli.main import cli
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.io.images import read_image, write_image
-from tatok_core.io.tokenfile import TokenDataset
+from tatok_core.io.tokenfile import TokenDataset, TokenWriter
 from tatok_core.pipeline.tokenizer import Tokenizer
-from tests.helpers import small_spec
+from tatok_core.workflows import encoding
+from tatok_core.workflows.encoding import encode_files, token_meta
+from tests.helpers import small_spec, work_order
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -88,7 +90,7 @@ def test_encode_refines_as_the_library_does(models: dict[str, Path], images: Pat
 
 
 def test_a_budget_encode_of_a_refining_model_writes_encode_s_tokens(models: dict[str, Path], images: Path,
-                                                                    tmp_path: Path) -> None:
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calibrated on the bits first, then each image analysed again for its set's refined tokens."""
     model = Tokenizer.from_pretrained(models["pixel"]).with_pipeline_options(refine_steps=3, refine_lr=0.05)
     model.save_pretrained(tmp_path / "model")
@@ -104,6 +106,17 @@ def test_a_budget_encode_of_a_refining_model_writes_encode_s_tokens(models: dict
         expected = model.encode(read_image(path)[None], mode="theta", theta=threshold).per_image()[0]
         assert torch.equal(stored[i].codes, expected.codes) and torch.equal(stored[i].positions, expected.positions)
         assert torch.equal(stored[i].global_codes, expected.global_codes)
+    # only the bits waited for the threshold: every batch's features were made after it, one batch at a time
+    events = work_order(monkeypatch, encoding)
+    with TokenWriter(tmp_path / "lib.safetensors", spec_digest=model.spec.digest(), tokenizer="model",
+                     meta=token_meta(model, budget=20.0)) as writer:
+        encode_files(model, sorted(images.iterdir()), writer, budget=20.0, batch_size=4)
+    batches = events.count("bits")  # same-size images batched: the 32² crops in 4 + 1, the odd one alone
+    assert batches == 3 and events == ["bits"] * batches + ["calibrate"] + ["tokens"] * batches, events
+    monkeypatch.undo()
+    for mine, cli_made in zip(TokenDataset(tmp_path / "lib.safetensors"), stored):
+        for part in ("global_codes", "codes", "positions"):
+            assert torch.equal(getattr(mine, part), getattr(cli_made, part))
 
 
 def test_encode_is_deterministic_and_batch_size_invariant(run, images: Path, tmp_path: Path) -> None:

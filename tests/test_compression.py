@@ -27,6 +27,7 @@ from tatok_core.workflows.generation import build_generator, generator_facts
 from tatok_core.workflows.rate_control import calibrate_threshold, with_rule
 from tatok_core.io.images import fit_longest_side
 from tatok_plugins.context_prior import sparse_tokens
+from tests.helpers import work_order
 
 HEADER_BYTES = 20  # magic 4, pairing 8, four one-byte sizes, checksum 4 (module docs)
 
@@ -209,10 +210,13 @@ def test_cli_compresses_and_decompresses_to_the_tokenizer_s_reconstruction(tmp_p
     assert done.exit_code == 1 and f"{compressed}: damaged" in done.output
 
 
-def test_a_budget_calibrates_one_threshold_on_the_images_and_the_files_keep_it(tmp_path: Path) -> None:
+def test_a_budget_calibrates_one_threshold_on_the_images_and_the_files_keep_it(tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """``--budget``: the mean kept count over the images is the budget (one shared θ, so the busier photo
     gets more tokens), the threshold is the one ``calibrate_threshold`` finds on the same images, and
-    every file decodes to the tokens that threshold keeps."""
+    every file decodes to the tokens that threshold keeps. The default refines its tokens for the kept
+    set, so only each image's bits wait for the threshold: no image's features are held (the analysis
+    that keeps them runs per image after calibration)."""
     names = ("coins", "rocket", "coffee")
     sources = []
     for name in names:
@@ -221,7 +225,10 @@ def test_a_budget_calibrates_one_threshold_on_the_images_and_the_files_keep_it(t
     sources.append((tmp_path / "broken.png", "broken"))
     sources[-1][0].write_text("not an image")
     coder = ImageCoder.from_pretrained()
+    events = work_order(monkeypatch, compression)
     report = compress_files(coder, sources, tmp_path / "small", budget=12.0)
+    assert events == ["bits"] * 3 + ["calibrate"] + ["tokens"] * 3
+    monkeypatch.undo()
     assert [f.path.name for f in report.written] == ["coins.ttk", "rocket.ttk", "coffee.ttk"]
     assert len(report.failed) == 1 and "broken.png" in report.failed[0]
     kept = [f.kept for f in report.written]

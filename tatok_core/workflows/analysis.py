@@ -61,6 +61,14 @@ class Analysed:
 
 
 @torch.no_grad()
+def analysed_bits(model: Tokenizer, images: Tensor) -> Tensor:
+    """(B, N) bits of ``images`` (B, C, H, W), on the CPU, and nothing else kept: what calibrating one
+    threshold over many images needs when each image's tokens are made again once it is known (tokens
+    that depend on the kept set would otherwise keep every image's features and pixels waiting)."""
+    return model.analyse(images).entropy.bits.float().cpu()
+
+
+@torch.no_grad()
 def _kept_codes(model: Tokenizer, sources: TokenSources, refine_steps: int | None,
                 keep: Tensor) -> tuple[Tensor, Tensor]:
     """(B, M) global and (B, N) patch codes of the set ``keep`` (B, N), made from ``sources``."""

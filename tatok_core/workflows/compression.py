@@ -58,7 +58,7 @@ from tatok_core.io.atomic import atomic_write
 from tatok_core.io.images import fit_longest_side, read_image, write_image
 from tatok_core.io.persistence import state_digest
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer, pretrained_folder
-from tatok_core.workflows.analysis import Analysed
+from tatok_core.workflows.analysis import Analysed, analysed_bits
 from tatok_core.workflows.generation import load_prior
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.progress import progress_bar
@@ -379,15 +379,18 @@ def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_d
     very images, as ``tatok encode --budget`` does (:func:`~tatok_core.workflows.rate_control.calibrate_bits`):
     every image is analysed first (its codes and bits wait in memory, ~12 bytes per patch), then each is
     coded with that threshold — images holding more information get more tokens, the mean is the budget.
+    When the tokens depend on the kept set (refinement) only the bits wait, and each image is read and
+    analysed again for its tokens: memory does not grow with the images' features and pixels.
     """
     mode = check_rate(tau, budget, budget_mode=budget_mode)
     out = Path(out_dir)
     failed: list[str] = []
+    tokenizer = coder.tokenizer
 
-    def readable() -> Iterator[tuple[str, Tensor]]:
+    def readable() -> Iterator[tuple[Path, str, Tensor]]:
         for path, name in sources:
             try:
-                yield name, _read_image_at(path, longest_side)
+                yield Path(path), name, _read_image_at(path, longest_side)
             except ImageReadError as exc:
                 failed.append(str(exc))
 
@@ -399,23 +402,30 @@ def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_d
     with progress_bar(progress) as bar:
         if budget is None:
             task = bar.add_task("compress", total=len(sources))
-            for name, image in readable():
+            for _, name, image in readable():
                 written.append(coder.write_file(coder.tokens_of(image, tau), target(name)))
                 bar.update(task, completed=len(written) + len(failed))
         else:
             task = bar.add_task("analyse", total=len(sources))
-            analysed: list[tuple[str, Analysed]] = []
-            with evaluating(coder.tokenizer):
-                for name, image in readable():
-                    analysed.append((name, Analysed.of(coder.tokenizer, image[None].to(coder.device))))
-                    bar.update(task, completed=len(analysed) + len(failed))
-            token_filter = rule_filter(coder.tokenizer, mode)
-            calibration = calibrate_bits(token_filter, [a.bits for _, a in analysed], budget)
-            task = bar.add_task("compress", total=len(analysed))
-            for name, image_analysis in analysed:
-                selection = token_filter.select(image_analysis.bits, calibration.threshold)
-                written.append(coder.write_file(image_analysis.tokens(selection), target(name)))
-                bar.advance(task)
+            second_pass = tokenizer.tokens_depend_on_keep()
+            # (path, name, bits, analysed): analysed None when the image is analysed again for its tokens
+            waiting: list[tuple[Path, str, Tensor, Analysed | None]] = []
+            with evaluating(tokenizer):
+                for path, name, image in readable():
+                    batch = image[None].to(coder.device)
+                    analysed = None if second_pass else Analysed.of(tokenizer, batch)
+                    bits = analysed_bits(tokenizer, batch) if analysed is None else analysed.bits
+                    waiting.append((path, name, bits, analysed))
+                    bar.update(task, completed=len(waiting) + len(failed))
+                token_filter = rule_filter(tokenizer, mode)
+                calibration = calibrate_bits(token_filter, [bits for _, _, bits, _ in waiting], budget)
+                task = bar.add_task("compress", total=len(waiting))
+                for path, name, _, analysed in waiting:
+                    if analysed is None:  # the same image again: the same bits, now the chosen set's tokens
+                        analysed = Analysed.of(tokenizer, _read_image_at(path, longest_side)[None].to(coder.device))
+                    selection = token_filter.select(analysed.bits, calibration.threshold)
+                    written.append(coder.write_file(analysed.tokens(selection), target(name)))
+                    bar.advance(task)
     return CompressReport(written, failed, calibration)
 
 

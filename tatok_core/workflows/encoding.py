@@ -17,6 +17,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import attrs
+import torch
 from torch import Tensor
 
 from tatok_core.contract.errors import ImageReadError, TatokError
@@ -25,7 +26,7 @@ from tatok_core.contract.tokens import ImageTokens, Tokens
 from tatok_core.io.images import list_images, read_image, write_image
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter
 from tatok_core.pipeline.tokenizer import Tokenizer
-from tatok_core.workflows.analysis import Analysed, cannot_tokenize
+from tatok_core.workflows.analysis import Analysed, analysed_bits, cannot_tokenize
 from tatok_core.workflows.batching import group_by_size
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.progress import progress_bar
@@ -187,37 +188,38 @@ def encode_files(
         for index, image in zip(indices, analysed.tokens(token_filter.select(analysed.bits, threshold)).per_image()):
             out.finish(index, image)
 
-    waiting: list[tuple[list[int], Analysed]] = []
-    second_pass = budget is not None and model.tokens_depend_on_keep()  # only bits wait, not features
+    # a budget's batches wait for its threshold as (indices, bits, analysed); analysed is None when the tokens
+    # depend on the kept set: the batch is analysed again once the threshold is known, rather than every
+    # image's features waiting
+    waiting: list[tuple[list[int], Tensor, Analysed | None]] = []
+    second_pass = budget is not None and model.tokens_depend_on_keep()
     with evaluating(model) as device, progress_bar(progress) as bar:
         task = bar.add_task("encode", total=len(paths))
         analysed_count = 0
         for indices, batch in group_by_size(readable(), batch_size):
-            analysed = Analysed.of(model, batch.to(device))
-            if second_pass:
-                analysed = attrs.evolve(analysed, kept_codes=None)  # drops the features and images it held
-            if budget is None:
+            analysed = None if second_pass else Analysed.of(model, batch.to(device))
+            if analysed is None:
+                waiting.append((indices, analysed_bits(model, batch.to(device)), None))
+            elif budget is None:
                 finish(indices, analysed)
             else:
-                waiting.append((indices, analysed))
+                waiting.append((indices, analysed.bits, analysed))
             analysed_count += len(indices)
             bar.update(task, completed=analysed_count + len(failed))
         calibration = None
         if budget is not None:
-            bits = [analysed.bits for _, analysed in waiting]
+            bits = [batch_bits for _, batch_bits, _ in waiting]
             calibration = calibrate_bits(token_filter, bits, budget, distributed=distributed)
             threshold = calibration.threshold
             writer.update_meta({"threshold": threshold})
-            if second_pass:  # the same batches again: the same bits, now each set's tokens
+            if second_pass:
                 bar.update(task, description="encode: the kept tokens", completed=len(failed))
-                again = ((i, read_image(paths[i])) for indices, _ in waiting for i in indices)
-                waiting = []
-                for indices, batch in group_by_size(again, batch_size):
-                    finish(indices, Analysed.of(model, batch.to(device)))
+            for indices, _, analysed in waiting:
+                if analysed is None:  # the same batch again: the same bits, now each set's tokens
+                    batch = torch.stack([read_image(paths[i]) for i in indices])  # (B, C, H, W) one size, as before
+                    analysed = Analysed.of(model, batch.to(device))
                     bar.advance(task, len(indices))
-            else:
-                for indices, analysed in waiting:
-                    finish(indices, analysed)
+                finish(indices, analysed)
         bar.update(task, completed=len(paths))
     if threshold is None:
         mode, threshold = applied_rule(token_filter)
