@@ -168,7 +168,8 @@ def fit_prior(label: str, model: Tokenizer, args: argparse.Namespace, device: to
     if args.save_priors:
         generation.save_prior(prior, args.save_priors / label, training={
             "command": "python benchmarks/coded_rate.py", "train_data": args.train_data, "train_sides": args.train_sides,
-            "train_fractions": args.train_fractions, "steps": trained.steps, "best_step": trained.best_step,
+            "train_fractions": args.train_fractions, "refine_steps": model.refine_steps,
+            "refine_lr": model.refine_lr, "steps": trained.steps, "best_step": trained.best_step,
             "train_bits_per_image": train_bits,
             "validation_bits_per_image": trained.validation_bits})
     return prior, record  # type: ignore[return-value]
