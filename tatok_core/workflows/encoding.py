@@ -197,13 +197,14 @@ def encode_files(
         task = bar.add_task("encode", total=len(paths))
         analysed_count = 0
         for indices, batch in group_by_size(readable(), batch_size):
-            analysed = None if second_pass else Analysed.of(model, batch.to(device))
-            if analysed is None:
+            if second_pass:
                 waiting.append((indices, analysed_bits(model, batch.to(device)), None))
-            elif budget is None:
-                finish(indices, analysed)
             else:
-                waiting.append((indices, analysed.bits, analysed))
+                analysed = Analysed.of(model, batch.to(device))
+                if budget is None:
+                    finish(indices, analysed)
+                else:
+                    waiting.append((indices, analysed.bits, analysed))
             analysed_count += len(indices)
             bar.update(task, completed=analysed_count + len(failed))
         calibration = None
