@@ -198,6 +198,9 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
         prior, prior_record = generation.load_prior(args.prior[label]), {"loaded": str(args.prior[label])}
     else:
         prior, prior_record = fit_prior(label, model, args, device)
+    if args.bpp_worth is not None:
+        model = model.with_pipeline_options(refine_bpp_worth=args.bpp_worth)
+    model = model.with_coding_prior(prior.to(device))  # the held-out tokens refined as `tatok compress` makes them
     coder = ImageCoder(model, prior) if args.files else None
     with evaluating(model):
         evaluator = analysed_photos(model, load_photos(args.heldout_data, args.side), device, f"{label}: held-out",
@@ -295,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refine-steps", type=int,
                         help="test-time refinement steps for every model (default: each spec's own)")
+    parser.add_argument("--bpp-worth", type=float, metavar="DB",
+                        help="rate-aware refinement of the held-out tokens: one bpp under the prior is worth DB dB "
+                             "(default: the spec's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("runs/coded_rate"))

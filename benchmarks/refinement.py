@@ -1,17 +1,19 @@
 """What test-time refinement buys and costs: PSNR, coded bits and encode time per setting, side by side.
 
     python benchmarks/refinement.py --data builtin:photos:extended --limit 12 \\
-        --settings 0,5:0.005,10:0.005,20:0.005,10:0.01,20:0.05 --out runs/refinement
+        --settings 0,5:0.005,10:0.005,20:0.005,10:0.01,20:0.05,10::60 --out runs/refinement
 
 For each whole photo (longest side ``--side``) the model analyses once; then for each setting
-``STEPS:LR`` (``0``: the encoder's tokens) and each rule — the model's own filter and a per-photo top-k
-at ``--topk-fraction`` of the tokens — the kept set's tokens are made as ``Tokenizer.encode`` makes them,
-decoded and scored: PSNR, and the bits the model's shipped context prior codes them in (what a
-compressed file holds, to within the coder's few bits). Refinement makes each set's tokens fit the
-image better, but moves codes away from what the prior (fitted on the encoder's tokens) expects: the
-trade is PSNR against bits. ``--timing-repeats`` whole encodes per setting (median seconds per photo,
-in one run; ``--device cuda`` on a GPU) give its cost. Pick settings on training photos; report on
-held-out ones.
+``STEPS[:LR[:BPP_WORTH]]`` (``0``: the encoder's tokens; LR empty: the spec's) and each rule — the model's
+own filter and a per-photo top-k at ``--topk-fraction`` of the tokens — the kept set's tokens are made as
+``Tokenizer.encode`` makes them, decoded and scored: PSNR, and the bits the model's shipped context prior
+codes them in (what a compressed file holds, to within the coder's few bits). Refinement for pixels
+makes each set's tokens fit the image better but moves codes away from what the prior expects: the
+trade is PSNR against bits. A BPP_WORTH in dB per bpp makes it rate-aware (``refine_bpp_worth``: −PSNR +
+worth · bpp under that prior, as ``tatok compress`` refines); without one a setting refines for pixels only,
+whatever the spec says. ``--timing-repeats`` whole encodes per setting (median seconds per photo, in one
+run; ``--device cuda`` on a GPU) give its cost. Pick settings on training photos; report on held-out
+ones.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -42,53 +44,67 @@ from tatok_core.workflows.metrics import psnr  # noqa: E402
 from tatok_core.workflows.progress import progress_bar  # noqa: E402
 
 
-def parse_settings(text: str) -> list[tuple[int, float | None]]:
-    """``"0,10:0.005"`` → [(0, None), (10, 0.005)]: refinement steps, and Adam's step (None: the spec's)."""
+class Setting(NamedTuple):
+    """One way of making the tokens: refinement steps, Adam's step (None: the spec's) and what a bit of
+    the coding prior is worth in dB per bpp (0: pixels only, whatever the spec says)."""
+
+    steps: int
+    lr: float | None = None
+    bpp_worth: float = 0.0
+
+    @property
+    def label(self) -> str:
+        if self.steps == 0:
+            return "encoder"
+        return (f"{self.steps} steps" + (f" @ {self.lr:g}" if self.lr is not None else "")
+                + (f", bpp = {self.bpp_worth:g} dB" if self.bpp_worth else ""))
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """``"0,10:0.005,10::60"`` → the encoder's tokens, 10 steps at 0.005, 10 steps at the spec's step
+    weighing one bit per pixel as 60 dB."""
     settings = []
     for item in text.split(","):
-        steps, _, lr = item.partition(":")
-        settings.append((int(steps), float(lr) if lr else None))
+        steps, lr, worth = (item.split(":") + ["", ""])[:3]
+        settings.append(Setting(int(steps), float(lr) if lr else None, float(worth) if worth else 0.0))
     return settings
-
-
-def label(steps: int, lr: float | None) -> str:
-    return "encoder" if steps == 0 else f"{steps} steps" + (f" @ {lr:g}" if lr is not None else "")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_coder_arguments(parser)
-    parser.add_argument("--settings", default="0,10:0.005,20:0.005,20:0.05", help="STEPS[:LR] list (0: the encoder's)")
+    parser.add_argument("--settings", default="0,10:0.005,20:0.005,20:0.05",
+                        help="STEPS[:LR[:BPP_WORTH]] list (0: the encoder's; a bpp's worth in dB makes refinement rate-aware)")
     parser.add_argument("--topk-fraction", type=float, default=0.25,
                         help="the top-k rule's kept fraction (default 0.25)")
     parser.add_argument("--timing-repeats", type=int, default=3, help="timed whole encodes per setting (median)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="where the tokenizer runs (the prior counts bits on the CPU)")
+    parser.add_argument("--device", default="cpu", help="where the tokenizer and its prior run")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("runs/refinement"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = Tokenizer.from_pretrained(args.model, map_location=device)
-    prior = generation.load_prior(args.prior or pretrained_folder(args.model) / CODING_PRIOR)
+    prior = generation.load_prior(args.prior or pretrained_folder(args.model) / CODING_PRIOR, map_location=device)
+    model = Tokenizer.from_pretrained(args.model, map_location=device).with_coding_prior(prior)
     photos = load_photos(args.data, args.side, args.limit)
     settings = parse_settings(args.settings)
     rules = {"own": lambda bits: model.token_filter().select(bits),
              f"topk@{args.topk_fraction:g}": lambda bits: model.token_filter(
                  "topk", k=round(args.topk_fraction * bits.shape[1])).select(bits)}
-    rows: dict[str, dict[str, list[dict[str, float]]]] = {label(*s): {rule: [] for rule in rules} for s in settings}
-    seconds: dict[str, list[float]] = {label(*s): [] for s in settings}
+    rows: dict[str, dict[str, list[dict[str, float]]]] = {s.label: {rule: [] for rule in rules} for s in settings}
+    seconds: dict[str, list[float]] = {s.label: [] for s in settings}
     with progress_bar(args.progress) as bar:
         task = bar.add_task("refinement", total=len(photos) * len(settings))
         for photo in photos:
             image = photo.image[None].to(device)  # (1, C, H, W)
-            for steps, lr in settings:
-                refining = model.with_pipeline_options(refine_steps=steps,
-                                                       **({} if lr is None else {"refine_lr": lr}))
+            for setting in settings:
+                refining = model.with_pipeline_options(refine_steps=setting.steps, refine_bpp_worth=setting.bpp_worth,
+                                                       **({} if setting.lr is None else {"refine_lr": setting.lr}))
                 analysed = Analysed.of(refining, image)
                 for rule, select in rules.items():
                     tokens = analysed.tokens(select(analysed.bits))
-                    rows[label(steps, lr)][rule].append({
+                    rows[setting.label][rule].append({
                         "kept": int(tokens.lengths[0]), "psnr": float(psnr(refining.decode(tokens), image)[0]),
                         "bits": coded_bits(prior, tokens)["total"]})
                 times = []
@@ -98,9 +114,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     times.append(time.perf_counter() - start)
-                seconds[label(steps, lr)].append(statistics.median(times))
+                seconds[setting.label].append(statistics.median(times))
                 bar.advance(task)
-    base = label(*settings[0])
+    base = settings[0].label
     summary: dict[str, dict[str, Any]] = {}
     for name, by_rule in rows.items():
         summary[name] = {"encode_s": float(np.mean(seconds[name]))}

@@ -8,7 +8,8 @@ import click
 from rich.table import Table
 
 from tatok_cli.console import console, err_console
-from tatok_cli.options import absolute_rule_options, at_least, budget_options, refine_option, with_refinement
+from tatok_cli.options import (absolute_rule_options, at_least, bpp_worth_option, budget_options, refine_option,
+                               with_refinement)
 from tatok_cli.tokens import model_option
 from tatok_core.workflows.compression import SUFFIX, ImageCoder, compress_files, decompress_files
 from tatok_core.workflows.encoding import source_names
@@ -29,10 +30,11 @@ prior_option = click.option("--prior", type=click.Path(file_okay=False, path_typ
 @budget_options
 @click.option("--longest-side", type=int, callback=at_least(1), help="downscale each image so its longest side is this")
 @refine_option
+@bpp_worth_option
 @click.pass_context
 def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tuple[str, ...], output: Path,
              tau: float | None, theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
-             longest_side: int | None, refine_steps: int | None) -> None:
+             longest_side: int | None, refine_steps: int | None, bpp_worth: float | None) -> None:
     """Compress images into files: the kept tokens, range-coded under the model's prior.
 
     Decode them with `tatok decompress` and the same model and prior, on this machine or another: the
@@ -41,7 +43,7 @@ def compress(ctx: click.Context, model_name: str, prior: Path | None, inputs: tu
     """
     check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     loaded = ImageCoder.from_pretrained(model_name, prior=prior)
-    tokenizer = with_refinement(loaded.tokenizer, refine_steps)
+    tokenizer = with_refinement(loaded.tokenizer, refine_steps, bpp_worth)
     coder = ImageCoder(with_rule(tokenizer, tau=tau, theta=theta, epsilon=epsilon), loaded.prior)
     report = compress_files(coder, source_names(inputs), output, tau=tau, budget=budget, budget_mode=budget_mode,
                             longest_side=longest_side, progress=True)

@@ -43,6 +43,15 @@ def refine_option(command: Any) -> Any:
                              "0: the encoder's tokens)")(command)
 
 
-def with_refinement(model: Any, refine_steps: int | None) -> Any:
-    """``model`` with ``--refine-steps`` applied (unchanged when the option is not given)."""
-    return model if refine_steps is None else model.with_pipeline_options(refine_steps=refine_steps)
+def bpp_worth_option(command: Any) -> Any:
+    """``--bpp-worth``: what refinement weighs a bit per pixel of the coding prior as, on commands that code tokens."""
+    return click.option("--bpp-worth", type=float,
+                        help="dB of PSNR one bit per pixel of the file is worth to refinement (default: the model's own; "
+                             "0: refine for pixels only)")(command)
+
+
+def with_refinement(model: Any, refine_steps: int | None, bpp_worth: float | None = None) -> Any:
+    """``model`` with ``--refine-steps`` (and ``--bpp-worth``) applied; unchanged when neither is given."""
+    options = {key: value for key, value in (("refine_steps", refine_steps), ("refine_bpp_worth", bpp_worth))
+               if value is not None}
+    return model.with_pipeline_options(**options) if options else model

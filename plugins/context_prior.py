@@ -86,19 +86,26 @@ class ContextPrior(GridPrior):
     def global_contexts(self, global_codes: Tensor) -> tuple[Tensor, Tensor]:
         """Global codes (B, M) → the context predicting each (B, M, W) from the slots before it, and the
         summary every patch position reads (B, W)."""
-        embedded = self.code_in(global_codes)  # (B, M, W)
+        return self.global_contexts_of(self.code_in(global_codes))
+
+    def global_contexts_of(self, embedded: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`global_contexts` from the global codes' embeddings (B, M, W)."""
         before = F.pad(embedded.cumsum(1), (0, 0, 1, 0))[:, : self.num_global]  # (B, M, W) sum of the earlier slots
         counts = torch.arange(self.num_global, device=embedded.device).clamp_min(1)[:, None]  # (M, 1)
         contexts = self.slots + self.global_context(before / counts)  # (B, M, W)
         summary = self.global_context(embedded.mean(1)) if self.num_global else embedded.new_zeros(
-            global_codes.shape[0], self.width)  # (B, W)
+            embedded.shape[0], self.width)  # (B, W)
         return contexts, summary
 
     def patch_states(self, codes: Tensor, kept: Tensor, summary: Tensor) -> Tensor:
         """Dense codes (B, H, W'), kept (B, H, W'), global summary (B, W) → (B, H, W', W) the state each
         position's keep flag and code are predicted from (it reads only positions before it)."""
+        return self.patch_states_of(self.code_in(codes), kept, summary)
+
+    def patch_states_of(self, embedded: Tensor, kept: Tensor, summary: Tensor) -> Tensor:
+        """:meth:`patch_states` from the codes' embeddings (B, H, W', W)."""
         flags = torch.stack([kept, torch.ones_like(kept)], dim=1).to(summary.dtype)  # (B, 2, H, W'): kept, inside
-        embedded = self.code_in(codes).masked_fill(~kept[..., None], 0.0).permute(0, 3, 1, 2)  # (B, W, H, W')
+        embedded = embedded.masked_fill(~kept[..., None], 0.0).permute(0, 3, 1, 2)  # (B, W, H, W')
         x = F.gelu(self.reader(torch.cat([embedded, flags], 1)) + summary[:, :, None, None])  # (B, W, H, W')
         for layer in self.layers:
             x = x + F.gelu(layer(x))
@@ -120,6 +127,19 @@ class ContextPrior(GridPrior):
         code_nats = self.code_head.log_prob(states, codes).masked_fill(~kept, 0.0)  # (B, H, W')
         return {"globals": self.code_head.log_prob(contexts, tokens.global_codes).sum(-1),
                 "positions": keep_nats.flatten(1).sum(1), "codes": code_nats.flatten(1).sum(1)}
+
+    def relaxed_log_likelihood(self, global_digits: Tensor, patch_digits: Tensor, kept: Tensor) -> Tensor:
+        """(B,) nats of a token set given as digit weights — globals (B, M, ΣL_f), the grid's codes
+        (B, H, W', ΣL_f), one-hot for codes (:meth:`Quantizer.relaxed_digits`) — and its keep mask
+        (B, H, W'): :meth:`log_likelihood` differentiable in the weights, so refinement can weigh what a
+        code change costs the coder against what it buys the decode."""
+        contexts, summary = self.global_contexts_of(self.code_in.relaxed(global_digits))
+        states = self.patch_states_of(self.code_in.relaxed(patch_digits), kept, summary)  # (B, H, W', W)
+        keep_logit = self.keep_head(states)[..., 0].float()  # (B, H, W')
+        keep_nats = -F.binary_cross_entropy_with_logits(keep_logit, kept.float(), reduction="none")  # (B, H, W')
+        code_nats = self.code_head.relaxed_log_prob(states, patch_digits).masked_fill(~kept, 0.0)  # (B, H, W')
+        global_nats = self.code_head.relaxed_log_prob(contexts, global_digits).sum(-1)  # (B,)
+        return global_nats + keep_nats.flatten(1).sum(1) + code_nats.flatten(1).sum(1)
 
     @torch.no_grad()
     def sample(

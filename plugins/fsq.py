@@ -110,6 +110,23 @@ class FSQ(Quantizer):
             aux_loss=aux_loss,
         )  # codebook statistics on request only (Quantized.code_statistics): no host sync here
 
+    def relaxed_digits(self, x: Tensor) -> Tensor:
+        """Vectors (..., D) → digit weights (..., ΣL): forward one-hot at each channel's digit, backward
+        the tent ``max(0, 1 − |b − l|)`` of the bounded value b over the levels l, so a rate read
+        through the weights moves b towards the cheaper of its two neighbouring levels."""
+        with float32_region(x.device):
+            half_l, offset, shift, half_width = self._constants(x.device)
+            centred = torch.tanh(self.project_in(x).float() + shift) * half_l - offset  # (..., L) as quantize
+            digits = (torch.round(centred) + half_width).long()  # (..., L) the digits forward gives, in [0, L_i)
+            bounded = centred + half_width  # (..., L) on the digits' scale
+            blocks = []
+            for i, size in enumerate(self.levels):
+                grid = torch.arange(size, dtype=torch.float32, device=x.device)  # (L_i,)
+                tent = F.relu(1 - (bounded[..., i, None] - grid).abs())  # (..., L_i)
+                hard = F.one_hot(digits[..., i], size).float()  # (..., L_i)
+                blocks.append(hard + (tent - tent.detach()))
+        return torch.cat(blocks, dim=-1)  # (..., ΣL)
+
     def saturation_loss(self, z: Tensor) -> Tensor:
         """``bound_penalty`` · mean hinge² of projected z (..., L) beyond the active range of tanh."""
         shift = self._constants(z.device)[2]

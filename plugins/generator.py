@@ -109,6 +109,11 @@ class DigitEmbedding(nn.Module):
         digits = mixed_radix_digits(codes, self.factors)  # (..., F)
         return self.table(digits + self.offsets).sum(-2)  # (..., W)
 
+    def relaxed(self, digit_weights: Tensor) -> Tensor:
+        """Digit weights (..., ΣL_f) — one block of L_f per digit, one-hot for a code
+        (:meth:`Quantizer.relaxed_digits`) — → (..., W): the same embedding, differentiable in the weights."""
+        return digit_weights.to(self.table.weight.dtype) @ self.table.weight  # (..., W)
+
 
 class DigitHead(nn.Module):
     """p(code | context) = Π_f p(d_f | context, d_<f) over the code's mixed-radix digits.
@@ -138,6 +143,18 @@ class DigitHead(nn.Module):
             total = total + log_p.gather(-1, digits[..., f, None])[..., 0]
             if f < len(self.chosen):
                 context = context + self.chosen[f](digits[..., f])
+        return total
+
+    def relaxed_log_prob(self, context: Tensor, digit_weights: Tensor) -> Tensor:
+        """Contexts (..., W) and digit weights (..., ΣL_f) → Σ_f Σ_l w_f(l) log p(d_f = l | context, d_<f)
+        (...) in nats: :meth:`log_prob` where the weights are a code's one-hot digits, and differentiable
+        in them — the rate term of rate-aware refinement (``Tokenizer.refine``)."""
+        total = torch.zeros(digit_weights.shape[:-1], dtype=torch.float32, device=digit_weights.device)
+        for f, weights in enumerate(digit_weights.split(list(self.factors), dim=-1)):  # (..., L_f) each
+            log_p = F.log_softmax(self.heads[f](context).float(), dim=-1)  # (..., L_f)
+            total = total + (weights.float() * log_p).sum(-1)
+            if f < len(self.chosen):
+                context = context + weights.to(context.dtype) @ self.chosen[f].weight
         return total
 
     def sample(self, context: Tensor, temperature: float, top_k: int, rng: torch.Generator) -> Tensor:

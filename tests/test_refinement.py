@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from tatok_core.contract.errors import SpecError, TatokError
+from tatok_core.contract.errors import CompositionError, GenerationError, SpecError, TatokError
 from tatok_core.io.images import fit_longest_side
 from tatok_core.pipeline.tokenizer import Tokenizer
 from tatok_core.workflows.analysis import Analysed
 from tatok_core.workflows.data import ImageSource
+from tatok_core.workflows.generation import build_generator, generator_facts
 from tatok_core.workflows.metrics import psnr
+from tatok_plugins.context_prior import dense_grid
 from tests.helpers import small_spec
 
 # dB refinement must add on average over the built-in held-out whole photos (128 px, the shipped default, its 10 steps
@@ -152,3 +156,111 @@ def test_the_refinement_benchmark_reports_gain_and_bits_against_the_encoder(tmp_
     for rule in ("own", "topk@0.25"):
         assert refined[rule]["kept"] == encoder[rule]["kept"] and refined[rule]["psnr_gain"] > 0
     assert (tmp_path / "refinement.json").is_file()
+
+
+# -- rate-aware refinement: what a bit under the coding prior is worth --------------------------------
+def coding_prior(model: Tokenizer, seed: int = 0):
+    """An untrained ``context`` prior over ``model``'s tokens, its weights re-drawn so that codes differ a
+    lot in price (a trained prior's are learned; what matters here is that some codes are cheaper)."""
+    torch.manual_seed(seed)
+    prior = build_generator("context", generator_facts(model.quantizer.code_factors, model.num_global, (4, 6),
+                                                      model.patch_size), width=8, rings=1, depth=1)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.normal_(0, 0.7)
+    return prior.eval()
+
+
+def test_relaxed_digits_are_the_codes_one_hot_with_a_gradient() -> None:
+    quantizer = tiny().quantizer
+    x = torch.randn(2, 5, quantizer.dim, requires_grad=True)
+    weights = quantizer.relaxed_digits(x)  # (2, 5, ΣL)
+    digits = quantizer.codes_to_digits(quantizer(x).codes)  # (2, 5, F)
+    blocks = weights.split(list(quantizer.code_factors), dim=-1)
+    assert all(torch.equal(block.argmax(-1), digits[..., f]) and torch.equal(block.sum(-1), torch.ones(2, 5))
+               for f, block in enumerate(blocks))
+    (grad,) = torch.autograd.grad((weights * torch.randn_like(weights)).sum(), [x])
+    assert grad.abs().sum() > 0  # a rate read through the weights moves the features
+
+
+def test_the_relaxed_likelihood_of_one_hot_digits_is_the_likelihood() -> None:
+    model = tiny()
+    prior = coding_prior(model)
+    tokens = model.encode(images(), filter="topk", k=9)
+    codes, kept = dense_grid(tokens)  # (B, 4, 6)
+
+    def one_hot(c: torch.Tensor) -> torch.Tensor:
+        digits = model.quantizer.codes_to_digits(c)
+        return torch.cat([torch.nn.functional.one_hot(digits[..., f], size).float()
+                          for f, size in enumerate(model.quantizer.code_factors)], dim=-1)
+
+    with torch.no_grad():
+        relaxed = prior.relaxed_log_likelihood(one_hot(tokens.global_codes), one_hot(codes), kept)
+        torch.testing.assert_close(relaxed, prior.log_likelihood(tokens), rtol=1e-5, atol=1e-4)
+
+
+def coded_bits_of(prior, tokens) -> torch.Tensor:
+    with torch.no_grad():
+        return -prior.log_likelihood(tokens) / math.log(2)  # (B,)
+
+
+@pytest.mark.parametrize("k", [6, 24])
+def test_rate_aware_refinement_trades_psnr_for_bits_at_the_worth_asked(k: int) -> None:
+    model = tiny()
+    prior = coding_prior(model)
+    x = images()
+    plain = model.encode(x, filter="topk", k=k)
+    pixels = model.with_coding_prior(prior).encode(x, filter="topk", k=k, refine_steps=15)  # worth 0: pixels only
+    rated = model.with_pipeline_options(refine_bpp_worth=20.0).with_coding_prior(prior).encode(
+        x, filter="topk", k=k, refine_steps=15)
+    assert torch.equal(rated.positions, plain.positions)
+    assert torch.equal(pixels.codes, model.encode(x, filter="topk", k=k, refine_steps=15).codes)
+
+    def cost(tokens) -> torch.Tensor:  # (B,) what rate-aware refinement minimises: −PSNR + worth · bpp
+        return -psnr(model.decode(tokens), x) + 20.0 * coded_bits_of(prior, tokens) / (16 * 24)
+
+    assert (cost(rated) <= cost(plain) + 1e-3).all()  # the encoder's codes are among those tried
+    assert cost(rated).mean() < cost(pixels).mean()  # what pixels alone pick costs more
+    assert coded_bits_of(prior, rated).mean() < coded_bits_of(prior, pixels).mean()
+
+
+def test_a_coded_file_s_tokens_are_refined_for_its_prior(tmp_path) -> None:
+    from tatok_core.workflows.compression import ImageCoder
+
+    model = tiny(refine_steps=15).with_pipeline_options(refine_bpp_worth=20.0)
+    prior = coding_prior(model)
+    coder = ImageCoder(model, prior)
+    x = images(1)[0]
+    tokens = coder.tokens_of(x, tau=0.5)
+    expected = model.with_coding_prior(prior).encode(x[None], tau=0.5)
+    assert torch.equal(tokens.codes, expected.codes) and torch.equal(tokens.global_codes, expected.global_codes)
+    assert model.coding_prior is None  # the tokenizer given is left as it is
+    back = coder.decompress(coder.compress(x, tau=0.5))
+    torch.testing.assert_close(back, model.decode(expected)[0])
+
+
+def test_rate_aware_refinement_is_refused_at_compose_time_naming_both() -> None:
+    model = tiny()
+    with pytest.raises(SpecError, match="refine_bpp_worth must be a number of dB per bpp >= 0, got -1"):
+        model.with_pipeline_options(refine_bpp_worth=-1)
+    vq = Tokenizer(small_spec(entropy="chain", decoder="packed", quantizer="vq")).eval()
+    vq_prior = coding_prior(vq)
+    vq.with_coding_prior(vq_prior)  # pixels-only refinement composes with any quantizer
+    with pytest.raises(CompositionError, match=r"refine_bpp_worth=4\) with generator 'context': quantizer 'vq' has no relaxed_digits"):
+        vq.with_pipeline_options(refine_bpp_worth=4.0).with_coding_prior(vq_prior)
+    raster = build_generator("raster", generator_facts(model.quantizer.code_factors, model.num_global, (4, 6),
+                                                       model.patch_size), width=8, depth=1, heads=1)
+    with pytest.raises(CompositionError, match="'raster'.*has no relaxed_log_likelihood"):
+        model.with_pipeline_options(refine_bpp_worth=4.0).with_coding_prior(raster)
+    rated = model.with_pipeline_options(refine_bpp_worth=4.0).with_coding_prior(coding_prior(model))
+    with pytest.raises(CompositionError, match="'vq' has no relaxed_digits"):
+        rated.with_component("quantizer", "vq")
+
+
+def test_a_coding_prior_is_no_weight_of_the_tokenizer(tmp_path) -> None:
+    model = tiny()
+    attached = model.with_pipeline_options(refine_bpp_worth=4.0).with_coding_prior(coding_prior(model))
+    assert attached.state_dict().keys() == model.state_dict().keys()
+    assert attached.weights_digest() == model.weights_digest()
+    attached.save_pretrained(tmp_path / "saved")
+    assert Tokenizer.from_pretrained(tmp_path / "saved").coding_prior is None

@@ -290,6 +290,13 @@ class Quantizer(Component):
     def codes_to_vectors(self, codes: Tensor) -> Tensor:
         """Codes (...) → the same quantized vectors (..., D) ``forward`` gives for them."""
 
+    def relaxed_digits(self, x: Tensor) -> Tensor:
+        """Vectors (..., D) → digit weights (..., ΣL_f): per digit f a block of L_f weights, one-hot at the
+        digit ``forward`` gives, with a gradient that says how the code would move with x. What lets a
+        coder's bits (``Generator.relaxed_log_likelihood``) steer test-time refinement. Optional."""
+        raise CompositionError(f"{self.label} has no relaxed digits: rate-aware refinement needs a quantizer "
+                         "whose codes move smoothly with its input (the built-in 'fsq' has them)")
+
     def codes_to_digits(self, codes: Tensor) -> Tensor:
         """Codes (...) → mixed-radix digits (..., len(code_factors)), first digit least significant."""
         return mixed_radix_digits(codes, self.code_factors)
@@ -402,6 +409,13 @@ class Generator(Component):
         self, n: int, *, grid: Grid, temperature: float, top_k: int, labels: Tensor | None, rng: torch.Generator
     ) -> Tokens:
         """``n`` images' tokens on ``grid``: always valid (positions increasing inside it, codes in range)."""
+
+    def relaxed_log_likelihood(self, global_digits: Tensor, patch_digits: Tensor, kept: Tensor) -> Tensor:
+        """(B,) nats of a token set given as digit weights (:meth:`Quantizer.relaxed_digits`): globals
+        (B, M, ΣL_f), the grid's codes (B, H, W, ΣL_f) and its keep mask (B, H, W) — :meth:`log_likelihood`
+        where the weights are one-hot, differentiable in them. Optional: what rate-aware refinement needs."""
+        raise GenerationError(f"{self.label} cannot weigh bits in refinement: it has no relaxed_log_likelihood() "
+                              "(the built-in 'context' prior has one)")
 
     def walk(self, pick: Pick, *, grid: Grid, given: Tokens | None = None, n: int = 1) -> Tokens:
         """Tokens built choice by choice in the prior's own order, each choice made by ``pick`` from its logits.

@@ -47,6 +47,7 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "train_max_fraction": 1.0,  # with "topk": the other images draw k ~ U{0 … ⌊fraction·N⌋}
     "refine_steps": 0,  # encoding: optimiser steps fitting the kept set's tokens to the image (0: the encoder's)
     "refine_lr": 0.005,  # encoding: Adam's step on the quantizer's inputs (small: codes stay predictable)
+    "refine_bpp_worth": 0.0,  # encoding with a coding prior (compression): dB one bpp is worth to refinement (0: pixels only)
 }
 
 
@@ -119,6 +120,9 @@ class PipelineSpec:
         lr = value.get("refine_lr", 0.005)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise SpecError(f"pipeline option refine_lr must be a number > 0, got {lr!r}")
+        worth = value.get("refine_bpp_worth", 0.0)
+        if isinstance(worth, bool) or not isinstance(worth, (int, float)) or not 0 <= worth < float("inf"):
+            raise SpecError(f"pipeline option refine_bpp_worth must be a number of dB per bpp >= 0, got {worth!r}")
 
     # -- construction -----------------------------------------------------------------------
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 
 from tatok_core.contract.errors import CompositionError, SpecError, TatokError, UnknownComponentError
 from tatok_core.contract.extras import require
-from tatok_core.contract.interfaces import EntropyContext, EntropyEstimate, Facts, Grid, Quantized, TokenFilter
+from tatok_core.contract.interfaces import (EntropyContext, EntropyEstimate, Facts, Generator, Grid, Quantized,
+                                            Quantizer, TokenFilter)
 from tatok_core.contract.interfaces import PIPELINE_KINDS
 from tatok_core.io.atomic import atomic_write
 from tatok_core.io.persistence import (cpu_state, fit_state, hub_snapshot, is_repo_id, load_weights,
@@ -47,6 +49,17 @@ class TokenSources(NamedTuple):
     def to(self, device: torch.device | str) -> TokenSources:
         return self._replace(images=self.images.to(device), global_features=self.global_features.to(device),
                              patch_features=self.patch_features.to(device))
+
+
+def relaxed_bits(quantizer: Quantizer, prior: Generator, features: Tensor, m: int, keep: Tensor,
+                 grid: Grid) -> Tensor:
+    """Quantizer inputs (B, M + N, D) of globals then patches, keep (B, N) → (B,) bits of the token set
+    under ``prior``, differentiable in the features (:meth:`Quantizer.relaxed_digits`): what
+    rate-aware refinement weighs against the decode's error."""
+    digits = quantizer.relaxed_digits(features)  # (B, M + N, ΣL)
+    patch_digits = digits[:, m:].unflatten(1, grid)  # (B, H, W, ΣL)
+    nats = prior.relaxed_log_likelihood(digits[:, :m], patch_digits, keep.unflatten(1, grid))  # (B,)
+    return -nats / math.log(2)
 
 
 class Analysis(NamedTuple):
@@ -127,6 +140,8 @@ class Tokenizer(nn.Module):
         self.train_tau_min = float(self.spec.pipeline["train_tau_min"])
         self.refine_steps = int(self.spec.pipeline["refine_steps"])
         self.refine_lr = float(self.spec.pipeline["refine_lr"])
+        self.refine_bpp_worth = float(self.spec.pipeline["refine_bpp_worth"])
+        self._attach_coding_prior(None)
 
     # -- facts ---------------------------------------------------------------------------
     @property
@@ -235,6 +250,7 @@ class Tokenizer(nn.Module):
         """
         m = sources.global_features.shape[1]
         height, width = sources.image_size
+        prior = self.coding_prior if self.refine_bpp_worth > 0 else None
         with torch.inference_mode(False), torch.enable_grad():
             start = torch.cat([sources.global_features, sources.patch_features], dim=1)  # (B, M + N, D)
             start = start.detach().clone()
@@ -249,6 +265,9 @@ class Tokenizer(nn.Module):
                 vectors = self.quantizer(features).vectors
                 decoded = self.decoder(vectors[:, :m], vectors[:, m:], keep, sources.grid)[..., :height, :width]
                 error = (decoded.float().clamp(0, 1) - target).pow(2).flatten(1).mean(1)  # (B,) what decode scores
+                if prior is not None:  # the rate–distortion Lagrangian in a user's units: −PSNR + worth · bpp
+                    bits = relaxed_bits(self.quantizer, prior, features, m, keep, sources.grid)  # (B,)
+                    error = 10 * torch.log10(error) + self.refine_bpp_worth * bits / (height * width)
                 better = error < best_error  # (B,)
                 best = torch.where(better[:, None, None], features.detach(), best)
                 best_error = torch.where(better, error.detach(), best_error)
@@ -434,6 +453,40 @@ class Tokenizer(nn.Module):
         model.load_state_dict(self.state_dict())
         return self._placed_like_me(model)
 
+    def with_coding_prior(self, prior: Generator | None) -> Tokenizer:
+        """A copy that knows the prior its tokens will be coded with (an
+        :class:`~tatok_core.workflows.compression.ImageCoder` attaches its own): with the pipeline option
+        ``refine_bpp_worth`` > 0, refinement then minimises −PSNR + worth · bpp under it, so a file holds
+        fewer bits for nearly the same picture. Weights, and what a token decodes to, are unchanged. The
+        prior must sit on the tokenizer's device."""
+        model = self.with_pipeline_options()
+        model._attach_coding_prior(prior)
+        model.check_rate_terms()
+        return model
+
+    @property
+    def coding_prior(self) -> Generator | None:
+        """The prior the tokens will be coded with, if known (:meth:`with_coding_prior`)."""
+        return self._coding_prior
+
+    def _attach_coding_prior(self, prior: Generator | None) -> None:
+        object.__setattr__(self, "_coding_prior", prior)  # beside the tokenizer, never one of its weights
+
+    def check_rate_terms(self) -> None:
+        """Rate-aware refinement (a coding prior and ``refine_bpp_worth`` > 0) needs a quantizer with
+        relaxed digits and a prior with a relaxed likelihood: refused here, naming both, not mid-encode."""
+        prior = self.coding_prior
+        if prior is None or self.refine_bpp_worth <= 0:
+            return
+        for component, method, base in ((self.quantizer, "relaxed_digits", Quantizer),
+                                        (prior, "relaxed_log_likelihood", Generator)):
+            if getattr(type(component), method) is getattr(base, method):
+                whose = f" of tokenizer {self.name!r}" if self.name else ""
+                raise CompositionError(
+                    f"rate-aware refinement (refine_bpp_worth={self.refine_bpp_worth:g}){whose} with {prior.label}: "
+                    f"{component.label} has no {method}() (the built-in 'fsq' quantizer and 'context' prior have "
+                    "them; refine_bpp_worth=0 refines for pixels only)")
+
     def _replaced(self, changes: Mapping[str, ComponentSpec]) -> Tokenizer:
         """A copy with several components replaced at once (``from_pretrained(overrides=…)``)."""
         for kind in changes:
@@ -464,10 +517,13 @@ class Tokenizer(nn.Module):
         return self._placed_like_me(model)
 
     def _placed_like_me(self, model: Tokenizer) -> Tokenizer:
-        """A copy of this tokenizer (:meth:`with_component`, …) on its device and dtype, in its mode."""
+        """A copy of this tokenizer (:meth:`with_component`, …) on its device and dtype, in its mode, with
+        its coding prior."""
         reference = next(iter(self.parameters()), None)
         if reference is not None:
             model.to(device=reference.device, dtype=reference.dtype if reference.is_floating_point() else None)
+        model._attach_coding_prior(self.coding_prior)
+        model.check_rate_terms()
         return model.train(self.training)
 
     # -- persistence ---------------------------------------------------------------------------

@@ -187,7 +187,9 @@ class ImageCoder:
     The tokenizer's own rule decides which tokens are kept (give it another with
     :func:`~tatok_core.workflows.rate_control.with_rule`); the prior must model its codes: the same code
     factors and number of globals (checked here, naming both). The coder walks its own copy of the
-    prior, on the CPU in float64 (module docs); the prior given is left as it is.
+    prior, on the CPU in float64 (module docs); the prior given is left as it is. With the tokenizer's
+    ``refine_bpp_worth`` > 0, its refinement weighs the bits of this prior
+    (:meth:`~tatok_core.pipeline.tokenizer.Tokenizer.with_coding_prior`, a float32 copy beside it).
     """
 
     tokenizer: Tokenizer
@@ -206,6 +208,9 @@ class ImageCoder:
                 raise CompositionError(f"{self.prior.label} models {fact}={models!r} but tokenizer "
                                        f"{self.tokenizer.name!r} writes {fact}={value!r}")
         object.__setattr__(self, "pairing", pairing_digest(self.tokenizer, self.prior))  # of the weights as saved
+        if self.tokenizer.refine_bpp_worth > 0:  # refinement weighs the bits of this very prior
+            beside = copy.deepcopy(self.prior).to(self.device, torch.float32).eval()  # where the tokenizer runs
+            object.__setattr__(self, "tokenizer", self.tokenizer.with_coding_prior(beside))
         object.__setattr__(self, "prior", copy.deepcopy(self.prior).to("cpu", torch.float64).eval())
 
     @classmethod
