@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import click
@@ -11,9 +12,11 @@ from tatok_core.workflows.rate_control import BUDGET_MODES
 
 
 def at_least(minimum: int) -> Any:
-    """A click callback refusing an int option below ``minimum`` (``None``, an unset option, passes)."""
+    """A click callback refusing a number option below ``minimum`` (``None``, an unset option, passes)."""
 
-    def check(_: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    def check(_: click.Context, param: click.Parameter, value: float | None) -> float | None:
+        if isinstance(value, float) and not minimum <= value < math.inf:  # NaN and infinity too
+            raise TatokError(f"{param.opts[0]} must be a finite number >= {minimum}, got {value}")
         if value is not None and value < minimum:
             raise TatokError(f"{param.opts[0]} must be >= {minimum}, got {value}")
         return value
@@ -45,7 +48,7 @@ def refine_option(command: Any) -> Any:
 
 def bpp_worth_option(command: Any) -> Any:
     """``--bpp-worth``: what refinement weighs a bit per pixel of the coding prior as, on commands that code tokens."""
-    return click.option("--bpp-worth", type=float,
+    return click.option("--bpp-worth", type=float, callback=at_least(0),
                         help="dB of PSNR one bit per pixel of the file is worth to refinement (default: the model's own; "
                              "0: refine for pixels only)")(command)
 

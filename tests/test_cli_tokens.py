@@ -188,6 +188,8 @@ def bad_inputs(tmp_path: Path) -> Path:
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--set", "encoder.dim=3"], "--set takes filter.OPTION=VALUE"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--filter", "nope"], "unknown filter 'nope'"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
+    (["compress", "{d}/tiny.png", "-o", "{d}/out", "--bpp-worth", "-1"], "--bpp-worth must be a finite number >= 0, got -1.0"),
+    (["compress", "{d}/tiny.png", "-o", "{d}/out", "--bpp-worth", "nan"], "--bpp-worth must be a finite number >= 0, got nan"),
     (["decode", "{d}/missing", "-o", "{d}/out"], "no token shards"),
     (["show", "{d}/tiny.png", "-o", "{d}/out"], "smaller than one 4×4 patch"),
     (["show", "{d}/junk.jpg", "-o", "{d}/out"], "cannot read image"),
