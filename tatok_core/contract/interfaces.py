@@ -295,7 +295,7 @@ class Quantizer(Component):
         digit ``forward`` gives, with a gradient that says how the code would move with x. What lets a
         coder's bits (``Generator.relaxed_log_likelihood``) steer test-time refinement. Optional."""
         raise CompositionError(f"{self.label} has no relaxed digits: rate-aware refinement needs a quantizer "
-                         "whose codes move smoothly with its input (the built-in 'fsq' has them)")
+                               "whose codes move smoothly with its input (the built-in 'fsq' has them)")
 
     def codes_to_digits(self, codes: Tensor) -> Tensor:
         """Codes (...) → mixed-radix digits (..., len(code_factors)), first digit least significant."""
