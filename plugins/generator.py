@@ -135,15 +135,11 @@ class DigitHead(nn.Module):
         self.chosen = nn.ModuleList(nn.Embedding(size, width) for size in factors[:-1])
 
     def log_prob(self, context: Tensor, codes: Tensor) -> Tensor:
-        """Contexts (..., W) and codes (...) → log p(code | context) (...) in nats."""
+        """Contexts (..., W) and codes (...) → log p(code | context) (...) in nats: :meth:`relaxed_log_prob`
+        at the codes' one-hot digits."""
         digits = mixed_radix_digits(codes, self.factors)  # (..., F)
-        total = torch.zeros(codes.shape, dtype=torch.float32, device=codes.device)
-        for f, head in enumerate(self.heads):
-            log_p = F.log_softmax(head(context).float(), dim=-1)  # (..., L_f)
-            total = total + log_p.gather(-1, digits[..., f, None])[..., 0]
-            if f < len(self.chosen):
-                context = context + self.chosen[f](digits[..., f])
-        return total
+        one_hot = torch.cat([F.one_hot(digits[..., f], size) for f, size in enumerate(self.factors)], dim=-1)  # (..., ΣL_f)
+        return self.relaxed_log_prob(context, one_hot.to(context.dtype))
 
     def relaxed_log_prob(self, context: Tensor, digit_weights: Tensor) -> Tensor:
         """Contexts (..., W) and digit weights (..., ΣL_f) → Σ_f Σ_l w_f(l) log p(d_f = l | context, d_<f)
