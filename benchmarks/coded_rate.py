@@ -234,7 +234,9 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
                     rows.append(row)
                     bar.advance(task)
                 points[point_key(method.name, method.fraction)] = {"summary": summarise(rows), "rows": rows}
-    result = {"label": label, "source": source, "prior": prior_record, "points": points}
+    steps, lr = model.refinement  # how the held-out tokens were made (rate-aware when worth > 0)
+    result = {"label": label, "source": source, "prior": prior_record, "points": points,
+              "refinement": {"steps": steps, "lr": lr, "bpp_worth": model.refine_bpp_worth}}
     if coder is not None:
         result["codecs"] = {SCAN_ONLY: codecs[SCAN_ONLY]}  # of these photos, for the figure
     return result

@@ -45,8 +45,9 @@ from tatok_core.workflows.progress import progress_bar  # noqa: E402
 
 
 class Setting(NamedTuple):
-    """One way of making the tokens: refinement steps, Adam's step (None: the spec's) and what a bit of
-    the coding prior is worth in dB per bpp (0: pixels only, whatever the spec says)."""
+    """One way of making the tokens: refinement steps, Adam's step (None: the spec's, its rate-aware one
+    when the setting weighs bits) and what a bit per pixel of the coding prior is worth in dB (0: pixels
+    only, whatever the spec says)."""
 
     steps: int
     lr: float | None = None
@@ -99,8 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for photo in photos:
             image = photo.image[None].to(device)  # (1, C, H, W)
             for setting in settings:
-                refining = model.with_pipeline_options(refine_steps=setting.steps, refine_bpp_worth=setting.bpp_worth,
-                                                       **({} if setting.lr is None else {"refine_lr": setting.lr}))
+                lr = {} if setting.lr is None else {"refine_lr": setting.lr, "refine_coded_lr": setting.lr}
+                refining = model.with_pipeline_options(refine_steps=setting.steps, refine_coded_steps=setting.steps,
+                                                       refine_bpp_worth=setting.bpp_worth, **lr)
                 analysed = Analysed.of(refining, image)
                 for rule, select in rules.items():
                     tokens = analysed.tokens(select(analysed.bits))

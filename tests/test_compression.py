@@ -195,7 +195,7 @@ def test_cli_compresses_and_decompresses_to_the_tokenizer_s_reconstruction(tmp_p
     assert done.exit_code == 0, done.output  # another rule keeps more tokens; the same model decodes them
     more = coder.decompress_tokens((tmp_path / "more" / "rocket.ttk").read_bytes())
     assert more.codes.numel() > tokens.codes.numel()
-    assert coder.tokenizer.refine_steps > 0  # the default fits its tokens to the photo; 0 keeps the encoder's
+    assert coder.tokenizer.rate_aware and coder.tokenizer.refinement[0] > 0  # fitted to photo and prior
     done = runner.invoke(cli, ["compress", str(photo), "-o", str(tmp_path / "plain"), "--theta", "211",
                                "--refine-steps", "0"])
     assert done.exit_code == 0, done.output

@@ -239,6 +239,44 @@ def test_a_coded_file_s_tokens_are_refined_for_its_prior(tmp_path) -> None:
     torch.testing.assert_close(back, model.decode(expected)[0])
 
 
+def test_rate_aware_refinement_runs_its_own_steps_and_step_size() -> None:
+    model = tiny(refine_steps=3)
+    prior = coding_prior(model)
+    x = images()
+
+    def codes(refining: Tokenizer) -> torch.Tensor:
+        tokens = refining.encode(x, filter="topk", k=12)
+        return torch.cat([tokens.global_codes.flatten(), tokens.codes.flatten()])
+
+    rated = model.with_pipeline_options(refine_bpp_worth=20.0).with_coding_prior(prior)
+    assert rated.refinement == (3, 0.05)  # 0: as the pixels-only refinement
+    longer = rated.with_pipeline_options(refine_coded_steps=12, refine_coded_lr=0.02)
+    assert longer.refinement == (12, 0.02) and longer.rate_aware
+    same = model.with_pipeline_options(refine_steps=12, refine_lr=0.02, refine_bpp_worth=20.0).with_coding_prior(prior)
+    assert torch.equal(codes(longer), codes(same))
+    assert not torch.equal(codes(longer), codes(rated))
+    unrated = longer.with_coding_prior(None)  # no prior to weigh: pixels only, with the pixels-only setting
+    assert unrated.refinement == (3, 0.05) and not unrated.rate_aware
+    assert torch.equal(codes(unrated), codes(model))
+    with pytest.raises(SpecError, match="refine_coded_steps must be an integer >= 0, got -1"):
+        model.with_pipeline_options(refine_coded_steps=-1)
+    with pytest.raises(SpecError, match=r"refine_coded_lr must be a number >= 0 \(0: refine_lr\), got -0.1"):
+        model.with_pipeline_options(refine_coded_lr=-0.1)
+
+
+def test_the_cli_s_refine_steps_are_the_steps_of_the_refinement_the_command_runs() -> None:
+    from tatok_cli.options import with_refinement
+
+    model = tiny(refine_steps=3).with_pipeline_options(refine_bpp_worth=20.0, refine_coded_steps=8)
+    rated = model.with_coding_prior(coding_prior(model))
+    assert rated.refinement[0] == 8 and model.refinement[0] == 3
+    assert with_refinement(rated, 5).refinement[0] == 5 and with_refinement(rated, 5).refine_steps == 3  # compress
+    assert with_refinement(rated, 0).refinement[0] == 0  # none at all, not "as refine_steps"
+    assert with_refinement(model, 5).refinement[0] == 5  # encode: no prior, pixels only
+    pixels = with_refinement(rated, 5, bpp_worth=0.0)  # --bpp-worth 0: refining for pixels only, 5 steps of it
+    assert not pixels.rate_aware and pixels.refinement[0] == 5
+
+
 def test_rate_aware_refinement_is_refused_at_compose_time_naming_both() -> None:
     model = tiny()
     with pytest.raises(SpecError, match="refine_bpp_worth must be a number of dB per bpp >= 0, got -1"):

@@ -48,6 +48,8 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "refine_steps": 0,  # encoding: optimiser steps fitting the kept set's tokens to the image (0: the encoder's)
     "refine_lr": 0.005,  # encoding: Adam's step on the quantizer's inputs (small: codes stay predictable)
     "refine_bpp_worth": 0.0,  # encoding with a coding prior (compression): dB one bpp is worth to refinement (0: pixels only)
+    "refine_coded_steps": 0,  # rate-aware refinement's steps (0: refine_steps): the bits keep longer fits predictable
+    "refine_coded_lr": 0.0,  # rate-aware refinement's Adam step (0: refine_lr)
 }
 
 
@@ -114,12 +116,16 @@ class PipelineSpec:
         fraction = value.get("train_max_fraction", 1.0)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise SpecError(f"pipeline option train_max_fraction must be a number in [0, 1], got {fraction!r}")
-        steps = value.get("refine_steps", 0)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise SpecError(f"pipeline option refine_steps must be an integer >= 0, got {steps!r}")
+        for key in ("refine_steps", "refine_coded_steps"):
+            steps = value.get(key, 0)
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise SpecError(f"pipeline option {key} must be an integer >= 0, got {steps!r}")
         lr = value.get("refine_lr", 0.005)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise SpecError(f"pipeline option refine_lr must be a number > 0, got {lr!r}")
+        coded_lr = value.get("refine_coded_lr", 0.0)
+        if isinstance(coded_lr, bool) or not isinstance(coded_lr, (int, float)) or not 0 <= coded_lr < float("inf"):
+            raise SpecError(f"pipeline option refine_coded_lr must be a number >= 0 (0: refine_lr), got {coded_lr!r}")
         worth = value.get("refine_bpp_worth", 0.0)
         if isinstance(worth, bool) or not isinstance(worth, (int, float)) or not 0 <= worth < float("inf"):
             raise SpecError(f"pipeline option refine_bpp_worth must be a number of dB per bpp >= 0, got {worth!r}")
