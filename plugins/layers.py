@@ -116,11 +116,11 @@ class Windows:
         """Patches (B, N, D) in raster order → window layout (B, W, w², D), padding slots zero."""
         if self.has_padding:
             x = torch.cat([x, x.new_zeros(x.shape[0], 1, x.shape[2])], dim=1)  # (B, N + 1, D)
-        return x[:, self.slot_token].reshape(x.shape[0], self.count, self.window**2, x.shape[2])
+        return x.index_select(1, self.slot_token).reshape(x.shape[0], self.count, self.window**2, x.shape[2])
 
     def merge(self, x: Tensor) -> Tensor:
         """Window layout (B, W, w², D) → patches (B, N, D) in raster order."""
-        return x.reshape(x.shape[0], -1, x.shape[-1])[:, self.token_slot]
+        return x.reshape(x.shape[0], -1, x.shape[-1]).index_select(1, self.token_slot)
 
     def slot_keys(self, key_mask: Tensor | None) -> Tensor | None:
         """(B, W, w²) bool: which slots are keys (not padding, not masked), or None when all are."""

@@ -198,8 +198,8 @@ class PrefixWindowAttention(nn.Module):
         q, k, v = self.qkv(tokens).chunk(3, dim=-1)  # (K, W) each
         if tokens.shape[0]:  # patches → the kept patches of their window + the prefix
             wq, wk, wv = windows.pack(q), windows.pack(k), windows.pack(v)  # (R, L, W)
-            keys = torch.cat([pk[windows.image], wk], 1)  # (R, 1 + P + L, W)
-            values = torch.cat([pv[windows.image], wv], 1)
+            keys = torch.cat([pk.index_select(0, windows.image), wk], 1)  # (R, 1 + P + L, W); index_select:
+            values = torch.cat([pv.index_select(0, windows.image), wv], 1)  # its backward adds rows, ~20× faster on CPU
             mask = torch.cat([windows.valid.new_ones(windows.valid.shape[0], pk.shape[1]), windows.valid], 1)
             out = F.scaled_dot_product_attention(split(wq), split(keys), split(values), attn_mask=mask[:, None, None])
             tokens = windows.unpack(merge(out))  # (K, W)
