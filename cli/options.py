@@ -55,14 +55,7 @@ def bpp_worth_option(command: Any) -> Any:
 
 def with_refinement(model: Any, refine_steps: int | None, bpp_worth: float | None = None) -> Any:
     """``model`` with ``--bpp-worth`` and ``--refine-steps`` applied; unchanged when neither is given.
-    ``--refine-steps`` is the steps of the refinement the command runs: the rate-aware one's when the
-    model weighs a coding prior's bits (compression), else the pixels-only one's; 0 is none at all."""
+    ``--refine-steps`` is the steps of the refinement the command runs (``Tokenizer.with_refinement_steps``)."""
     if bpp_worth is not None:
         model = model.with_pipeline_options(refine_bpp_worth=bpp_worth)
-    if refine_steps is None:
-        return model
-    if not model.rate_aware:
-        return model.with_pipeline_options(refine_steps=refine_steps)
-    if refine_steps == 0:  # refine_coded_steps = 0 means "as refine_steps": both 0, the encoder's tokens
-        return model.with_pipeline_options(refine_steps=0, refine_coded_steps=0)
-    return model.with_pipeline_options(refine_coded_steps=refine_steps)
+    return model if refine_steps is None else model.with_refinement_steps(refine_steps)

@@ -478,6 +478,16 @@ class Tokenizer(nn.Module):
         model.load_state_dict(self.state_dict())
         return self._placed_like_me(model)
 
+    def with_refinement_steps(self, steps: int) -> Tokenizer:
+        """A copy whose default refinement (:attr:`refinement`) runs ``steps`` steps: the rate-aware one's
+        when :attr:`rate_aware` (compression), else the pixels-only one's; 0 is no refinement at all (the
+        rate-aware 0 would otherwise mean "as ``refine_steps``")."""
+        if not self.rate_aware:
+            return self.with_pipeline_options(refine_steps=steps)
+        if steps == 0:
+            return self.with_pipeline_options(refine_steps=0, refine_coded_steps=0)
+        return self.with_pipeline_options(refine_coded_steps=steps)
+
     def with_coding_prior(self, prior: Generator | None) -> Tokenizer:
         """A copy that knows the prior its tokens will be coded with (an
         :class:`~tatok_core.workflows.compression.ImageCoder` attaches its own): with the pipeline option
