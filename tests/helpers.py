@@ -6,9 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import torch
 
 from tatok_core import PipelineSpec
-from tatok_core.contract.interfaces import PIPELINE_KINDS
+from tatok_core.contract.interfaces import PIPELINE_KINDS, Generator
+from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows.generation import build_generator, generator_facts
 
 SMALL_OPTIONS: dict[str, Any] = {
     "encoder": {"dim": 32, "depth": 1, "heads": 2},
@@ -55,3 +58,15 @@ def work_order(monkeypatch: pytest.MonkeyPatch, workflow: object) -> list[str]:
     analysed = getattr(workflow, "Analysed")
     monkeypatch.setattr(analysed, "of", classmethod(recorded("tokens", analysed.of.__func__)))
     return events
+
+
+def coding_prior(model: Tokenizer, seed: int = 0) -> Generator:
+    """An untrained ``context`` prior over ``model``'s tokens, its weights re-drawn so that codes differ a
+    lot in price (a trained prior's are learned; what matters here is that some codes are cheaper)."""
+    torch.manual_seed(seed)
+    prior = build_generator("context", generator_facts(model.quantizer.code_factors, model.num_global, (4, 6),
+                                                      model.patch_size), width=8, rings=1, depth=1)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.normal_(0, 0.7)
+    return prior.eval()

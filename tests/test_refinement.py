@@ -15,7 +15,7 @@ from tatok_core.workflows.data import ImageSource
 from tatok_core.workflows.generation import build_generator, generator_facts
 from tatok_core.workflows.metrics import psnr
 from tatok_plugins.context_prior import dense_grid
-from tests.helpers import small_spec
+from tests.helpers import coding_prior, small_spec
 
 # dB refinement must add on average over the built-in held-out whole photos (128 px, the shipped default, its 10 steps
 # at lr 0.005): +0.42 measured with every token, +0.40 at the default's own rule (+0.67 / +0.56 on the 14 held-out
@@ -159,18 +159,6 @@ def test_the_refinement_benchmark_reports_gain_and_bits_against_the_encoder(tmp_
 
 
 # -- rate-aware refinement: what a bit under the coding prior is worth --------------------------------
-def coding_prior(model: Tokenizer, seed: int = 0):
-    """An untrained ``context`` prior over ``model``'s tokens, its weights re-drawn so that codes differ a
-    lot in price (a trained prior's are learned; what matters here is that some codes are cheaper)."""
-    torch.manual_seed(seed)
-    prior = build_generator("context", generator_facts(model.quantizer.code_factors, model.num_global, (4, 6),
-                                                      model.patch_size), width=8, rings=1, depth=1)
-    with torch.no_grad():
-        for p in prior.parameters():
-            p.normal_(0, 0.7)
-    return prior.eval()
-
-
 def test_relaxed_digits_are_the_codes_one_hot_with_a_gradient() -> None:
     quantizer = tiny().quantizer
     x = torch.randn(2, 5, quantizer.dim, requires_grad=True)

@@ -81,7 +81,8 @@ class TokenizerOutput:
     """What :meth:`Tokenizer.forward` returns for training."""
 
     reconstruction: Tensor  # (B, C, H, W)
-    losses: Mapping[str, Tensor]  # unweighted: "mse", "log_mse", "l1", "quantizer", "entropy" (+ "globals", "globals_log_mse")
+    losses: Mapping[str, Tensor]  # unweighted: "mse", "log_mse", "l1", "quantizer", "entropy" (+ "globals",
+    # "globals_log_mse"; "rate_bpp" — the kept set's bits per pixel under the coding prior — when one is attached)
     selection: Selection
     tau: float | Tensor | None  # the τ images were filtered with (None: the filter's default)
     metrics: Mapping[str, float]
@@ -452,6 +453,12 @@ class Tokenizer(nn.Module):
         if analysis.base_reconstruction is not None:  # teaches the globals to carry the picture on their own
             base = pixel_losses(analysis.base_reconstruction[..., :height, :width], target)
             losses["globals"], losses["globals_log_mse"] = base["mse"], base["log_mse"]
+        if self.coding_prior is not None:  # what the coder would write for this set: rate–distortion training
+            sources = analysis.sources
+            features = torch.cat([sources.global_features, sources.patch_features], dim=1)  # (B, M + N, D)
+            bits = relaxed_bits(self.quantizer, self.coding_prior, features, sources.global_features.shape[1],
+                                selection.keep, analysis.grid)  # (B,)
+            losses["rate_bpp"] = (bits / (height * width)).mean()
         metrics = {
             "tokens": float(selection.lengths.float().mean()),
             "max_tokens": float(selection.num_patches),
@@ -494,10 +501,23 @@ class Tokenizer(nn.Module):
         ``refine_bpp_worth`` > 0, refinement then minimises −PSNR + worth · bpp under it, so a file holds
         fewer bits for nearly the same picture. Weights, and what a token decodes to, are unchanged. The
         prior must sit on the tokenizer's device."""
+        if prior is not None:
+            self.check_prior_models_codes(prior)
         model = self.with_pipeline_options()
         model._attach_coding_prior(prior)
         model.check_rate_terms()
         return model
+
+    def check_prior_models_codes(self, prior: Generator) -> None:
+        """A prior that codes this tokenizer's tokens models the same code factors and number of globals:
+        refused otherwise, naming both."""
+        facts = prior.facts_in.values
+        writes = {"code_factors": tuple(self.quantizer.code_factors), "num_global": self.num_global}
+        for fact, value in writes.items():
+            models = facts.get(fact)
+            if models is not None and (tuple(models) if isinstance(models, (list, tuple)) else models) != value:
+                who = f"tokenizer {self.name!r}" if self.name else "the tokenizer"
+                raise CompositionError(f"{prior.label} models {fact}={models!r} but {who} writes {fact}={value!r}")
 
     @property
     def coding_prior(self) -> Generator | None:
@@ -507,20 +527,22 @@ class Tokenizer(nn.Module):
     def _attach_coding_prior(self, prior: Generator | None) -> None:
         object.__setattr__(self, "_coding_prior", prior)  # beside the tokenizer, never one of its weights
 
-    def check_rate_terms(self) -> None:
+    def check_rate_terms(self, use: str | None = None) -> None:
         """Rate-aware refinement (a coding prior and ``refine_bpp_worth`` > 0) needs a quantizer with
-        relaxed digits and a prior with a relaxed likelihood: refused here, naming both, not mid-encode."""
-        if not self.rate_aware:
-            return
+        relaxed digits and a prior with a relaxed likelihood: refused here, naming both, not mid-encode.
+        ``use`` names another use of the attached prior's relaxed bits that needs them whatever
+        ``refine_bpp_worth`` says (rate–distortion training: the training output's ``rate_bpp``)."""
         prior = self.coding_prior
+        if prior is None or (use is None and not self.rate_aware):
+            return
+        use = use or f"rate-aware refinement (refine_bpp_worth={self.refine_bpp_worth:g})"
         for component, method, base in ((self.quantizer, "relaxed_digits", Quantizer),
                                         (prior, "relaxed_log_likelihood", Generator)):
             if getattr(type(component), method) is getattr(base, method):
                 whose = f" of tokenizer {self.name!r}" if self.name else ""
                 raise CompositionError(
-                    f"rate-aware refinement (refine_bpp_worth={self.refine_bpp_worth:g}){whose} with {prior.label}: "
-                    f"{component.label} has no {method}() (the built-in 'fsq' quantizer and 'context' prior have "
-                    "them; refine_bpp_worth=0 refines for pixels only)")
+                    f"{use}{whose} with {prior.label}: {component.label} has no {method}() (the built-in 'fsq' "
+                    "quantizer and 'context' prior have them; refine_bpp_worth=0 refines for pixels only)")
 
     def _replaced(self, changes: Mapping[str, ComponentSpec]) -> Tokenizer:
         """A copy with several components replaced at once (``from_pretrained(overrides=…)``)."""

@@ -200,13 +200,7 @@ class ImageCoder:
         if type(self.prior).walk is Generator.walk:
             raise CompositionError(f"{self.prior.label} cannot drive the entropy coder of tokenizer "
                                    f"{self.tokenizer.name!r}: it has no walk() (the built-in 'context' prior has one)")
-        facts = self.prior.facts_in.values
-        writes = {"code_factors": tuple(self.tokenizer.quantizer.code_factors), "num_global": self.tokenizer.num_global}
-        for fact, value in writes.items():
-            models = facts.get(fact)
-            if models is not None and (tuple(models) if isinstance(models, (list, tuple)) else models) != value:
-                raise CompositionError(f"{self.prior.label} models {fact}={models!r} but tokenizer "
-                                       f"{self.tokenizer.name!r} writes {fact}={value!r}")
+        self.tokenizer.check_prior_models_codes(self.prior)
         object.__setattr__(self, "pairing", pairing_digest(self.tokenizer, self.prior))  # of the weights as saved
         if self.tokenizer.refine_bpp_worth > 0:  # refinement weighs the bits of this very prior
             beside = copy.deepcopy(self.prior).to(self.device, torch.float32).eval()  # where the tokenizer runs

@@ -37,6 +37,7 @@ from tatok_core.workflows.quality import ReconstructionFID, inception_features, 
 from tatok_core.contract.spec import PipelineSpec
 from tatok_core.contract.tokens import Tokens
 from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.workflows.generation import load_prior
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.progress import progress_bar
 from tatok_core.workflows.schedule import warmup_cosine
@@ -109,6 +110,10 @@ class TrainConfig:
     eval_fid: bool = False  # rFID at every evaluation (needs the fid extra and cached Inception weights)
     globals_weight: float = 0.0
     init: str = ""  # a saved model (folder or shipped name) whose matching components start this run: fine-tuning
+    # rate–distortion training: dB of PSNR one bpp under the coding prior ``rate_prior`` (a saved prior's folder,
+    # frozen) is worth; the loss becomes mean(ln MSE) + rate_worth · ln(10)/10 · bpp — −PSNR + worth · bpp in nepers
+    rate_worth: float = attrs.field(default=0.0, validator=_NON_NEGATIVE)
+    rate_prior: str = ""
 
     def __attrs_post_init__(self) -> None:
         if self.ema_decay >= 1:
@@ -117,6 +122,12 @@ class TrainConfig:
             raise SpecError(f"train.crop_scale_min must be ≤ 1, got {self.crop_scale_min!r}")
         if self.zoom_min > 1:
             raise SpecError(f"train.zoom_min must be ≤ 1, got {self.zoom_min!r}")
+        if self.rate_worth > 0 and not self.rate_prior:
+            raise SpecError(f"train.rate_worth = {self.rate_worth:g} needs train.rate_prior: the folder of the saved "
+                            "prior whose bits it weighs (e.g. plugins/pretrained/tatok-small8-covered/context-prior)")
+        if self.rate_worth > 0 and self.reconstruction != "log_mse":
+            raise SpecError(f"train.rate_worth = {self.rate_worth:g} needs train.reconstruction = \"log_mse\", not "
+                            f"{self.reconstruction!r}: dB and bits per pixel trade in log units")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -260,6 +271,19 @@ def initialise_from(model: Tokenizer, source: str | Path) -> dict[str, str]:
         raise SpecError(f"train.init: no component with weights of {source} ({_names(donor.spec)}) is named as "
                         f"in this recipe ({_names(model.spec)})")
     return started
+
+
+def with_rate_prior(model: Tokenizer, folder: str, device: torch.device) -> Tokenizer:
+    """``model`` with the frozen coding prior saved in ``folder`` attached, so its training output reports
+    the kept set's rate under it (``rate_bpp``); a prior that cannot code the model's tokens, or a quantizer
+    or prior without relaxed bits, fails here, naming the setting."""
+    try:
+        prior = load_prior(folder, map_location=device).requires_grad_(False)
+        model = model.with_coding_prior(prior)
+        model.check_rate_terms("rate–distortion training (train.rate_worth)")
+    except TatokError as exc:
+        raise SpecError(f"train.rate_prior = {folder!r}: {exc}") from exc
+    return model.train()
 
 
 def _names(spec: PipelineSpec) -> str:
@@ -483,6 +507,8 @@ def train(
         if world.is_main:
             print(f"started from {config.init}: " + ", ".join(f"{kind} {how}" for kind, how in started.items()),
                   file=sys.stderr, flush=True)
+    if config.rate_worth > 0:
+        model = with_rate_prior(model, config.rate_prior, world.device)
     ema = ExponentialAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     listings = run_dir / "listings"
     if world.is_main:  # rank 0 lists a folder and caches the listing; the others read that listing
@@ -533,7 +559,7 @@ def train(
     autocast = (
         torch.autocast(world.device.type, dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
     )
-    parts = ("loss", "pixel", "perceptual", "adversarial", "discriminator")
+    parts = ("loss", "pixel", "perceptual", "adversarial", "rate_bpp", "discriminator")
     running = torch.zeros(len(parts), device=world.device)  # summed on the device between log steps
     start = time.perf_counter()
     batch_iter = iter(loader)
@@ -641,11 +667,13 @@ def _listing_name(data: str) -> str:
 
 def _generator_terms(out: Any, images: torch.Tensor, config: TrainConfig, perceptual: PerceptualLoss | None,
                      discriminator: torch.nn.Module | None) -> list[torch.Tensor]:
-    """[total, pixel, perceptual, adversarial] losses of the tokenizer for one micro-batch."""
+    """[total, pixel, perceptual, adversarial, rate_bpp] terms of the tokenizer's loss for one micro-batch."""
     pixel = out.losses[config.reconstruction]
     loss = pixel + config.quantizer_weight * out.losses["quantizer"] + config.entropy_weight * out.losses["entropy"]
     if "globals" in out.losses:  # in the pixel loss's units: log MSE when that trains the full decode
         loss = loss + config.globals_weight * out.losses["globals_log_mse" if config.reconstruction == "log_mse" else "globals"]
+    rate = out.losses["rate_bpp"] if config.rate_worth > 0 else pixel.new_zeros(())
+    loss = loss + config.rate_worth * math.log(10) / 10 * rate  # −PSNR + worth · bpp in the nepers of log MSE
     zero = pixel.new_zeros(())
     perceptual_term = perceptual(out.reconstruction.float(), images.float()) if perceptual is not None else zero
     # the generator's adversarial term flows into the reconstruction only, not into the critic's weights
@@ -653,7 +681,7 @@ def _generator_terms(out: Any, images: torch.Tensor, config: TrainConfig, percep
         discriminator, {k: v.detach() for k, v in discriminator.named_parameters()}, (out.reconstruction,)))
         if discriminator is not None else zero)
     loss = loss + config.perceptual_weight * perceptual_term + config.adversarial_weight * adversarial_term
-    return [loss, pixel, perceptual_term, adversarial_term]
+    return [loss, pixel, perceptual_term, adversarial_term, rate]
 
 
 def _load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
