@@ -84,7 +84,8 @@ def test_training_with_a_rate_worth_makes_tokens_the_prior_codes_in_fewer_bits(t
         config = TrainConfig(steps=30, batch_size=8, crop=16, warmup=3, lr=3e-3, eval_data="", threads=1,
                              checkpoint_every=30, reconstruction="log_mse", init=str(tmp_path / "start"),
                              rate_worth=worth, rate_prior=str(tmp_path / "prior") if worth else "")
-        train(SPEC, config, "builtin:photos", tmp_path / f"run-{worth:g}", progress=False)
+        result = train(SPEC, config, "builtin:photos", tmp_path / f"run-{worth:g}", progress=False)
+        assert ("train_rate_bpp" in result.history[-1]) == bool(worth)  # the history records the term it trains
         trained = Tokenizer.from_pretrained(tmp_path / f"run-{worth:g}" / FINAL)
         rates[worth] = coded_bpp(trained, prior, held_out)
     assert rates[200.0] < 0.6 * rates[0.0], rates  # measured 0.37 against 1.18 bpp

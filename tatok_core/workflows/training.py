@@ -560,6 +560,7 @@ def train(
         torch.autocast(world.device.type, dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
     )
     parts = ("loss", "pixel", "perceptual", "adversarial", "rate_bpp", "discriminator")
+    reported = reported_terms(config)
     running = torch.zeros(len(parts), device=world.device)  # summed on the device between log steps
     start = time.perf_counter()
     batch_iter = iter(loader)
@@ -597,6 +598,7 @@ def train(
                 if ema is not None:
                     ema.update(model)
                 step += 1
+                record: dict[str, float] = {}  # this step's line of history.json, if it has one
                 if step % config.log_every == 0 or step == config.steps:
                     means = (running / (config.log_every * config.accumulate)).tolist()  # the one host sync
                     running.zero_()
@@ -604,17 +606,19 @@ def train(
                         raise SpecError(f"training diverged at step {step}: the loss is {means[0]}; "
                                         f"lower train.lr (now {config.lr:g}) or check the data")
                     if world.is_main:
+                        record.update((f"train_{name}", value) for name, value in zip(parts, means) if name in reported)
                         shown = "  ".join(f"{name} {value:.4f}" for name, value in zip(parts, means) if value)
                         bar.update(task, completed=step, status=(
                             f"{shown}  psnr {float(psnr(out.reconstruction.detach(), images).mean()):.2f}"
                             + (f"  skipped {loader.skipped}" if loader.skipped else "")))
                 if world.is_main and eval_images is not None and (step % config.eval_every == 0 or step == config.steps):
-                    record = {"step": float(step), "seconds": elapsed + time.perf_counter() - start,
-                              **evaluate(ema.model if ema is not None else model, eval_images.to(world.device),
-                                         fid=ReconstructionFID(fid_features) if config.eval_fid else None)}
-                    history.append(record)
+                    evaluation = evaluate(ema.model if ema is not None else model, eval_images.to(world.device),
+                                          fid=ReconstructionFID(fid_features) if config.eval_fid else None)
+                    record.update(evaluation)
+                    bar.console.print(f"eval step {step}  " + "  ".join(f"{k} {v:.2f}" for k, v in evaluation.items()))
+                if record:
+                    history.append({"step": float(step), "seconds": elapsed + time.perf_counter() - start, **record})
                     atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
-                    bar.console.print("eval " + "  ".join(f"{k} {v:.2f}" for k, v in record.items()))
                 if step % config.checkpoint_every == 0 or step == config.steps:
                     _checkpoint({
                         "step": step, "spec": spec.to_dict(), "config": attrs.asdict(config), "threads": threads,
@@ -633,7 +637,26 @@ def train(
         save_final(ema.model if ema is not None else model, run_dir)
         atomic_write_text(run_dir / "history.json", json.dumps(history, indent=2))
     seconds = elapsed + time.perf_counter() - start
-    return TrainResult(run_dir, step, seconds, history[-1] if history else {}, history, loader.skipped)
+    return TrainResult(run_dir, step, seconds, last_evaluation(history), history, loader.skipped)
+
+
+def reported_terms(config: TrainConfig) -> tuple[str, ...]:
+    """The loss terms a run's history records (as ``train_<term>``): its total and reconstruction loss, and
+    each optional term it trains with — every line the same keys, a term that is off never shows as 0."""
+    adversarial = config.adversarial_weight > 0
+    return tuple(name for name, used in (("loss", True), ("pixel", True), ("perceptual", config.perceptual_weight > 0),
+                                         ("adversarial", adversarial), ("rate_bpp", config.rate_worth > 0),
+                                         ("discriminator", adversarial)) if used)
+
+
+def last_evaluation(history: list[dict[str, float]]) -> dict[str, float]:
+    """The held-out metrics of the latest history line that has them (with its step and seconds), without
+    the training terms; {} when the run evaluated nothing."""
+    for line in reversed(history):
+        evaluation = {k: v for k, v in line.items() if not k.startswith("train_")}
+        if evaluation.keys() - {"step", "seconds"}:
+            return evaluation
+    return {}
 
 
 def _open_run_dir(run_dir: Path, resume: bool) -> None:
