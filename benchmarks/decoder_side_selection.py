@@ -55,6 +55,7 @@ from tatok_plugins.entropy_chain import coverage_order  # noqa: E402
 from tatok_plugins.entropy_residual import patch_squared_error  # noqa: E402
 
 DECODER_SIDE = ("detail", "seeded")
+BPP_UNIT = 1e-5  # the allocation's resolution in bits per pixel
 ORDERS = ("chain", *DECODER_SIDE, "static-error")
 
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def summarise(rows: dict[str, dict[str, list[dict[str, float]]]], fractions: list[float]) -> dict[str, dict[str, Any]]:
     """Per order: ``topk`` — mean PSNR and bpp at each fraction; ``allocated`` — at the chain's top-k mean bpp
     of each fraction, the best mean PSNR a per-photo choice among the order's measured points (globals only
-    included) reaches at that mean bpp (:func:`oracle_allocation`: what a shared θ does with exact curves),
+    included) reaches at that mean bpp (:func:`oracle_allocation`: what a shared θ aims at, with the measured curves),
     the same treatment for every order, so the comparison is at equal bits."""
     targets = {key: float(np.mean([p["bpp"] for p in points])) for key, points in rows["chain"].items()}
     summary: dict[str, dict[str, Any]] = {}
@@ -156,7 +157,7 @@ def summarise(rows: dict[str, dict[str, list[dict[str, float]]]], fractions: lis
         quality = [[p["psnr"] for p in points] for points in per_photo]
         allocated = {}
         for key, target in targets.items():
-            choice = oracle_allocation(rates, quality, target)
+            choice = oracle_allocation(rates, quality, target, unit=BPP_UNIT)
             allocated[key] = {"bpp": float(np.mean([r[j] for r, j in zip(rates, choice)])),
                               "psnr": float(np.mean([q[j] for q, j in zip(quality, choice)]))}
         summary[name] = {

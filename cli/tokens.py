@@ -174,6 +174,8 @@ def _floats(option: str, text: str) -> list[float]:
               help="methods: model (the spec's filter at τ), theta / epsilon (one shared threshold), "
                    "topk / random / raster (k = the model's mean count), all, or any filter by name")
 @click.option("--oracle", is_flag=True, help="add the per-image oracle allocation (an upper bound; many decodes)")
+@click.option("--oracle-levels", type=int, callback=at_least(1),
+              help="with --oracle: each image decoded at this many + 1 top-k counts, 0 … N  [default: 16]")
 @click.option("--crop", type=int, help="evaluate fixed crops of this side  [default: 64]")
 @click.option("--count", type=int, help="number of fixed crops  [default: 32]")
 @click.option("--whole", is_flag=True, help="evaluate whole images instead of crops")
@@ -181,8 +183,8 @@ def _floats(option: str, text: str) -> list[float]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="folder for rate_distortion.json and rate_distortion.png")
 @click.option("--batch-size", default=32, show_default=True, callback=at_least(1), help="images per forward pass")
-def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, crop: int | None, count: int | None,
-          whole: bool, longest_side: int | None, output: Path | None, batch_size: int) -> None:
+def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, oracle_levels: int | None, crop: int | None,
+          count: int | None, whole: bool, longest_side: int | None, output: Path | None, batch_size: int) -> None:
     """Rate-distortion: PSNR and SSIM against tokens kept and bits per pixel, at matched mean counts.
 
     Bits per pixel count the codes, the global tokens and which tokens were kept (log2(N+1) + log2 C(N, k)
@@ -197,7 +199,10 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
         raise TatokError("--whole evaluates whole images: drop --crop/--count")
     if longest_side is not None and (not whole or longest_side < 1):
         raise TatokError(f"--longest-side takes a side >= 1 and needs --whole (got {longest_side})")
+    if oracle_levels is not None and not oracle:
+        raise TatokError("--oracle-levels sets the oracle's counts: add --oracle")
     crop, count = 64 if crop is None else crop, 32 if count is None else count
+    oracle_levels = 16 if oracle_levels is None else oracle_levels
     model = _load(model_name)
     skipped: list[tuple[Path, str]] = []
     try:
@@ -218,8 +223,8 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
                              f"(got {crop}, {count})")
         images = list(fixed_crops(source.images, crop, count))
         setting = {"crop": crop, "count": count}
-    points = evaluate_rate_distortion(model, images, tau_values, names, oracle=oracle, batch_size=batch_size,
-                                      progress=True)
+    points = evaluate_rate_distortion(model, images, tau_values, names, oracle=oracle, oracle_levels=oracle_levels,
+                                      batch_size=batch_size, progress=True)
     report = allocation_report(points, images)
     title = f"rate-distortion on {data} ({len(images)} images, model filter {model.spec.filter.name!r})"
     quality, rate = Table(title=title), Table(title="bits per pixel, by what they say")
@@ -249,7 +254,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, cro
     if output is not None:
         info = {"model": model.name, "spec_digest": model.spec.digest(), "model_filter": model.spec.filter.name,
                 "data": data, "images": len(images), "names": list(source.names) if whole else None, **setting,
-                "taus": tau_values, "filters": names, "oracle": oracle,
+                "taus": tau_values, "filters": names, "oracle": oracle, "oracle_levels": oracle_levels if oracle else None,
                 "bpp_counts": "codes: log2(codebook) per kept code; globals: num_global·log2(codebook); "
                               "positions: log2(N+1) + log2 C(N, k) per image (log2(N+1) when positions follow from k)",
                 "allocation": report}

@@ -1,8 +1,9 @@
 """How a token budget is spread over images, and whether spreading it pays.
 
 * :func:`oracle_allocation` — the per-image upper bound: each image decoded at several counts, then the
-  counts chosen per image (Lagrangian) to maximise mean PSNR at a mean count. Not a rule a tokenizer can
-  apply (it needs the original), the ceiling any allocating rule can reach with the same ranking.
+  counts chosen per image (exactly, by dynamic programming) to maximise mean PSNR at a mean count. Not a
+  rule a tokenizer can apply (it needs the original), the ceiling any allocating rule can reach with the
+  same ranking at those counts.
 * :func:`image_complexity` — content measures an allocation should follow: JPEG bits per pixel at a fixed
   quality (Pillow) and the mean luminance gradient magnitude.
 * :func:`spearman` and :func:`paired` — rank correlation of kept fractions with complexity, and the
@@ -53,33 +54,51 @@ def paired(values: Sequence[float], reference: Sequence[float]) -> dict[str, flo
             "losses": int((diff < 0).sum()), "ties": int((diff == 0).sum()), "images": len(diff)}
 
 
-def oracle_allocation(counts: Sequence[Sequence[int]], psnrs: Sequence[Sequence[float]], target: float) -> list[int]:
-    """For each image i, the index of one of its candidate counts ``counts[i]`` (with ``psnrs[i]``) so that
-    the mean chosen count is at most ``target`` and as close to it as the Lagrangian allows, maximising
-    the mean PSNR: each image takes argmax_j psnr_ij − λ·count_ij, with λ bisected.
+#: The largest dynamic-programming table :func:`oracle_allocation` builds (images × budget cells) before it
+#: counts in coarser units.
+MAX_ALLOCATION_CELLS = 50_000_000
 
-    Candidates should include a count ≤ target for every image (e.g. 0), or the mean may exceed it.
+
+def oracle_allocation(counts: Sequence[Sequence[float]], psnrs: Sequence[Sequence[float]], target: float,
+                      *, unit: float = 1.0) -> list[int]:
+    """For each image i, the index of one of its candidate counts ``counts[i]`` (with ``psnrs[i]``) such
+    that the mean chosen count is at most ``target`` and the mean PSNR is the highest any such choice
+    reaches (ties: the fewest tokens) — by dynamic programming over the total count (a multiple-choice
+    knapsack), so also the choices off each image's convex hull, which a Lagrangian cannot reach.
+
+    Counts are whole multiples of ``unit`` (token counts: 1); others (bits per pixel, say) are rounded
+    *up* to a unit and the budget down, so the mean never exceeds ``target``. Exact while the table
+    (images × budget in units of the counts' greatest common divisor) has at most
+    :data:`MAX_ALLOCATION_CELLS` cells; beyond, counts are rounded up to a coarser unit (still within the
+    budget, optimal for the rounded counts). Candidates should include a count ≤ target for every image
+    (e.g. 0); if none fits, each image takes its smallest count.
     """
-    def choose(lam: float) -> list[int]:
-        return [max(range(len(c)), key=lambda j: (p[j] - lam * c[j], -c[j])) for c, p in zip(counts, psnrs)]
-
-    def mean_count(choice: list[int]) -> float:
-        return float(np.mean([c[j] for c, j in zip(counts, choice)]))
-
-    lo, hi = 0.0, 1.0
-    while mean_count(choose(hi)) > target and hi < 1e12:  # λ large enough to fit the budget
-        hi *= 2
-    best = choose(hi)
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        choice = choose(mid)
-        if mean_count(choice) <= target:
-            hi, best = mid, choice
-        else:
-            lo = mid
-        if math.isclose(lo, hi):
-            break
-    return best
+    costs = [np.ceil(np.asarray(c, dtype=float) / unit - 1e-9).astype(np.int64) for c in counts]  # (J_i,) units
+    budget = int(math.floor(target * len(costs) / unit + 1e-9))
+    step = max(int(np.gcd.reduce(np.concatenate(costs))), 1)
+    step *= max(1, math.ceil(len(costs) * (budget // step + 1) / MAX_ALLOCATION_CELLS))
+    costs, budget = [-(-c // step) for c in costs], budget // step  # rounded up; the budget down
+    if budget < sum(int(c.min()) for c in costs):
+        return [int(np.argmin(c)) for c in costs]
+    best = np.full(budget + 1, -np.inf)  # best[b]: the highest total PSNR of the images so far at total b
+    best[0] = 0.0
+    picks = []  # per image, (budget + 1,): its candidate on the way to best[b]
+    for cost, quality in zip(costs, psnrs):
+        reached, pick = np.full(budget + 1, -np.inf), np.zeros(budget + 1, dtype=np.int32)
+        for j, (c, q) in enumerate(zip(cost.tolist(), quality)):
+            if c <= budget:
+                candidate = np.full(budget + 1, -np.inf)
+                candidate[c:] = best[:budget + 1 - c] + q
+                better = candidate > reached
+                reached[better], pick[better] = candidate[better], j
+        best = reached
+        picks.append(pick)
+    total = int(np.argmax(best))  # the first maximum: the smallest total among equal PSNRs
+    choice = []
+    for cost, pick in zip(reversed(costs), reversed(picks)):
+        choice.append(int(pick[total]))
+        total -= int(cost[choice[-1]])
+    return choice[::-1]
 
 
 def allocates(tokens: Sequence[float]) -> bool:
