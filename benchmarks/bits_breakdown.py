@@ -35,7 +35,7 @@ from torch import Tensor
 if __package__ in (None, ""):  # ``python benchmarks/bits_breakdown.py``: import ``benchmarks`` like ``-m`` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.claims.common import environment, interp_y, write_json  # noqa: E402
+from benchmarks.claims.common import environment, interp_y, invocation, write_json  # noqa: E402
 from tatok_core.contract.bitrate import token_bits  # noqa: E402
 from benchmarks.operating_point import load_photos  # noqa: E402
 from tatok_core.contract.interfaces import mixed_radix_digits  # noqa: E402
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     patch_score = torch.cat([a.patches.codes.flatten() for a in heldout])
     global_score = torch.cat([a.globals_.codes.flatten() for a in heldout])
     report: dict = {
-        "command": "python benchmarks/bits_breakdown.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": invocation(__file__, argv),
         "model": args.model, "environment": environment(),
         "photos": {"fitted": len(fitted), "scored": len(heldout)},
         "patch_code_bits": table_bits(patch_fit, patch_score, factors),

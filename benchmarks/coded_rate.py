@@ -47,7 +47,7 @@ import torch
 if __package__ in (None, ""):  # ``python benchmarks/coded_rate.py``: import ``benchmarks`` like ``-m`` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.claims.common import environment, interp_y, save_figure, write_json  # noqa: E402
+from benchmarks.claims.common import environment, interp_y, invocation, save_figure, save_record  # noqa: E402
 from benchmarks.operating_point import (ModelEvaluator, Photo, codec_curve, codec_envelope,  # noqa: E402
                                         jpeg_scan_size, load_photos, matched_methods, point_key,
                                         reference_methods)
@@ -323,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = json.loads(args.operating_point.read_text())
     args.side, args.heldout_data = run["side"], run["data"]  # the photos its codec curves are of
     report: dict[str, Any] = {
-        "command": "python benchmarks/coded_rate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": invocation(__file__, argv),
         "environment": environment(), "side": args.side, "operating_point": str(args.operating_point),
         "models": {},
     }
@@ -345,10 +345,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"  {key:>9}: kept {s['kept']:6.1f}  PSNR {s['psnr']:.2f}  bpp counted {s['counted_bpp']:.3f} → coded "
                   f"{s['coded_bpp']:.3f}{files} ({s['code_bits_per_kept']:.2f} bits/code)  vs codecs at {rate} bpp: {gaps}")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "coded_rate.json", report)
     coded_figure(report, run, args.out / "coded_rate.png")
-    print(f"→ {args.out / 'coded_rate.json'}")
-    return report
+    return save_record(args.out / "coded_rate.json", report)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from torch import Tensor
 if __package__ in (None, ""):  # ``python benchmarks/decoder_side_selection.py``: import ``benchmarks`` like ``-m`` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.claims.common import environment, table, write_json  # noqa: E402
+from benchmarks.claims.common import photo_run, save_record, table  # noqa: E402
 from benchmarks.coded_rate import coded_bits  # noqa: E402
 from benchmarks.operating_point import load_photos  # noqa: E402
 from tatok_core.contract.interfaces import Grid  # noqa: E402
@@ -136,12 +136,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          for point in summary[name][view].values())] for name in ORDERS]
         console.print(table(f"{args.model} on {len(photos)} photos of {args.data}, {args.side} px — {what}",
                             header, body))
-    record = {"command": "python benchmarks/decoder_side_selection.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "environment": environment(), "model": args.model, "data": args.data, "side": args.side,
-              "photos": [p.name for p in photos], "summary": summary, "rows": rows}
-    write_json(args.out / "decoder_side_selection.json", record)
-    print(f"→ {args.out / 'decoder_side_selection.json'}")
-    return record
+    record = {**photo_run(__file__, argv, args, [p.name for p in photos]), "summary": summary, "rows": rows}
+    return save_record(args.out / "decoder_side_selection.json", record)
 
 
 def summarise(rows: dict[str, dict[str, list[dict[str, float]]]], fractions: list[float]) -> dict[str, dict[str, Any]]:

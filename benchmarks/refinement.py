@@ -32,7 +32,7 @@ from rich.console import Console
 if __package__ in (None, ""):  # ``python benchmarks/refinement.py``: import ``benchmarks`` like ``-m`` does
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.claims.common import environment, table, write_json  # noqa: E402
+from benchmarks.claims.common import photo_run, save_record, table  # noqa: E402
 from benchmarks.coded_rate import coded_bits  # noqa: E402
 from benchmarks.compression_speed import add_coder_arguments  # noqa: E402
 from benchmarks.operating_point import load_photos  # noqa: E402
@@ -138,13 +138,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{s[rule]['bits_added']:+.0f}")] for name, s in summary.items()]
     title = f"{args.model}: refinement on {len(photos)} photos of {args.data}, {args.side} px"
     Console().print(table(title, header, body))
-    record = {"command": "python benchmarks/refinement.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "environment": environment(), "model": args.model, "data": args.data, "side": args.side,
-              "photos": [p.name for p in photos], "summary": summary, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "refinement.json", record)
-    print(f"→ {args.out / 'refinement.json'}")
-    return record
+    record = {**photo_run(__file__, argv, args, [p.name for p in photos]), "summary": summary, "rows": rows}
+    return save_record(args.out / "refinement.json", record)
 
 
 if __name__ == "__main__":

@@ -183,8 +183,10 @@ def _floats(option: str, text: str) -> list[float]:
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
               help="folder for rate_distortion.json and rate_distortion.png")
 @click.option("--batch-size", default=32, show_default=True, callback=at_least(1), help="images per forward pass")
+@refine_option
 def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, oracle_levels: int | None, crop: int | None,
-          count: int | None, whole: bool, longest_side: int | None, output: Path | None, batch_size: int) -> None:
+          count: int | None, whole: bool, longest_side: int | None, output: Path | None, batch_size: int,
+          refine_steps: int | None) -> None:
     """Rate-distortion: PSNR and SSIM against tokens kept and bits per pixel, at matched mean counts.
 
     Bits per pixel count the codes, the global tokens and which tokens were kept (log2(N+1) + log2 C(N, k)
@@ -203,7 +205,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, ora
         raise TatokError("--oracle-levels sets the oracle's counts: add --oracle")
     crop, count = 64 if crop is None else crop, 32 if count is None else count
     oracle_levels = 16 if oracle_levels is None else oracle_levels
-    model = _load(model_name)
+    model = with_refinement(_load(model_name), refine_steps)
     skipped: list[tuple[Path, str]] = []
     try:
         source = ImageSource(data, on_skip=skipped.extend)
@@ -255,6 +257,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, ora
         info = {"model": model.name, "spec_digest": model.spec.digest(), "model_filter": model.spec.filter.name,
                 "data": data, "images": len(images), "names": list(source.names) if whole else None, **setting,
                 "taus": tau_values, "filters": names, "oracle": oracle, "oracle_levels": oracle_levels if oracle else None,
+                "refine_steps": model.refinement[0],
                 "bpp_counts": "codes: log2(codebook) per kept code; globals: num_global·log2(codebook); "
                               "positions: log2(N+1) + log2 C(N, k) per image (log2(N+1) when positions follow from k)",
                 "allocation": report}

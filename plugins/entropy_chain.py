@@ -43,8 +43,11 @@ class DecodedChainEntropy(EntropyEstimator):
     Between probes log D is taken as linear in k, and made convex (the least concave majorant of the
     cumulative bits: diminishing returns), so bits never grow down the ranking and every rule keeps a
     prefix of it — the sets whose error was measured. A 10⁻³ tilt by rank breaks the ties inside a
-    slice in the ranking's favour. Cost: S extra decodes per image at encode (and, with ``coverage``, one
-    greedy pass of N small steps). In training the decodes are skipped and the bits are the globals-only mean
+    slice in the ranking's favour — except inside a *dip* (:func:`dip_runs`: a few kept tokens can
+    decode worse than the globals alone, until enough are kept), whose tokens hold one value: a θ keeps
+    all of a dip or none of it, so a budget calibrated over a set cannot stop one image inside its
+    worst measured sets (τ and ε, which count bits, may: then in position order). Cost: S extra decodes
+    per image at encode (and, with ``coverage``, one greedy pass of N small steps). In training the decodes are skipped and the bits are the globals-only mean
     square error per patch — with ``coverage``, its values re-dealt in the coverage order of that error:
     the training selection needs only the order, and so sees the sets the filter will keep.
     """
@@ -79,12 +82,15 @@ class DecodedChainEntropy(EntropyEstimator):
             return EntropyEstimate(bits=self.training_order(squared, context.grid), loss=squared.new_zeros(()))
         n = squared.shape[1]
         counts = self.counts(n).to(squared.device)  # (S + 1,)
-        rank, distortion = self.ranked_distortion(context, base, squared, counts)  # (B, N), (B, S + 1)
+        rank, errors = self.ranked_distortion(context, base, squared, counts)  # (B, N), (B, S + 1)
+        distortion = errors.cummin(dim=1).values.clamp_min(1e-12)  # (B, S + 1) made non-increasing in k
         slice_bits = 0.5 * context.images[0].numel() * torch.log2(distortion[:, :-1] / distortion[:, 1:])  # (B, S)
         per_token = concave_slopes(slice_bits, counts)  # (B, S) bits per token, non-increasing in s
         slice_id = torch.bucketize(rank, counts[1:], right=True)  # (B, N) the slice each token's rank is in
-        tilt = 1 - 1e-3 * rank.to(per_token.dtype) / n  # (B, N) ties inside a slice go to the ranking
-        bits = per_token.gather(1, slice_id) * tilt  # (B, N)
+        first, in_dip = dip_runs(errors)  # (B, S) each slice's run's first slice; whether it is in a run
+        held = torch.where(in_dip.gather(1, slice_id), counts[first].gather(1, slice_id), rank)  # (B, N)
+        tilt = 1 - 1e-3 * held.to(per_token.dtype) / n  # (B, N) ties inside a slice go to the ranking; a run is one value
+        bits = per_token.gather(1, first).gather(1, slice_id) * tilt  # (B, N)
         return EntropyEstimate(bits=bits.clamp_min(0), loss=squared.new_zeros(()))
 
     def next_slice(self, missed: Tensor, kept: Tensor, count: int, grid: Grid) -> Tensor:
@@ -105,9 +111,9 @@ class DecodedChainEntropy(EntropyEstimator):
     @torch.no_grad()
     def ranked_distortion(self, context: EntropyContext, base: Tensor, squared: Tensor,
                           counts: Tensor) -> tuple[Tensor, Tensor]:
-        """The ranking (B, N) and the mean square error (B, S + 1) with the top k_s tokens kept, made
-        non-increasing in k. Each slice takes the tokens the previous decode misses most (``rerank``), or
-        the globals-only decode does (not ``rerank``)."""
+        """The ranking (B, N) and the mean square error (B, S + 1) with the top k_s tokens kept, as measured.
+        Each slice takes the tokens the previous decode misses most (``rerank``), or the globals-only decode
+        does (not ``rerank``)."""
         images = context.images.detach().float()
         batch, n = squared.shape
         errors = [((base.detach().float() - images) ** 2).mean(dim=(1, 2, 3))]  # k₀ = 0: the globals-only decode
@@ -122,7 +128,29 @@ class DecodedChainEntropy(EntropyEstimator):
             errors.append(((decoded.float() - images) ** 2).mean(dim=(1, 2, 3)))  # (B,)
             if self.rerank:
                 missed = patch_squared_error(images, decoded, self.patch_size)
-        return rank, torch.stack(errors, dim=1).cummin(dim=1).values.clamp_min(1e-12)
+        return rank, torch.stack(errors, dim=1)
+
+
+def dip_runs(errors: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, S + 1) the error measured at each probe count → (B, S) the first slice of the run each slice is
+    in (itself outside runs), and whether it is in one.
+
+    A run is a stretch the decode should be kept whole or not at all: the slices that end *worse* than
+    the best decode before them (a few kept tokens can switch the globals' canvas off around them), through
+    the slice that recovers. A run still open at N reaches it."""
+    batch, slices = errors.shape[0], errors.shape[1] - 1
+    first = torch.arange(slices, device=errors.device).expand(batch, -1).clone()  # (B, S)
+    in_dip = torch.zeros(batch, slices, dtype=torch.bool, device=errors.device)  # (B, S)
+    best = errors[:, 0]  # (B,) the best decode before the slice
+    opened = torch.full((batch,), -1, dtype=torch.int64, device=errors.device)  # (B,) the open run's first slice
+    for s in range(slices):
+        worse = errors[:, s + 1] > best  # (B,) this slice ends worse than the best before it
+        start = torch.where(opened >= 0, opened, s)  # (B,)
+        in_dip[:, s] = worse | (opened >= 0)  # a slice that dips, or the one that closes an open run
+        first[:, s] = torch.where(in_dip[:, s], start, s)
+        opened = torch.where(worse, start, -1)
+        best = torch.minimum(best, errors[:, s + 1])
+    return first, in_dip
 
 
 def coverage_kernel(rings: int, decay: float) -> Tensor:

@@ -244,11 +244,11 @@ def test_eval_prints_a_table_and_writes_json_and_plot(run, images: Path, tmp_pat
 
 def test_eval_oracle_levels_set_the_counts_each_image_is_decoded_at(run, images: Path, tmp_path: Path) -> None:
     result = run("eval", "--data", images, "--taus", "0.7", "--filters", "topk", "--crop", "16", "--count", "6",
-                 "--oracle", "--oracle-levels", "4", "-o", tmp_path / "rd")
+                 "--oracle", "--oracle-levels", "4", "--refine-steps", "2", "-o", tmp_path / "rd")
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "rd" / "rate_distortion.json").read_text())
     (oracle,) = [p for p in record["points"] if p["filter"] == "oracle"]
-    assert oracle["setting"] == "5 counts per image" and record["oracle_levels"] == 4
+    assert oracle["setting"] == "5 counts per image" and record["oracle_levels"] == 4 and record["refine_steps"] == 2
     assert all(k % 4 == 0 for k in oracle["per_image"]["tokens"])  # 0, 4, …, 16 of a 16-token crop
     one_line_error(run("eval", "--data", images, "--oracle-levels", "4"), "--oracle-levels sets the oracle's counts: add --oracle")
 

@@ -121,6 +121,33 @@ def test_a_decoder_that_gets_worse_with_more_tokens_yields_no_negative_bits(scen
     assert float(bits.sum()) < float(with_helpful.sum())  # the last slice's loss is not counted as gain
 
 
+@pytest.mark.parametrize("coverage", [0, 1])
+def test_a_threshold_never_stops_inside_a_dip(scene, coverage: int) -> None:
+    """A few kept tokens can decode *worse* than the globals alone (the decoder switches its canvas off
+    near them) until enough are kept. A θ stopping inside such a run would keep the worst set measured: the
+    run — the slices that end worse than the best decode before them, through the slice that recovers —
+    holds one value, so every θ keeps all of it or none (a budget calibrated over many images cannot
+    split it either); outside runs the bits still fall strictly down the ranking."""
+    images, base = scene
+    helpful = exact_where_kept(images, base)
+
+    def dips(keep: torch.Tensor) -> torch.Tensor:  # 1 … 7 tokens: worse than globals only; 8: recovered
+        kept = keep.sum(1)  # (B,)
+        return helpful(keep) + 0.5 * ((kept > 0) & (kept < 8)).to(images.dtype)[:, None, None, None]
+
+    estimator = DecodedChainEntropy(probes=(0.25, 0.5, 0.75), coverage=coverage, patch_size=PATCH).eval()
+    bits = estimator(context_for(images, base, dips)).bits  # (2, 16); probe counts 0, 4, 8, 12, 16
+    for row in bits:
+        ranked = row.sort(descending=True).values
+        assert bool((ranked[:8] == ranked[0]).all()) and bool((ranked[8:] < ranked[7:-1]).all()), ranked
+        for theta in [0.0, *row.tolist()]:
+            kept = int((row > theta).sum())
+            assert kept == 0 or kept >= 8, (theta, kept)
+    everything = helpful(torch.ones(2, 16, dtype=torch.bool))
+    expected = 0.5 * 3 * 8 * 8 * torch.log2(image_error(base, images) / image_error(everything, images))  # (2,)
+    torch.testing.assert_close(bits.sum(1), expected, rtol=1e-3, atol=0)  # the gain is counted once, after the dip
+
+
 def test_concave_slopes_match_pool_adjacent_violators() -> None:
     def pava(values: list[float], weights: list[float]) -> list[float]:
         blocks: list[list[float]] = []
@@ -279,12 +306,15 @@ def test_the_tokenizer_hands_its_decoder_to_the_estimator() -> None:
     model = Tokenizer(small_spec(entropy="chain", decoder="packed")).eval()
     images = torch.rand(2, 3, 16, 16)
     analysis = model.analyse(images)
-    order = analysis.entropy.bits.argsort(dim=1, descending=True)  # (2, 16) the ranking the bits follow
+    ranked, order = analysis.entropy.bits.sort(dim=1, descending=True)  # (2, 16) the ranking the bits follow
     errors = [image_error(analysis.base_reconstruction, images)]
     for count in model.entropy.counts(16)[1:].tolist():  # the model's own decoder at every probe
         keep = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, order[:, :count], True)
-        errors.append(image_error(model.decoder(analysis.globals_.vectors, analysis.patches.vectors, keep,
-                                                analysis.grid), images))
+        error = image_error(model.decoder(analysis.globals_.vectors, analysis.patches.vectors, keep, analysis.grid),
+                            images)
+        # inside a dip's tie the set is not the estimator's; a dip is never its best probe anyway
+        settled = torch.ones(2, dtype=torch.bool) if count == 16 else ranked[:, count - 1] > ranked[:, count]
+        errors.append(torch.where(settled, error, torch.inf))
     best = torch.stack(errors, 1).amin(1)  # (2,) the non-increasing D ends at the best probe
     expected = 0.5 * images[0].numel() * torch.log2(errors[0] / best)
     torch.testing.assert_close(analysis.entropy.bits.sum(1), expected, rtol=1e-3, atol=1e-3)

@@ -192,6 +192,12 @@ class Context:
         return self._variants[name]
 
 
+def invocation(script: str, argv: Sequence[str] | None) -> str:
+    """The command line that reproduces a benchmark run: ``python benchmarks/NAME.py`` and its arguments
+    (``argv`` when called from Python, else the process's own)."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def environment() -> dict[str, Any]:
     """Machine facts recorded next to every number."""
     cpu = platform.processor() or platform.machine()
@@ -379,6 +385,21 @@ def write_json(path: Path, data: Any) -> Path:
     """Atomic JSON write (a kill never leaves half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(path, json.dumps(data, indent=1, default=_jsonable) + "\n")
+
+
+def photo_run(script: str, argv: Sequence[str] | None, args: argparse.Namespace,
+              photo_names: Sequence[str]) -> dict[str, Any]:
+    """The head of a photo benchmark's record: how to rerun it, on what machine, which model, data, side
+    (``args.model``, ``args.data``, ``args.side``) and photos."""
+    return {"command": invocation(script, argv), "environment": environment(), "model": args.model,
+            "data": args.data, "side": args.side, "photos": list(photo_names)}
+
+
+def save_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a benchmark run's JSON record (:func:`write_json`), say where, and hand it back."""
+    write_json(path, record)
+    print(f"→ {path}")
+    return record
 
 
 def _jsonable(value: Any) -> Any:
