@@ -46,10 +46,11 @@ class DecodedChainEntropy(EntropyEstimator):
     slice in the ranking's favour — except inside a *dip* (:func:`dip_runs`: a few kept tokens can
     decode worse than the globals alone, until enough are kept), whose tokens hold one value: a θ keeps
     all of a dip or none of it, so a budget calibrated over a set cannot stop one image inside its
-    worst measured sets (τ and ε, which count bits, may: then in position order). Cost: S extra decodes
-    per image at encode (and, with ``coverage``, one greedy pass of N small steps). In training the decodes are skipped and the bits are the globals-only mean
-    square error per patch — with ``coverage``, its values re-dealt in the coverage order of that error:
-    the training selection needs only the order, and so sees the sets the filter will keep.
+    worst measured sets (a count, τ or ε may end inside one: then its tokens go in position order).
+    Cost: S extra decodes per image at encode (and, with ``coverage``, one greedy pass of N small
+    steps). In training the decodes are skipped and the bits are the globals-only mean square error per
+    patch — with ``coverage``, its values re-dealt in the coverage order of that error: the training
+    selection needs only the order, and so sees the sets the filter will keep.
     """
 
     needs_base_reconstruction = True
