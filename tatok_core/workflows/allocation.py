@@ -56,7 +56,7 @@ def paired(values: Sequence[float], reference: Sequence[float]) -> dict[str, flo
 
 #: The largest dynamic-programming table :func:`oracle_allocation` builds (images × budget cells) before it
 #: counts in coarser units.
-MAX_ALLOCATION_CELLS = 50_000_000
+MAX_ALLOCATION_CELLS = 20_000_000
 
 
 def oracle_allocation(counts: Sequence[Sequence[float]], psnrs: Sequence[Sequence[float]], target: float,
