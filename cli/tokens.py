@@ -27,7 +27,8 @@ from tatok_core.io.images import fit_longest_side
 from tatok_core.workflows.analysis import cannot_tokenize
 from tatok_core.workflows.encoding import source_names
 from tatok_core.workflows.rate_control import check_rate, check_tau, with_rule
-from tatok_core.workflows.rate_distortion import DEFAULT_METHODS, evaluate_rate_distortion, save_rate_distortion
+from tatok_core.workflows.rate_distortion import (DEFAULT_METHODS, ORACLE_LEVELS, evaluate_rate_distortion,
+                                                  save_rate_distortion)
 from tatok_core.workflows.token_sets import decode_token_set, encode_token_set, ignored_rate_option
 from tatok_core.workflows.panels import show_panel
 from tatok_core.contract.spec import OptionValue, parse_option_assignment
@@ -175,7 +176,7 @@ def _floats(option: str, text: str) -> list[float]:
                    "topk / random / raster (k = the model's mean count), all, or any filter by name")
 @click.option("--oracle", is_flag=True, help="add the per-image oracle allocation (an upper bound; many decodes)")
 @click.option("--oracle-levels", type=int, callback=at_least(1),
-              help="with --oracle: each image decoded at this many + 1 top-k counts, 0 … N  [default: 16]")
+              help=f"with --oracle: each image decoded at this many + 1 top-k counts, 0 … N  [default: {ORACLE_LEVELS}]")
 @click.option("--crop", type=int, help="evaluate fixed crops of this side  [default: 64]")
 @click.option("--count", type=int, help="number of fixed crops  [default: 32]")
 @click.option("--whole", is_flag=True, help="evaluate whole images instead of crops")
@@ -204,7 +205,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, ora
     if oracle_levels is not None and not oracle:
         raise TatokError("--oracle-levels sets the oracle's counts: add --oracle")
     crop, count = 64 if crop is None else crop, 32 if count is None else count
-    oracle_levels = 16 if oracle_levels is None else oracle_levels
+    oracle_levels = ORACLE_LEVELS if oracle_levels is None else oracle_levels
     model = with_refinement(_load(model_name), refine_steps)
     skipped: list[tuple[Path, str]] = []
     try:

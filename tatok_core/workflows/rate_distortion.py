@@ -63,6 +63,8 @@ class RDPoint:
 #: What ``tatok eval`` compares by default: the model and its rules first, then the baselines by role (each
 #: runs as the registered filter playing it, and is labelled with that filter's name).
 DEFAULT_METHODS = ("model", "theta", "epsilon", "top-k", "random-k", "raster-k", "keep-all")
+#: The oracle decodes each image at this many + 1 top-k counts (0, N/16, …, N) unless told otherwise.
+ORACLE_LEVELS = 16
 
 
 def _threshold_filter(model: Tokenizer, mode: str) -> TokenFilter:
@@ -126,7 +128,7 @@ def evaluate_rate_distortion(
     filters: Sequence[str] = DEFAULT_METHODS,
     *,
     oracle: bool = False,
-    oracle_levels: int = 16,
+    oracle_levels: int = ORACLE_LEVELS,
     batch_size: int = 32,
     progress: bool = False,
 ) -> list[RDPoint]:
