@@ -17,8 +17,6 @@ the packed kept sets of the adaptive stage change every step.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 import tempfile
 import time
@@ -32,26 +30,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tatok_core.contract.spec import PipelineSpec, parse_option_assignment
-from tatok_core.io.atomic import atomic_write_text
-from tatok_core.workflows.training import Recipe, TrainConfig, train
+from benchmarks.claims.common import environment, invocation, save_record  # noqa: E402
+from tatok_core.contract.spec import PipelineSpec, parse_option_assignment  # noqa: E402
+from tatok_core.workflows.training import Recipe, TrainConfig, train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIRST_STAGE = REPO / "recipes" / "baselines" / "fixed.toml"
 # the default's first stage, as recipes/small8-covered.toml records it
 FIRST_STAGE_SETTINGS = ("global_tokenizer.anchored=4", "global_tokenizer.relative_positions=true")
-
-
-def cpu_facts() -> dict[str, Any]:
-    """The CPU's model and its native bfloat16 instruction sets (from Linux's /proc/cpuinfo; unknown elsewhere)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return {"cpu": platform.machine(), "native_bf16": []}
-    field = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines[::-1])}
-    flags = set(field.get("flags", "").split())
-    return {"cpu": field.get("model name", platform.machine()),
-            "native_bf16": sorted(flags & {"avx512_bf16", "amx_bf16"})}
 
 
 def seconds_per_step(history: list[dict[str, float]]) -> float:
@@ -118,21 +104,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = {name: run(spec, config, args.data, bf16) for name, bf16 in (("fp32", False), ("bf16", True))}
     fp32, bf16 = runs["fp32"], runs["bf16"]
     record = {
-        "recipe": str(args.recipe), "settings": list(settings), "init": args.init, "data": args.data,
-        "steps": args.steps, "batch_size": config.batch_size, "crop": config.crop, "threads": args.threads,
-        "torch": torch.__version__, **cpu_facts(), **runs,
+        "command": invocation(__file__, argv), "environment": environment(), "recipe": str(args.recipe),
+        "settings": list(settings), "init": args.init, "data": args.data, "steps": args.steps,
+        "batch_size": config.batch_size, "crop": config.crop, **runs,
         "bf16_over_fp32_time": bf16["seconds_per_step"] / fp32["seconds_per_step"],
         "loss_max_abs_difference": max(abs(a[1] - b[1]) for a, b in zip(fp32["loss"], bf16["loss"])),
         "linear_layer": shape_cost(),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.json, json.dumps(record, indent=2))
+    native = ", ".join(record["environment"]["native_bf16"]) or "none"
     print(f"{args.recipe.name}, {args.steps} steps of {config.batch_size}×{config.crop}², {args.threads} threads "
-          f"(native bf16: {', '.join(record['native_bf16']) or 'none'}): fp32 {fp32['seconds_per_step']:.3f} s/step, "
+          f"(native bf16: {native}): fp32 {fp32['seconds_per_step']:.3f} s/step, "
           f"bf16 {bf16['seconds_per_step']:.3f} s/step, ratio {record['bf16_over_fp32_time']:.2f}; "
-          f"loss curves differ by at most {record['loss_max_abs_difference']:.4f} → {args.json}")
+          f"loss curves differ by at most {record['loss_max_abs_difference']:.4f}")
     print("one linear layer, fixed / changing row counts: " + "; ".join(
         f"{name} {t['fixed_rows_s']:.2f} / {t['changing_rows_s']:.2f} s" for name, t in record["linear_layer"].items()))
+    save_record(args.json, record)
     return 0
 
 

@@ -199,16 +199,17 @@ def invocation(script: str, argv: Sequence[str] | None) -> str:
 
 
 def environment() -> dict[str, Any]:
-    """Machine facts recorded next to every number."""
-    cpu = platform.processor() or platform.machine()
+    """Machine facts recorded next to every number; ``native_bf16``: the CPU's bfloat16 instruction sets
+    (AVX512-BF16, AMX), without which bfloat16 autocast is emulated."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu, "cores": os.cpu_count(),
+        lines = []
+    first_cpu = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in reversed(lines))}
+    cpu = first_cpu.get("model name") or platform.processor() or platform.machine()
+    native_bf16 = sorted(set(first_cpu.get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu, "native_bf16": native_bf16,
+            "cores": os.cpu_count(),
             "python": platform.python_version(), "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
