@@ -6,7 +6,7 @@
 nearest the budget may stop one photo part-way down its ranking. Where a few kept tokens decode worse
 than the globals alone (a dip: the decoder switches its canvas off around them), a stop inside the dip
 leaves that photo under the picture its globals give for free. For each budget from ``--low`` to
-``--high`` percent of the tokens (the encoder's tokens: the choice of set is what is measured) this
+``--high`` percent of the tokens (the encoder's tokens and the filter's sets, unsearched: the choice of count is what is measured) this
 reports the set's mean PSNR, the kept fraction reached, and the photos more than ``--margin`` dB under
 their globals-only decode.
 """
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Tokenizer.from_pretrained(args.model).eval()
     photos = load_photos(args.data, args.side, args.limit)
     with torch.no_grad():
-        analysed = [Analysed.of(model, photo.image[None], refine_steps=0) for photo in photos]
+        analysed = [Analysed.of(model, photo.image[None], refine_steps=0, search_sweeps=0) for photo in photos]
         nothing = [float(psnr(model.decode(a.tokens(Selection.from_mask(torch.zeros_like(a.bits, dtype=torch.bool)))),
                               photo.image[None])[0]) for photo, a in zip(photos, analysed)]
         bits = [a.bits for a in analysed]

@@ -169,7 +169,7 @@ def fit_prior(label: str, model: Tokenizer, args: argparse.Namespace, device: to
         generation.save_prior(prior, args.save_priors / label, training={
             "command": "python benchmarks/coded_rate.py", "train_data": args.train_data, "train_sides": args.train_sides,
             "train_fractions": args.train_fractions, "refine_steps": model.refine_steps,
-            "refine_lr": model.refine_lr, "steps": trained.steps, "best_step": trained.best_step,
+            "refine_lr": model.refine_lr, "search_sweeps": model.search_sweeps, "steps": trained.steps, "best_step": trained.best_step,
             "train_bits_per_image": train_bits,
             "validation_bits_per_image": trained.validation_bits})
     return prior, record  # type: ignore[return-value]
@@ -194,6 +194,8 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
     model = Tokenizer.from_pretrained(source).to(device)
     if args.refine_steps is not None:  # every model alike, its prior's training tokens too
         model = model.with_pipeline_options(refine_steps=args.refine_steps)
+    if args.search_sweeps is not None:  # every model alike
+        model = model.with_pipeline_options(search_sweeps=args.search_sweeps)
     if label in args.prior:
         prior, prior_record = generation.load_prior(args.prior[label]), {"loaded": str(args.prior[label])}
     else:
@@ -217,8 +219,10 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
                 rows = []
                 for i, photo in enumerate(evaluator.photos):
                     selection = method.select(i, evaluator.bits()[i])
+                    if method.searched:  # with --search-sweeps: the set encode keeps, scored and coded alike
+                        selection = evaluator.analysed[i].searched(selection)
                     score, _ = evaluator.score(i, selection, keeps_all=method.keeps_all)
-                    tokens = evaluator.analysed[i].tokens(selection)
+                    tokens = evaluator.analysed[i].tokens(selection, search=False)
                     bits = coded_bits(prior, tokens.to(device))
                     coded_bpp = bits["total"] / photo.pixels
                     row = {"photo": photo.name, "kept": score.kept, "psnr": score.psnr, "counted_bpp": score.bpp,
@@ -236,7 +240,8 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
                 points[point_key(method.name, method.fraction)] = {"summary": summarise(rows), "rows": rows}
     steps, lr = model.refinement  # how the held-out tokens were made (rate-aware when worth > 0)
     result = {"label": label, "source": source, "prior": prior_record, "points": points,
-              "refinement": {"steps": steps, "lr": lr, "bpp_worth": model.refine_bpp_worth}}
+              "refinement": {"steps": steps, "lr": lr, "bpp_worth": model.refine_bpp_worth},
+              "search_sweeps": model.search_sweeps}
     if coder is not None:
         result["codecs"] = {SCAN_ONLY: codecs[SCAN_ONLY]}  # of these photos, for the figure
     return result
@@ -300,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refine-steps", type=int,
                         help="test-time refinement steps for every model (default: each spec's own)")
+    parser.add_argument("--search-sweeps", type=int,
+                        help="set-search sweeps for every model (default: each spec's own, as `tatok compress`)")
     parser.add_argument("--bpp-worth", type=float, metavar="DB",
                         help="rate-aware refinement of the held-out tokens: one bpp under the prior is worth DB dB "
                              "(default: the spec's)")

@@ -63,6 +63,7 @@ from tatok_core.workflows.inference import evaluating  # noqa: E402
 from tatok_core.workflows.progress import progress_bar  # noqa: E402
 from tatok_core.workflows.rate_control import calibrate_bits  # noqa: E402
 from tatok_core.contract.selection import Selection  # noqa: E402
+from tatok_core.pipeline.set_search import searches  # noqa: E402
 from tatok_core.pipeline.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULT_DATA = "builtin:photos:extended:heldout"
@@ -163,7 +164,7 @@ class ModelEvaluator:
 
     def decode(self, i: int, selection: Selection) -> Tensor:
         """(3, H, W) reconstruction of photo i from the globals and the selected patch tokens."""
-        return self.model.decode(self.analysed[i].tokens(selection).to(self.device))[0].cpu()
+        return self.model.decode(self.analysed[i].tokens(selection, search=False).to(self.device))[0].cpu()
 
     def score(self, i: int, selection: Selection, *, keeps_all: bool = False) -> tuple[Score, Tensor]:
         reconstruction = self.decode(i, selection)
@@ -208,6 +209,7 @@ class Method:
     setting: dict[str, Any]
     select: Callable[[int, Tensor], Selection]
     keeps_all: bool = False
+    searched: bool = True  # encoding's set search applies (not where the positions follow from the count)
 
 
 def fixed_count_method(evaluator: ModelEvaluator, name: str, fraction: float, seed: int) -> Method:
@@ -218,7 +220,8 @@ def fixed_count_method(evaluator: ModelEvaluator, name: str, fraction: float, se
         k = round(fraction * evaluator.num_patches(i))
         return evaluator.model.token_filter(name, k=k, min_keep=0, max_keep=-1, **options).select(bits)
 
-    return Method(name, fraction, {"k": "round(f·N)", **options}, select)
+    return Method(name, fraction, {"k": "round(f·N)", **options}, select,
+                  searched=searches(evaluator.model.token_filter(name, **options)))
 
 
 def reference_methods(evaluator: ModelEvaluator) -> list[Method]:
@@ -549,6 +552,8 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
             for method in methods:
                 key = point_key(method.name, method.fraction)
                 selection = method.select(i, bits)
+                if method.searched:
+                    selection = evaluator.analysed[i].searched(selection)
                 score, reconstruction = evaluator.score(i, selection, keeps_all=method.keeps_all)
                 row = {"photo": photo.name, "point": method.name, "fraction": method.fraction,
                        "num_global": model.num_global, **attrs.asdict(score), "kept_fraction": score.kept / score.num_patches}
@@ -729,7 +734,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
                 bar.advance(task)
     record: dict[str, Any] = {
         "command": command, "data": args.data, "side": args.side, "fractions": list(fractions),
-        "quick": args.quick, "seed": args.seed, "refine_steps": args.refine_steps, "device": str(device),
+        "quick": args.quick, "seed": args.seed, "refine_steps": args.refine_steps,
+        "search_sweeps": args.search_sweeps, "device": str(device),
         "environment": environment(),
         "photos": [{"name": p.name, "height": p.image.shape[-2], "width": p.image.shape[-1]} for p in photos],
         "codecs": {codec: {"qualities": list(qualities), "options": "JPEG optimize=True (4:2:0); WebP method=6",
@@ -743,6 +749,8 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
         model = Tokenizer.from_pretrained(source).to(device).eval()
         if args.refine_steps is not None:  # every model alike: the comparison stays fair
             model = model.with_pipeline_options(refine_steps=args.refine_steps)
+        if args.search_sweeps is not None:
+            model = model.with_pipeline_options(search_sweeps=args.search_sweeps)
         result = evaluate_model(label, source, model, photos, codecs, fractions=fractions, baseline=baseline,
                                 device=device, seed=args.seed, holes_fraction=args.holes_fraction,
                                 grid_photos=args.grid_photos, progress=progress)
@@ -873,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timing-repeats", type=int, default=5, help="timed decodes per fraction (median; default 5)")
     p.add_argument("--refine-steps", type=int,
                    help="test-time refinement steps for every model and baseline (default: each spec's own)")
+    p.add_argument("--search-sweeps", type=int,
+                   help="set-search sweeps for every model and baseline (default: each spec's own)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--nice", type=int, default=19, help="raise this process's niceness to at least this (default 19)")

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lr = {} if setting.lr is None else {"refine_lr": setting.lr, "refine_coded_lr": setting.lr}
                 refining = model.with_pipeline_options(refine_steps=setting.steps, refine_coded_steps=setting.steps,
                                                        refine_bpp_worth=setting.bpp_worth, **lr)
-                analysed = Analysed.of(refining, image)
+                analysed = Analysed.of(refining, image, search_sweeps=0)  # the filter's sets: refinement alone
                 for rule, select in rules.items():
                     tokens = analysed.tokens(select(analysed.bits))
                     rows[setting.label][rule].append({

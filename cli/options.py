@@ -46,6 +46,13 @@ def refine_option(command: Any) -> Any:
                              "0: the encoder's tokens)")(command)
 
 
+def search_option(command: Any) -> Any:
+    """``--search-sweeps``: how hard encoding chooses which tokens to keep (``Tokenizer.search_kept``)."""
+    return click.option("--search-sweeps", type=int, callback=at_least(0),
+                        help="exchange sweeps choosing which tokens to keep at the filter's count (default: the "
+                             "model's own; 0: the filter's set)")(command)
+
+
 def bpp_worth_option(command: Any) -> Any:
     """``--bpp-worth``: what refinement weighs a bit per pixel of the coding prior as, on commands that code tokens."""
     return click.option("--bpp-worth", type=float, callback=at_least(0),
@@ -53,9 +60,12 @@ def bpp_worth_option(command: Any) -> Any:
                              "0: refine for pixels only)")(command)
 
 
-def with_refinement(model: Any, refine_steps: int | None, bpp_worth: float | None = None) -> Any:
-    """``model`` with ``--bpp-worth`` and ``--refine-steps`` applied; unchanged when neither is given.
-    ``--refine-steps`` is the steps of the refinement the command runs (``Tokenizer.with_refinement_steps``)."""
+def with_refinement(model: Any, refine_steps: int | None, bpp_worth: float | None = None,
+                    search_sweeps: int | None = None) -> Any:
+    """``model`` with ``--bpp-worth``, ``--search-sweeps`` and ``--refine-steps`` applied; unchanged when none
+    is given. ``--refine-steps`` is the steps of the refinement the command runs (``Tokenizer.with_refinement_steps``)."""
     if bpp_worth is not None:
         model = model.with_pipeline_options(refine_bpp_worth=bpp_worth)
+    if search_sweeps is not None:
+        model = model.with_pipeline_options(search_sweeps=search_sweeps)
     return model if refine_steps is None else model.with_refinement_steps(refine_steps)

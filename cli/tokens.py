@@ -18,7 +18,8 @@ from torch import Tensor
 from rich.table import Table
 
 from tatok_cli.console import console, err_console
-from tatok_cli.options import absolute_rule_options, at_least, budget_options, refine_option, with_refinement
+from tatok_cli.options import (absolute_rule_options, at_least, budget_options, refine_option, search_option,
+                               with_refinement)
 from tatok_core.workflows.data import ImageSource, fixed_crops
 from tatok_core.contract.errors import ImageReadError, TatokError
 from tatok_core.io.images import read_image
@@ -85,11 +86,12 @@ def _filter_options(assignments: tuple[str, ...]) -> dict[str, OptionValue]:
 @click.option("--resume", is_flag=True, help="continue an encode into -o that was killed or interrupted (same inputs)")
 @click.option("--append", is_flag=True, help="add these images to the existing token set in -o (same model and rate)")
 @refine_option
+@search_option
 @click.pass_context
 def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output: Path, tau: float | None,
            theta: float | None, epsilon: float | None, budget: float | None, budget_mode: str,
            filter_name: str | None, assignments: tuple[str, ...], batch_size: int, shard_size: int, resume: bool,
-           append: bool, refine_steps: int | None) -> None:
+           append: bool, refine_steps: int | None, search_sweeps: int | None) -> None:
     """Tokenize image files, folders or globs into a token file.
 
     Unreadable files are reported and skipped, the rest written, and the exit status is 1. Full
@@ -102,7 +104,7 @@ def encode(ctx: click.Context, model_name: str, inputs: tuple[str, ...], output:
     check_rate(tau, budget, theta=theta, epsilon=epsilon, budget_mode=budget_mode)
     options = _filter_options(assignments)
     world = World.from_environment()
-    model = with_refinement(_load(model_name, world.device), refine_steps)
+    model = with_refinement(_load(model_name, world.device), refine_steps, search_sweeps=search_sweeps)
     model.token_filter(filter_name, **options)  # unknown filter or option: fail before reading any image
     ignored = ignored_rate_option(model, tau=tau, theta=theta, epsilon=epsilon, budget=budget,
                                   filter=filter_name, filter_options=options)
@@ -185,9 +187,10 @@ def _floats(option: str, text: str) -> list[float]:
               help="folder for rate_distortion.json and rate_distortion.png")
 @click.option("--batch-size", default=32, show_default=True, callback=at_least(1), help="images per forward pass")
 @refine_option
+@search_option
 def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, oracle_levels: int | None, crop: int | None,
           count: int | None, whole: bool, longest_side: int | None, output: Path | None, batch_size: int,
-          refine_steps: int | None) -> None:
+          refine_steps: int | None, search_sweeps: int | None) -> None:
     """Rate-distortion: PSNR and SSIM against tokens kept and bits per pixel, at matched mean counts.
 
     Bits per pixel count the codes, the global tokens and which tokens were kept (log2(N+1) + log2 C(N, k)
@@ -206,7 +209,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, ora
         raise TatokError("--oracle-levels sets the oracle's counts: add --oracle")
     crop, count = 64 if crop is None else crop, 32 if count is None else count
     oracle_levels = ORACLE_LEVELS if oracle_levels is None else oracle_levels
-    model = with_refinement(_load(model_name), refine_steps)
+    model = with_refinement(_load(model_name), refine_steps, search_sweeps=search_sweeps)
     skipped: list[tuple[Path, str]] = []
     try:
         source = ImageSource(data, on_skip=skipped.extend)
@@ -258,7 +261,7 @@ def eval_(model_name: str, data: str, taus: str, filters: str, oracle: bool, ora
         info = {"model": model.name, "spec_digest": model.spec.digest(), "model_filter": model.spec.filter.name,
                 "data": data, "images": len(images), "names": list(source.names) if whole else None, **setting,
                 "taus": tau_values, "filters": names, "oracle": oracle, "oracle_levels": oracle_levels if oracle else None,
-                "refine_steps": model.refinement[0],
+                "refine_steps": model.refinement[0], "search_sweeps": model.search_sweeps,
                 "bpp_counts": "codes: log2(codebook) per kept code; globals: num_global·log2(codebook); "
                               "positions: log2(N+1) + log2 C(N, k) per image (log2(N+1) when positions follow from k)",
                 "allocation": report}

@@ -50,6 +50,9 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "refine_bpp_worth": 0.0,  # encoding with a coding prior (compression): dB one bpp is worth to refinement (0: pixels only)
     "refine_coded_steps": 0,  # rate-aware refinement's steps (0: refine_steps): the bits keep longer fits predictable
     "refine_coded_lr": 0.0,  # rate-aware refinement's Adam step (0: refine_lr)
+    "search_sweeps": 0,  # encoding: exchange sweeps choosing WHICH tokens at the filter's count (0: the filter's set)
+    "search_stride": 4,  # the search's lattice: one decode per stride² phase, positions stride patches apart
+    "search_share": 0.5,  # the share of the paying exchanges a sweep tries at once
 }
 
 
@@ -116,10 +119,16 @@ class PipelineSpec:
         fraction = value.get("train_max_fraction", 1.0)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise SpecError(f"pipeline option train_max_fraction must be a number in [0, 1], got {fraction!r}")
-        for key in ("refine_steps", "refine_coded_steps"):
+        for key in ("refine_steps", "refine_coded_steps", "search_sweeps"):
             steps = value.get(key, 0)
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
                 raise SpecError(f"pipeline option {key} must be an integer >= 0, got {steps!r}")
+        stride = value.get("search_stride", 4)
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 2:
+            raise SpecError(f"pipeline option search_stride must be an integer >= 2 (patches between toggles), got {stride!r}")
+        share = value.get("search_share", 0.5)
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise SpecError(f"pipeline option search_share must be a number in (0, 1], got {share!r}")
         lr = value.get("refine_lr", 0.005)
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
             raise SpecError(f"pipeline option refine_lr must be a number > 0, got {lr!r}")

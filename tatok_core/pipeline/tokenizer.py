@@ -6,6 +6,7 @@ import json
 import math
 import tempfile
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ from tatok_core.contract.registry import Registry, get_registry
 from tatok_core.contract.selection import Selection
 from tatok_core.contract.spec import ComponentSpec, PipelineSpec, instantiate, build_components
 from tatok_core.contract.tokens import Tokens
+from tatok_core.pipeline.set_search import check_sweeps, exchange_search, searches
 
 DEFAULT_PRETRAINED = "tatok-small8-covered"  # what `tatok demo`, the CLI and from_pretrained() load by default
 SPEC_FILE = "spec.toml"
@@ -144,6 +146,7 @@ class Tokenizer(nn.Module):
         self.refine_bpp_worth = float(self.spec.pipeline["refine_bpp_worth"])
         self.refine_coded_steps = int(self.spec.pipeline["refine_coded_steps"]) or self.refine_steps
         self.refine_coded_lr = float(self.spec.pipeline["refine_coded_lr"]) or self.refine_lr
+        self.search_sweeps = int(self.spec.pipeline["search_sweeps"])
         self._attach_coding_prior(None)
 
     # -- facts ---------------------------------------------------------------------------
@@ -214,6 +217,14 @@ class Tokenizer(nn.Module):
                                          or refine_steps < 0):
             raise TatokError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
         return self.encoder.keep_aware or (self.refinement[0] if refine_steps is None else refine_steps) > 0
+
+    @property
+    def works_per_set(self) -> bool:
+        """Whether encoding works on each chosen set — its tokens (:meth:`tokens_depend_on_keep`) or its
+        members (the set search, ``search_sweeps`` > 0) — and so needs the image and its features until
+        the set is known: workflows that calibrate a threshold over many images analyse each again then,
+        rather than keep them all waiting."""
+        return self.tokens_depend_on_keep() or self.search_sweeps > 0
 
     @property
     def rate_aware(self) -> bool:
@@ -317,12 +328,51 @@ class Tokenizer(nn.Module):
             base = self.decoder(global_vectors, patch_vectors, nothing_kept, grid)  # (B, C, H', W')
         decode = None
         if self.entropy.needs_decoder:
-            def decode(keep: Tensor) -> Tensor:  # (B, N) → (B, C, H', W')
-                vectors = patch_vectors  # (B, N, D)
-                if patch_features is not None:  # the tokens this very set would carry
-                    vectors = self.express_kept(patch_features, keep, grid).vectors
-                return self.decoder(global_vectors, vectors, keep, grid)
+            decode = partial(self.decode_set, global_vectors, patch_vectors, grid=grid, patch_features=patch_features)
         return EntropyContext(padded, grid, global_vectors, global_codes, patch_vectors, patch_codes, base, decode)
+
+    def decode_set(self, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor, *, grid: Grid,
+                   patch_features: Tensor | None = None) -> Tensor:
+        """(B, C, H', W') the decode of the globals (B, M, D) and the set ``keep`` (B, N) of
+        ``patch_vectors`` (B, N, D) — or, given a keep-aware encoder's ``patch_features``, of the tokens
+        this very set would carry (:meth:`express_kept`)."""
+        if patch_features is not None:
+            patch_vectors = self.express_kept(patch_features, keep, grid).vectors
+        return self.decoder(global_vectors, patch_vectors, keep, grid)
+
+    def search_kept(self, sources: TokenSources, global_vectors: Tensor, patch_vectors: Tensor, keep: Tensor,
+                    sweeps: int | None = None) -> Tensor:
+        """(B, N) the sets ``keep`` (B, N) with their members chosen again by ``sweeps`` (default: the
+        spec's ``search_sweeps``) exchange sweeps judged by this decoder
+        (:func:`~tatok_core.pipeline.set_search.exchange_search`); every image keeps its count.
+        ``global_vectors`` (B, M, D) and ``patch_vectors`` (B, N, D) are the analysed tokens."""
+        sweeps = self.search_sweeps if sweeps is None else sweeps
+        if sweeps <= 0:
+            return keep
+        height, width = sources.image_size
+        rows, cols = sources.grid
+        p = self.patch_size
+        pixels = torch.zeros(sources.images.shape[-2:], device=keep.device)  # (H', W')
+        pixels[:height, :width] = 1  # padding is not the image: its error is not counted
+        searched = []
+        for i in range(keep.shape[0]):
+            target = sources.images[i].float()  # (C, H', W')
+            features = None if not self.encoder.keep_aware else sources.patch_features[i:i + 1]
+
+            def patch_errors(masks: Tensor, i: int = i, target: Tensor = target,
+                             features: Tensor | None = features) -> Tensor:  # (P, N) → (P, N)
+                count = masks.shape[0]
+                decoded = self.decode_set(global_vectors[i:i + 1].expand(count, -1, -1),
+                                          patch_vectors[i:i + 1].expand(count, -1, -1), masks, grid=sources.grid,
+                                          patch_features=None if features is None else features.expand(count, -1, -1))
+                error = (decoded.float().clamp(0, 1) - target).pow(2).sum(1) * pixels  # (P, H', W')
+                return error.reshape(count, rows, p, cols, p).sum((2, 4)).flatten(1)
+
+            found, _ = exchange_search(patch_errors, keep[i], sources.grid, sweeps=sweeps,
+                                       stride=int(self.spec.pipeline["search_stride"]),
+                                       share=float(self.spec.pipeline["search_share"]))
+            searched.append(found)
+        return torch.stack(searched)  # (B, N)
 
     def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
         """The spec's filter, or another one built with the same facts (for baselines on one model)."""
@@ -355,20 +405,28 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, tau: float | Tensor | None = None, filter: str | None = None, *,
-               refine_steps: int | None = None, **filter_options: Any) -> Tokens:
+               refine_steps: int | None = None, search_sweeps: int | None = None, **filter_options: Any) -> Tokens:
         """Images (B, C, H, W) in [0, 1] → Tokens; ``filter``/options swap the filter for this call.
 
         ``tau`` is DTF's per-image τ in [0, 1] (:meth:`tau_filter`) whatever rule the spec's filter uses,
         unless the options name a ``mode``: then it is that rule's threshold (``mode="theta"``: bits).
         Images are checked and converted by :func:`check_images` (other float dtypes and devices are
         converted; integer pixels, NaN, values outside [0, 1] and meta tensors are refused).
-        ``refine_steps`` overrides the spec's test-time refinement (:meth:`refine`; 0: the encoder's tokens).
+        ``refine_steps`` overrides the spec's test-time refinement (:meth:`refine`; 0: the encoder's tokens),
+        ``search_sweeps`` the spec's search for which tokens to keep at the filter's count
+        (:meth:`search_kept`; 0: the filter's own set).
         """
         self.tokens_depend_on_keep(refine_steps)  # a bad refine_steps fails before the encoder runs
+        check_sweeps(search_sweeps)
         analysis = self.analyse(images)
         per_image = tau is not None and "mode" not in filter_options
         token_filter = (self.tau_filter if per_image else self.token_filter)(filter, **filter_options)
         selection = token_filter.select(analysis.entropy.bits, tau)
+        if searches(token_filter):
+            keep = self.search_kept(analysis.sources, analysis.globals_.vectors, analysis.patches.vectors,
+                                    selection.keep, search_sweeps)
+            if keep is not selection.keep:
+                selection = Selection.from_mask(keep)
         globals_, patches = self.kept_tokens(analysis, selection.keep, refine_steps)
         return Tokens.from_selection(globals_.codes, patches.codes, selection, analysis.grid, analysis.image_size)
 

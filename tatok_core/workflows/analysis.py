@@ -18,6 +18,7 @@ from torch import Tensor
 from tatok_core.contract.interfaces import Grid
 from tatok_core.contract.selection import Selection
 from tatok_core.contract.tokens import Tokens
+from tatok_core.pipeline.set_search import check_sweeps, searches
 from tatok_core.pipeline.tokenizer import TokenSources, Tokenizer
 
 
@@ -40,21 +41,42 @@ class Analysed:
     image_size: tuple[int, int]
     # keep (B, N) → global (B, M) and patch (B, N) codes, when the tokens depend on the kept set
     kept_codes: Callable[[Tensor], tuple[Tensor, Tensor]] | None = attrs.field(default=None, kw_only=True)
+    # keep (B, N) → the searched set (B, N) at the same counts, when the model searches (search_sweeps > 0)
+    kept_search: Callable[[Tensor], Tensor] | None = attrs.field(default=None, kw_only=True)
 
     @classmethod
-    def of(cls, model: Tokenizer, images: Tensor, refine_steps: int | None = None) -> Analysed:
-        """Analyse ``images`` (B, C, H, W) with ``model`` once (no gradients); ``refine_steps`` overrides
-        the spec's test-time refinement, as in :meth:`Tokenizer.encode`."""
+    def of(cls, model: Tokenizer, images: Tensor, refine_steps: int | None = None,
+           search_sweeps: int | None = None) -> Analysed:
+        """Analyse ``images`` (B, C, H, W) with ``model`` once (no gradients); ``refine_steps`` and
+        ``search_sweeps`` override the spec's test-time refinement and set search, as in
+        :meth:`Tokenizer.encode`."""
+        check_sweeps(search_sweeps)
         with torch.no_grad():
             analysis = model.analyse(images)
-        kept_codes = None
+        sources = analysis.sources.to("cpu")
+        kept_codes = kept_search = None
         if model.tokens_depend_on_keep(refine_steps):
-            kept_codes = partial(_kept_codes, model, analysis.sources.to("cpu"), refine_steps)
+            kept_codes = partial(_kept_codes, model, sources, refine_steps)
+        if (model.search_sweeps if search_sweeps is None else search_sweeps) > 0:
+            kept_search = partial(_searched_keep, model, sources, analysis.globals_.vectors.cpu(),
+                                  analysis.patches.vectors.cpu(), search_sweeps)
         return cls(analysis.globals_.codes.cpu(), analysis.patches.codes.cpu(), analysis.entropy.bits.float().cpu(),
-                   analysis.grid, analysis.image_size, kept_codes=kept_codes)
+                   analysis.grid, analysis.image_size, kept_codes=kept_codes, kept_search=kept_search)
 
-    def tokens(self, selection: Selection) -> Tokens:
-        """The kept tokens, laid out exactly as :meth:`Tokenizer.encode` lays them out."""
+    def searched(self, selection: Selection) -> Selection:
+        """The set :meth:`Tokenizer.encode` keeps where a filter chose ``selection``: the same counts,
+        the members chosen again by the model's set search (:meth:`Tokenizer.search_kept`), or
+        ``selection`` itself when the model does not search."""
+        if self.kept_search is None:
+            return selection
+        return Selection.from_mask(self.kept_search(selection.keep))
+
+    def tokens(self, selection: Selection, *, search: bool = True) -> Tokens:
+        """The tokens :meth:`Tokenizer.encode` makes where a filter chose ``selection``, laid out as it
+        lays them out: searched first (:meth:`searched`) unless ``search`` is False — for a selection
+        that already was, or a baseline (e.g. random) that must stay what it is."""
+        if search:
+            selection = self.searched(selection)
         global_codes, codes = ((self.global_codes, self.patch_codes) if self.kept_codes is None
                                else self.kept_codes(selection.keep))  # (B, M), (B, N)
         return Tokens.from_selection(global_codes, codes, selection, self.grid, self.image_size)
@@ -75,6 +97,16 @@ def _kept_codes(model: Tokenizer, sources: TokenSources, refine_steps: int | Non
     device = next(model.parameters()).device
     globals_, patches = model.tokens_for(sources.to(device), keep.to(device), refine_steps)
     return globals_.codes.cpu(), patches.codes.cpu()
+
+
+@torch.no_grad()
+def _searched_keep(model: Tokenizer, sources: TokenSources, global_vectors: Tensor, patch_vectors: Tensor,
+                   search_sweeps: int | None, keep: Tensor) -> Tensor:
+    """(B, N) the set search's choice at the counts of ``keep`` (B, N), on the model's device."""
+    device = next(model.parameters()).device
+    found = model.search_kept(sources.to(device), global_vectors.to(device), patch_vectors.to(device),
+                              keep.to(device), search_sweeps)
+    return found.cpu()
 
 
 def cannot_tokenize(model: Tokenizer, image: Tensor) -> str | None:

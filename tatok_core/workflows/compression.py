@@ -58,6 +58,7 @@ from tatok_core.io.atomic import atomic_write
 from tatok_core.io.images import fit_longest_side, read_image, write_image
 from tatok_core.io.persistence import state_digest
 from tatok_core.pipeline.tokenizer import DEFAULT_PRETRAINED, Tokenizer, pretrained_folder
+from tatok_core.pipeline.set_search import searches
 from tatok_core.workflows.analysis import Analysed, analysed_bits
 from tatok_core.workflows.generation import load_prior
 from tatok_core.workflows.inference import evaluating
@@ -406,7 +407,7 @@ def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_d
                 bar.update(task, completed=len(written) + len(failed))
         else:
             task = bar.add_task("analyse", total=len(sources))
-            second_pass = tokenizer.tokens_depend_on_keep()
+            second_pass = tokenizer.works_per_set
             # (path, name, bits, analysed): analysed None when the image is analysed again for its tokens
             waiting: list[tuple[Path, str, Tensor, Analysed | None]] = []
             with evaluating(tokenizer):
@@ -423,7 +424,7 @@ def compress_files(coder: ImageCoder, sources: Sequence[tuple[Path, str]], out_d
                     if analysed is None:  # the same image again: the same bits, now the chosen set's tokens
                         analysed = Analysed.of(tokenizer, _read_image_at(path, longest_side)[None].to(coder.device))
                     selection = token_filter.select(analysed.bits, calibration.threshold)
-                    written.append(coder.write_file(analysed.tokens(selection), target(name)))
+                    written.append(coder.write_file(analysed.tokens(selection, search=searches(token_filter)), target(name)))
                     bar.advance(task)
     return CompressReport(written, failed, calibration)
 

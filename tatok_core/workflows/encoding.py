@@ -26,6 +26,7 @@ from tatok_core.contract.tokens import ImageTokens, Tokens
 from tatok_core.io.images import list_images, read_image, write_image
 from tatok_core.io.tokenfile import TokenDataset, TokenWriter
 from tatok_core.pipeline.tokenizer import Tokenizer
+from tatok_core.pipeline.set_search import searches
 from tatok_core.workflows.analysis import Analysed, analysed_bits, cannot_tokenize
 from tatok_core.workflows.batching import group_by_size
 from tatok_core.workflows.inference import evaluating
@@ -185,14 +186,15 @@ def encode_files(
             yield i, image
 
     def finish(indices: list[int], analysed: Analysed) -> None:
-        for index, image in zip(indices, analysed.tokens(token_filter.select(analysed.bits, threshold)).per_image()):
+        for index, image in zip(indices, analysed.tokens(token_filter.select(analysed.bits, threshold),
+                                                           search=searches(token_filter)).per_image()):
             out.finish(index, image)
 
     # a budget's batches wait for its threshold as (indices, bits, analysed); analysed is None when the tokens
     # depend on the kept set: the batch is analysed again once the threshold is known, rather than every
     # image's features waiting
     waiting: list[tuple[list[int], Tensor, Analysed | None]] = []
-    second_pass = budget is not None and model.tokens_depend_on_keep()
+    second_pass = budget is not None and model.works_per_set
     with evaluating(model) as device, progress_bar(progress) as bar:
         task = bar.add_task("encode", total=len(paths))
         analysed_count = 0

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from tatok_core.contract.errors import TatokError
 from tatok_core.workflows.metrics import psnr
+from tatok_core.pipeline.set_search import searches
 from tatok_core.workflows.analysis import Analysed, cannot_tokenize
 from tatok_core.workflows.inference import evaluating
 from tatok_core.workflows.plotting import save_figure
@@ -55,7 +56,9 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
     with evaluating(model) as device:
         analysed = Analysed.of(model, image[None].to(device))
         selection = token_filter.select(analysed.bits, tau)
-        reconstruction = model.decode(analysed.tokens(selection).to(device))[0].cpu()
+        if searches(token_filter):
+            selection = analysed.searched(selection)
+        reconstruction = model.decode(analysed.tokens(selection, search=False).to(device))[0].cpu()
     rows, cols = analysed.grid
     rule, threshold = applied_rule(token_filter)
     threshold = tau if tau is not None else threshold

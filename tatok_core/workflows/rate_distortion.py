@@ -166,7 +166,7 @@ def evaluate_rate_distortion(
 
         def record(into: dict[str, list], indices: list[int], slot: int | None, batch: Tensor, analysed: Analysed,
                    selection: Selection, positions_from_count: bool) -> None:
-            selected = analysed.tokens(selection)
+            selected = analysed.tokens(selection, search=not positions_from_count)
             reconstruction = model.decode(selected.to(device)).cpu()
             n = analysed.bits.shape[1]
             cost = token_bits(selection.lengths, n, model.num_global, model.quantizer.codebook_size,
