@@ -81,11 +81,11 @@ def exchange_search(errors: PatchErrors, keep: Tensor, grid: Grid, *, sweeps: in
     """One image's kept set ``keep`` (N,) improved by ``sweeps`` exchange sweeps (module docstring).
     Returns the new (N,) mask — the same count — and the squared error after each accepted sweep,
     starting with the given set's. Stops early when a sweep finds nothing better."""
+    if bool(keep.all()) or not bool(keep.any()):
+        return keep, [float(errors(keep[None]).sum())]  # nothing to exchange
     toggled, owners = lattice_owners(grid, stride, keep.device)
     base = errors(keep[None])[0]  # (N,)
     history = [float(base.sum())]
-    if bool(keep.all()) or not bool(keep.any()):
-        return keep, history  # nothing to exchange
     for _ in range(sweeps):
         change = toggle_worth(errors, keep, base, toggled, owners)  # (N,)
         cost = torch.where(keep, change, torch.full_like(change, float("inf")))  # error a removal adds

@@ -29,9 +29,9 @@ class Analysed:
 
     Small (about 12 bytes per patch), so a whole data set's worth can wait for τ to be calibrated. When
     the tokens depend on the kept set (a keep-aware encoder, or refinement at encode:
-    :meth:`Tokenizer.tokens_depend_on_keep`) the :class:`~tatok_core.pipeline.tokenizer.TokenSources`
-    stay too (4·D bytes per token and the image) and :meth:`tokens` makes each selection's tokens
-    exactly as :meth:`Tokenizer.encode` does.
+    :meth:`Tokenizer.tokens_depend_on_keep`) or the model searches each set (``search_sweeps``), the
+    :class:`~tatok_core.pipeline.tokenizer.TokenSources` stay too (4·D bytes per token and the image) and
+    :meth:`tokens` makes each selection's tokens exactly as :meth:`Tokenizer.encode` does.
     """
 
     global_codes: Tensor  # (B, M) as analysed
