@@ -190,9 +190,9 @@ def encode_files(
                                                            search=searches(token_filter)).per_image()):
             out.finish(index, image)
 
-    # a budget's batches wait for its threshold as (indices, bits, analysed); analysed is None when the tokens
-    # depend on the kept set: the batch is analysed again once the threshold is known, rather than every
-    # image's features waiting
+    # a budget's batches wait for its threshold as (indices, bits, analysed); analysed is None when encoding
+    # works per chosen set (its tokens or its members: Tokenizer.works_per_set): the batch is analysed again
+    # once the threshold is known, rather than every image's features waiting
     waiting: list[tuple[list[int], Tensor, Analysed | None]] = []
     second_pass = budget is not None and model.works_per_set
     with evaluating(model) as device, progress_bar(progress) as bar:
