@@ -89,6 +89,21 @@ def test_encode_refines_as_the_library_does(models: dict[str, Path], images: Pat
         assert not torch.equal(expected.global_codes, model.encode(read_image(path)[None], tau=0.7).global_codes)
 
 
+def test_encode_searches_as_the_library_does(models: dict[str, Path], images: Path, tmp_path: Path) -> None:
+    model = Tokenizer.from_pretrained(models["pixel"])
+    result = CliRunner().invoke(cli, ["encode", "--model", str(models["pixel"]), str(images), "-o",
+                                      str(tmp_path / "searched.safetensors"), "--tau", "0.7", "--batch-size", "1",
+                                      "--search-sweeps", "2"])
+    assert result.exit_code == 0, result.output
+    stored = TokenDataset(tmp_path / "searched.safetensors")
+    moved = 0
+    for i, path in enumerate(sorted(images.iterdir())):
+        expected = model.encode(read_image(path)[None], tau=0.7, search_sweeps=2).per_image()[0]
+        assert torch.equal(stored[i].positions, expected.positions) and torch.equal(stored[i].codes, expected.codes)
+        moved += not torch.equal(expected.positions, model.encode(read_image(path)[None], tau=0.7).per_image()[0].positions)
+    assert moved  # the search chose other members somewhere: the option reached the encoder
+
+
 def test_a_budget_encode_of_a_refining_model_writes_encode_s_tokens(models: dict[str, Path], images: Path,
                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Calibrated on the bits first, then each image analysed again for its set's refined tokens."""
@@ -188,6 +203,7 @@ def bad_inputs(tmp_path: Path) -> Path:
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--set", "encoder.dim=3"], "--set takes filter.OPTION=VALUE"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--filter", "nope"], "unknown filter 'nope'"),
     (["encode", "{d}/tiny.png", "-o", "{d}/out", "--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
+    (["encode", "{d}/tiny.png", "-o", "{d}/out", "--search-sweeps", "-1"], "--search-sweeps must be >= 0, got -1"),
     (["compress", "{d}/tiny.png", "-o", "{d}/out", "--bpp-worth", "-1"], "--bpp-worth must be a finite number >= 0, got -1.0"),
     (["compress", "{d}/tiny.png", "-o", "{d}/out", "--bpp-worth", "nan"], "--bpp-worth must be a finite number >= 0, got nan"),
     (["decode", "{d}/missing", "-o", "{d}/out"], "no token shards"),
