@@ -220,7 +220,7 @@ def measure(label: str, source: str, args: argparse.Namespace, codecs: dict, dev
                 for i, photo in enumerate(evaluator.photos):
                     selection = method.select(i, evaluator.bits()[i])
                     if method.searched:  # with --search-sweeps: the set encode keeps, scored and coded alike
-                        selection = evaluator.analysed[i].searched(selection)
+                        selection = evaluator.searched(i, selection)
                     score, _ = evaluator.score(i, selection, keeps_all=method.keeps_all)
                     tokens = evaluator.analysed[i].tokens(selection, search=False)
                     bits = coded_bits(prior, tokens.to(device))

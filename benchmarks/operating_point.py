@@ -146,6 +146,7 @@ class ModelEvaluator:
                 raise TatokError(f"cannot evaluate photo {photo.name}: {problem}")
         self.codebook_size = int(model.quantizer.codebook_size)
         self.analysed: list[Analysed] = []
+        self._searched: dict[tuple[int, bytes], Selection] = {}  # (photo, keep mask) → the set encode keeps
         for photo in self.photos:
             self.analysed.append(Analysed.of(model, photo.image[None].to(device)))
             if progress is not None:
@@ -161,6 +162,14 @@ class ModelEvaluator:
     def bits(self) -> list[Tensor]:
         """Per photo (1, N) bits of the model's entropy estimator."""
         return [a.bits for a in self.analysed]
+
+    def searched(self, i: int, selection: Selection) -> Selection:
+        """The set encode keeps where a filter chose ``selection`` for photo i (:meth:`Analysed.searched`),
+        searched once per distinct set: the shared θ and the own filter often choose the same one."""
+        key = (i, selection.keep.cpu().numpy().tobytes())
+        if key not in self._searched:
+            self._searched[key] = self.analysed[i].searched(selection)
+        return self._searched[key]
 
     def decode(self, i: int, selection: Selection) -> Tensor:
         """(3, H, W) reconstruction of photo i from the globals and the selected patch tokens."""
@@ -553,7 +562,7 @@ def evaluate_model(label: str, source: str, model: Tokenizer, photos: Sequence[P
                 key = point_key(method.name, method.fraction)
                 selection = method.select(i, bits)
                 if method.searched:
-                    selection = evaluator.analysed[i].searched(selection)
+                    selection = evaluator.searched(i, selection)
                 score, reconstruction = evaluator.score(i, selection, keeps_all=method.keeps_all)
                 row = {"photo": photo.name, "point": method.name, "fraction": method.fraction,
                        "num_global": model.num_global, **attrs.asdict(score), "kept_fraction": score.kept / score.num_patches}
