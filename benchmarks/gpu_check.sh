@@ -2,13 +2,14 @@
 # GPU check: the Triton DTF kernel (versions, exactness tests on CUDA, benchmark) and the windowed
 # attention / sync-free inference path of issue 14 (equality with the masked attention on CUDA, CUDA's
 # sync detector, torch.compile with inductor, timing), the packed decoder's attention among kept tokens,
-# the chain estimator against the CPU and test-time refinement's encode time (issue 15). Total < 9 minutes.
+# the chain estimator against the CPU, test-time refinement's encode time and the set search batched
+# across images (issue 15). Total < 10 minutes.
 #
 #   OUT_DIR=/some/dir bash benchmarks/gpu_check.sh      (default OUT_DIR: $OUT, else ./runs/gpu_check)
 #
 # Runs from the repository root. Writes $OUT_DIR/pytest.txt, $OUT_DIR/bench.txt, $OUT_DIR/dtf_bench.json,
 # $OUT_DIR/windows_pytest.txt, $OUT_DIR/windows.json, $OUT_DIR/scaling.json (+ .png), $OUT_DIR/fsq.json,
-# $OUT_DIR/refinement/refinement.json.
+# $OUT_DIR/refinement/refinement.json, $OUT_DIR/search.json.
 # Exit status: 0 when the tests pass and the benchmark ran, else the first non-zero step status.
 set -uo pipefail
 
@@ -60,6 +61,8 @@ timeout -k 10 "${SCALING_BUDGET_S:-120}" "$PYTHON" benchmarks/bench_scaling.py -
 timeout -k 10 60 "$PYTHON" benchmarks/bench_fsq.py --device cuda --json "$OUT_DIR/fsq.json" 2>&1 | tail -n 3
 timeout -k 10 "${REFINE_BUDGET_S:-90}" "$PYTHON" benchmarks/refinement.py --device cuda --data builtin:photos:heldout \
   --settings 0,10:0.005 --timing-repeats 5 --no-progress --out "$OUT_DIR/refinement" 2>&1 | tail -n 8  # informational
+timeout -k 10 "${SEARCH_BUDGET_S:-120}" "$PYTHON" benchmarks/bench_search.py --device cuda --images 32 --side 256 \
+  --batches 16,128,512 --json "$OUT_DIR/search.json" 2>&1 | tail -n 4  # the set search batched across images; informational
 
 echo "== report"
 echo "windowed attention tests: rc=$windows_rc  $(grep -E '(passed|failed|error)' "$OUT_DIR/windows_pytest.txt" | tail -n 1)"

@@ -23,9 +23,9 @@ SEARCH_GAIN_FLOOR = 0.25
 
 
 def additive_errors(values: torch.Tensor):
-    """A decoder whose error is the dropped patches' values: the best k-set is the k largest values."""
-    def errors(masks: torch.Tensor) -> torch.Tensor:  # (P, N) → (P, N)
-        return torch.where(masks, torch.zeros_like(values), values).expand(masks.shape[0], -1).clone()
+    """A decoder whose error is the dropped patches' values (B, N): the best k-set is the k largest values."""
+    def errors(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:  # (P,), (P, N) → (P, N)
+        return torch.where(masks, torch.zeros_like(masks, dtype=values.dtype), values[images])
     return errors
 
 
@@ -33,12 +33,17 @@ def neighbour_errors(values: torch.Tensor, grid: tuple[int, int]):
     """A decoder that fills a dropped patch half as well when a 4-neighbour is kept: not additive."""
     rows, cols = grid
 
-    def errors(masks: torch.Tensor) -> torch.Tensor:
+    def errors(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         kept = masks.reshape(-1, 1, rows, cols).float()
         near = torch.nn.functional.max_pool2d(kept, 3, stride=1, padding=1).flatten(1) > 0  # (P, N)
-        dropped = values * torch.where(near, 0.5, 1.0)
+        dropped = values[images] * torch.where(near, 0.5, 1.0)
         return torch.where(masks, torch.zeros_like(dropped), dropped)
     return errors
+
+
+def one(errors, image: int = 0):
+    """``errors`` of one image, as a callable of masks alone."""
+    return lambda masks: errors(torch.full((masks.shape[0],), image), masks)
 
 
 @pytest.mark.parametrize("grid, stride", [((8, 8), 4), ((5, 7), 3), ((9, 4), 2)])
@@ -56,11 +61,11 @@ def test_every_position_is_toggled_once_per_sweep_and_every_cell_has_one_owner(g
 def test_toggle_worth_is_exact_for_an_additive_decoder() -> None:
     torch.manual_seed(0)
     grid = (6, 6)
-    values = torch.rand(36)
-    keep = torch.rand(36) < 0.4
+    values = torch.rand(2, 36)
+    keep = torch.rand(2, 36) < 0.4
     errors = additive_errors(values)
     toggled, owners = lattice_owners(grid, 3)
-    worth = toggle_worth(errors, keep, errors(keep[None])[0], toggled, owners)
+    worth = toggle_worth(errors, keep, errors(torch.arange(2), keep), toggled, owners, chunk=5)
     expected = torch.where(keep, values, -values).double()  # dropping a kept one adds its value; adding removes it
     assert torch.allclose(worth, expected)
 
@@ -72,10 +77,10 @@ def test_one_sweep_reaches_the_best_set_of_an_additive_decoder() -> None:
     worst = values.argsort()[:16]
     keep = torch.zeros(64, dtype=torch.bool)
     keep[worst] = True  # the 16 least valuable patches
-    found, history = exchange_search(additive_errors(values), keep, grid, sweeps=1, share=1.0)
+    found, (history,) = exchange_search(additive_errors(values[None]), keep[None], grid, sweeps=1, share=1.0)
     best = torch.zeros(64, dtype=torch.bool)
     best[values.argsort(descending=True)[:16]] = True
-    assert torch.equal(found, best) and history[-1] < history[0]
+    assert torch.equal(found[0], best) and history[-1] < history[0]
 
 
 @settings(max_examples=40, deadline=None)
@@ -84,15 +89,34 @@ def test_one_sweep_reaches_the_best_set_of_an_additive_decoder() -> None:
 def test_the_search_keeps_the_count_and_never_makes_the_error_worse(seed, rows, cols, kept, sweeps, stride, share) -> None:
     generator = torch.Generator().manual_seed(seed)
     n = rows * cols
-    values = torch.rand(n, generator=generator)
-    keep = torch.rand(n, generator=generator) < kept
-    errors = neighbour_errors(values, (rows, cols))
-    found, history = exchange_search(errors, keep, (rows, cols), sweeps=sweeps, stride=stride, share=share)
+    values = torch.rand(1, n, generator=generator)
+    keep = torch.rand(1, n, generator=generator) < kept
+    errors = one(neighbour_errors(values, (rows, cols)))
+    found, (history,) = exchange_search(neighbour_errors(values, (rows, cols)), keep, (rows, cols), sweeps=sweeps,
+                                        stride=stride, share=share)
     assert found.sum() == keep.sum()
-    assert history[0] == pytest.approx(float(errors(keep[None]).sum()))
-    assert history[-1] == pytest.approx(float(errors(found[None]).sum()))
+    assert history[0] == pytest.approx(float(errors(keep).sum()))
+    assert history[-1] == pytest.approx(float(errors(found).sum()))
     assert all(later < earlier for earlier, later in zip(history, history[1:]))  # only improvements are taken
     assert len(history) <= sweeps + 1
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), rows=st.integers(2, 7), cols=st.integers(2, 7), batch=st.integers(2, 5),
+       sweeps=st.integers(1, 4), chunk=st.integers(1, 40))
+def test_images_searched_together_get_what_each_gets_searched_alone(seed, rows, cols, batch, sweeps, chunk) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    n = rows * cols
+    values = torch.randint(0, 64, (batch, n), generator=generator).float() / 64  # sums exact in float32
+    keep = torch.rand(batch, n, generator=generator) < torch.rand(batch, 1, generator=generator)
+    keep[0] = True  # a full set and, below, an empty one: nothing to exchange, searched along with the others
+    keep[1] = False
+    errors = neighbour_errors(values, (rows, cols))
+    together, histories = exchange_search(errors, keep, (rows, cols), sweeps=sweeps, stride=3, chunk=chunk)
+    for image in range(batch):
+        alone, (history,) = exchange_search(neighbour_errors(values[image:image + 1], (rows, cols)),
+                                            keep[image:image + 1], (rows, cols), sweeps=sweeps, stride=3)
+        assert torch.equal(together[image], alone[0]) and histories[image] == history
 
 
 def tiny(search_sweeps: int = 0) -> Tokenizer:
@@ -134,7 +158,7 @@ def test_workflows_keep_what_encode_keeps() -> None:
 
 
 @pytest.mark.parametrize("option, value", [("search_sweeps", -1), ("search_sweeps", 1.5), ("search_stride", 1),
-                                           ("search_share", 0.0), ("search_share", 1.5)])
+                                           ("search_share", 0.0), ("search_share", 1.5), ("search_batch", 0)])
 def test_bad_search_options_are_refused_by_name(option: str, value: object) -> None:
     with pytest.raises(SpecError, match=option):
         small_spec().updated({}, {"pipeline": {option: value}})

@@ -356,3 +356,23 @@ def test_a_run_with_init_trains_on_from_the_saved_weights(tmp_path: Path) -> Non
     theirs = donor.state_dict()
     assert after.keys() == theirs.keys()
     assert all(torch.allclose(value, theirs[key], atol=1e-6) for key, value in after.items())
+
+
+def test_trainable_trains_only_the_named_kinds_and_keeps_every_other_weight_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(2)
+    donor = Tokenizer(small_spec(decoder="packed"))
+    donor.save_pretrained(tmp_path / "donor")
+    config = TrainConfig(steps=3, batch_size=2, crop=16, warmup=0, lr=3e-3, eval_data="", threads=1,
+                         init=str(tmp_path / "donor"), trainable="decoder")
+    train(small_spec(decoder="packed"), config, "builtin:photos", tmp_path / "run", progress=False)
+    after, theirs = weights(tmp_path / "run"), donor.state_dict()
+    moved = {key.split(".")[0] for key, value in after.items() if not torch.equal(value, theirs[key])}
+    assert moved == {"decoder"}  # the encoder, globals and quantizer (so every code) are untouched
+
+
+def test_trainable_refuses_an_unknown_kind_with_the_closest_and_a_kind_without_weights(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"unknown component kind 'decodr'.*did you mean 'decoder'"):
+        TrainConfig(trainable="decodr")
+    config = TrainConfig(steps=1, batch_size=2, crop=16, eval_data="", threads=1, trainable="filter")
+    with pytest.raises(SpecError, match=r"train.trainable = 'filter': nothing to train — filter .* has no weights"):
+        train(small_spec(), config, "builtin:photos", tmp_path / "run", progress=False)

@@ -53,6 +53,7 @@ PIPELINE_OPTIONS: dict[str, OptionValue] = {
     "search_sweeps": 0,  # encoding: exchange sweeps choosing WHICH tokens at the filter's count (0: the filter's set)
     "search_stride": 4,  # the search's lattice: one decode per stride² phase, positions stride patches apart
     "search_share": 0.5,  # the share of the paying exchanges a sweep tries at once
+    "search_batch": 16,  # masks the search decodes per call, of any images of the batch (a GPU takes more)
 }
 
 
@@ -119,6 +120,9 @@ class PipelineSpec:
         fraction = value.get("train_max_fraction", 1.0)
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction <= 1:
             raise SpecError(f"pipeline option train_max_fraction must be a number in [0, 1], got {fraction!r}")
+        batch = value.get("search_batch", 16)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise SpecError(f"pipeline option search_batch must be an integer >= 1 (masks per decode), got {batch!r}")
         for key in ("refine_steps", "refine_coded_steps", "search_sweeps"):
             steps = value.get(key, 0)
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

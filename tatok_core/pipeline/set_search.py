@@ -28,8 +28,9 @@ from torch import Tensor
 from tatok_core.contract.errors import TatokError
 from tatok_core.contract.interfaces import Grid, TokenFilter
 
-#: (masks (P, N) bool) → (P, N) squared error per patch of one image decoded from each mask.
-PatchErrors = Callable[[Tensor], Tensor]
+#: (images (P,) long, masks (P, N) bool) → (P, N) squared error per patch of image ``images[p]`` decoded
+#: from ``masks[p]``. Many images' masks share one call, so a batch is searched in a few large decodes.
+PatchErrors = Callable[[Tensor, Tensor], Tensor]
 
 
 def check_sweeps(sweeps: int | None) -> None:
@@ -61,48 +62,80 @@ def lattice_owners(grid: Grid, stride: int, device: torch.device | None = None) 
     return toggled, owners
 
 
+def patch_errors_in_chunks(errors: PatchErrors, images: Tensor, masks: Tensor, chunk: int) -> Tensor:
+    """(P, N) ``errors`` of the masks (P, N), at most ``chunk`` masks per call (the memory of one decode)."""
+    return torch.cat([errors(images[start:start + chunk], masks[start:start + chunk])
+                      for start in range(0, masks.shape[0], chunk)])
+
+
 def toggle_worth(errors: PatchErrors, keep: Tensor, base: Tensor, toggled: Tensor, owners: Tensor,
                  chunk: int = 16) -> Tensor:
-    """(N,) what toggling each position changes the image's squared error by, from one decode per
-    phase: > 0 where the toggle makes it worse (a kept token worth keeping, a dropped one not worth
-    adding). ``keep`` (N,) bool, ``base`` (N,) the current error per patch."""
-    masks = keep[None] ^ toggled  # (S², N)
-    change = torch.zeros(keep.shape[0], dtype=torch.float64, device=keep.device)  # (N,)
+    """(B, N) what toggling each position changes each image's squared error by, from one decode per
+    phase and image: > 0 where the toggle makes it worse (a kept token worth keeping, a dropped one not
+    worth adding). ``keep`` (B, N) bool, ``base`` (B, N) the current error per patch."""
+    batch, n = keep.shape
+    phases = toggled.shape[0]
+    masks = (keep[:, None] ^ toggled[None]).reshape(batch * phases, n)  # (B·S², N)
+    images = torch.arange(batch, device=keep.device).repeat_interleave(phases)  # (B·S²,)
+    slots = images[:, None] * n + owners.repeat(batch, 1)  # (B·S², N) where each patch's change is charged
+    inside = owners.repeat(batch, 1) >= 0  # (B·S², N)
+    change = torch.zeros(batch * n, dtype=torch.float64, device=keep.device)  # (B·N,)
     for start in range(0, masks.shape[0], chunk):
-        diff = errors(masks[start:start + chunk]).double() - base.double()  # (P, N)
-        own = owners[start:start + chunk]  # (P, N)
-        inside = own >= 0
-        change.index_add_(0, own[inside], diff[inside])
-    return change
+        rows = slice(start, start + chunk)
+        diff = errors(images[rows], masks[rows]).double() - base[images[rows]].double()  # (P, N)
+        change.index_add_(0, slots[rows][inside[rows]], diff[inside[rows]])
+    return change.view(batch, n)
 
 
 def exchange_search(errors: PatchErrors, keep: Tensor, grid: Grid, *, sweeps: int, stride: int = 4,
-                    share: float = 0.5) -> tuple[Tensor, list[float]]:
-    """One image's kept set ``keep`` (N,) improved by ``sweeps`` exchange sweeps (module docstring).
-    Returns the new (N,) mask — the same count — and the squared error after each accepted sweep,
-    starting with the given set's. Stops early when a sweep finds nothing better."""
-    if bool(keep.all()) or not bool(keep.any()):
-        return keep, [float(errors(keep[None]).sum())]  # nothing to exchange
+                    share: float = 0.5, chunk: int = 16) -> tuple[Tensor, list[list[float]]]:
+    """Each image's kept set ``keep`` (B, N) improved by ``sweeps`` exchange sweeps (module docstring),
+    the images searched together: every decode call holds up to ``chunk`` masks of any of them. Returns
+    the new (B, N) masks — the same counts — and per image the squared error after each accepted sweep,
+    starting with the given set's. An image stops when a sweep finds nothing better for it; each image's
+    result is the one it would get searched alone."""
+    batch, n = keep.shape
+    keep = keep.clone()
     toggled, owners = lattice_owners(grid, stride, keep.device)
-    base = errors(keep[None])[0]  # (N,)
-    history = [float(base.sum())]
+    everyone = torch.arange(batch, device=keep.device)
+    base = patch_errors_in_chunks(errors, everyone, keep, chunk)  # (B, N)
+    totals = base.sum(1)  # (B,)
+    history = [[total] for total in totals.tolist()]
+    searching = keep.any(1) & ~keep.all(1)  # (B,) a full or empty set has nothing to exchange
+    position = torch.arange(n, device=keep.device)  # (N,)
     for _ in range(sweeps):
-        change = toggle_worth(errors, keep, base, toggled, owners)  # (N,)
-        cost = torch.where(keep, change, torch.full_like(change, float("inf")))  # error a removal adds
-        gain = torch.where(keep, torch.full_like(change, float("-inf")), -change)  # error an addition removes
-        adds, removes = gain.argsort(descending=True), cost.argsort()
-        pairs = int((gain[adds] > cost[removes]).long().cumprod(0).sum())  # while the next pair still pays
-        count = max(1, int(share * pairs)) if pairs else 0
-        improved = False
-        while count >= 1:
-            candidate = keep.clone()
-            candidate[adds[:count]], candidate[removes[:count]] = True, False
-            candidate_errors = errors(candidate[None])[0]  # (N,)
-            if float(candidate_errors.sum()) < history[-1]:
-                keep, base, improved = candidate, candidate_errors, True
-                history.append(float(base.sum()))
-                break
-            count //= 2
-        if not improved:
+        active = searching.nonzero().flatten()  # (A,)
+        if not len(active):
             break
+        kept, errors_now, total_now = keep[active], base[active], totals[active]  # (A, N) (A, N) (A,)
+        change = toggle_worth(lambda images, masks: errors(active[images], masks), kept, errors_now,
+                              toggled, owners, chunk)  # (A, N)
+        inf = torch.full_like(change, float("inf"))
+        cost = torch.where(kept, change, inf)  # error a removal adds
+        gain = torch.where(kept, -inf, -change)  # error an addition removes
+        adds = gain.argsort(dim=1, descending=True, stable=True)  # (A, N)
+        removes = cost.argsort(dim=1, stable=True)  # (A, N)
+        pays = gain.gather(1, adds) > cost.gather(1, removes)  # (A, N)
+        pairs = pays.long().cumprod(1).sum(1)  # (A,) while the next pair still pays
+        count = torch.where(pairs > 0, (pairs.double() * share).long().clamp(min=1), 0)  # (A,)
+        improved = torch.zeros_like(pairs, dtype=torch.bool)  # (A,)
+        trying = count >= 1  # (A,)
+        while bool(trying.any()):
+            tried = trying.nonzero().flatten()  # (T,)
+            first = position[None] < count[tried, None]  # (T, N) the first `count` of each order
+            added = torch.zeros_like(first).scatter_(1, adds[tried], first)  # (T, N)
+            removed = torch.zeros_like(first).scatter_(1, removes[tried], first)  # (T, N)
+            candidate = (kept[tried] | added) & ~removed  # (T, N)
+            candidate_errors = patch_errors_in_chunks(errors, active[tried], candidate, chunk)  # (T, N)
+            candidate_totals = candidate_errors.sum(1)  # (T,)
+            better = candidate_totals < total_now[tried]  # (T,)
+            won = tried[better]
+            kept[won], errors_now[won], total_now[won] = candidate[better], candidate_errors[better], candidate_totals[better]
+            improved[won] = True
+            count[tried[~better]] //= 2
+            trying = ~improved & (count >= 1)
+        keep[active], base[active], totals[active] = kept, errors_now, total_now
+        for image, total in zip(active[improved].tolist(), total_now[improved].tolist()):
+            history[image].append(total)
+        searching[active[~improved]] = False
     return keep, history

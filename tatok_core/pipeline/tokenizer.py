@@ -354,25 +354,20 @@ class Tokenizer(nn.Module):
         p = self.patch_size
         pixels = torch.zeros(sources.images.shape[-2:], device=keep.device)  # (H', W')
         pixels[:height, :width] = 1  # padding is not the image: its error is not counted
-        searched = []
-        for i in range(keep.shape[0]):
-            target = sources.images[i].float()  # (C, H', W')
-            features = None if not self.encoder.keep_aware else sources.patch_features[i:i + 1]
+        targets = sources.images.float()  # (B, C, H', W')
+        features = sources.patch_features if self.encoder.keep_aware else None  # (B, N, D) or None
 
-            def patch_errors(masks: Tensor, i: int = i, target: Tensor = target,
-                             features: Tensor | None = features) -> Tensor:  # (P, N) → (P, N)
-                count = masks.shape[0]
-                decoded = self.decode_set(global_vectors[i:i + 1].expand(count, -1, -1),
-                                          patch_vectors[i:i + 1].expand(count, -1, -1), masks, grid=sources.grid,
-                                          patch_features=None if features is None else features.expand(count, -1, -1))
-                error = (decoded.float().clamp(0, 1) - target).pow(2).sum(1) * pixels  # (P, H', W')
-                return error.reshape(count, rows, p, cols, p).sum((2, 4)).flatten(1)
+        def patch_errors(images: Tensor, masks: Tensor) -> Tensor:  # (P,), (P, N) → (P, N)
+            decoded = self.decode_set(global_vectors[images], patch_vectors[images], masks, grid=sources.grid,
+                                      patch_features=None if features is None else features[images])
+            error = (decoded.float().clamp(0, 1) - targets[images]).pow(2).sum(1) * pixels  # (P, H', W')
+            return error.reshape(len(images), rows, p, cols, p).sum((2, 4)).flatten(1)
 
-            found, _ = exchange_search(patch_errors, keep[i], sources.grid, sweeps=sweeps,
-                                       stride=int(self.spec.pipeline["search_stride"]),
-                                       share=float(self.spec.pipeline["search_share"]))
-            searched.append(found)
-        return torch.stack(searched)  # (B, N)
+        searched, _ = exchange_search(patch_errors, keep, sources.grid, sweeps=sweeps,
+                                      stride=int(self.spec.pipeline["search_stride"]),
+                                      share=float(self.spec.pipeline["search_share"]),
+                                      chunk=int(self.spec.pipeline["search_batch"]))
+        return searched  # (B, N)
 
     def token_filter(self, name: str | None = None, **options: Any) -> TokenFilter:
         """The spec's filter, or another one built with the same facts (for baselines on one model)."""

@@ -110,6 +110,9 @@ class TrainConfig:
     eval_fid: bool = False  # rFID at every evaluation (needs the fid extra and cached Inception weights)
     globals_weight: float = 0.0
     init: str = ""  # a saved model (folder or shipped name) whose matching components start this run: fine-tuning
+    # the component kinds this run trains, comma-separated ("decoder"); "" trains every one. The others keep
+    # their weights, so a fine-tune of the decoder leaves the codes, and a coding prior fitted on them, valid
+    trainable: str = ""
     # rate–distortion training: dB of PSNR one bpp under the coding prior ``rate_prior`` (a saved prior's folder,
     # frozen) is worth; the loss becomes mean(ln MSE) + rate_worth · ln(10)/10 · bpp — −PSNR + worth · bpp in nepers
     rate_worth: float = attrs.field(default=0.0, validator=_NON_NEGATIVE)
@@ -125,9 +128,19 @@ class TrainConfig:
         if self.rate_worth > 0 and not self.rate_prior:
             raise SpecError(f"train.rate_worth = {self.rate_worth:g} needs train.rate_prior: the folder of the saved "
                             "prior whose bits it weighs (e.g. plugins/pretrained/tatok-small8-covered/context-prior)")
+        unknown = [kind for kind in self.trainable_kinds if kind not in PIPELINE_KINDS]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], PIPELINE_KINDS, n=1)
+            raise SpecError(f"train.trainable: unknown component kind {unknown[0]!r} (known: "
+                            f"{', '.join(PIPELINE_KINDS)})" + (f"; did you mean {hint[0]!r}?" if hint else ""))
         if self.rate_worth > 0 and self.reconstruction != "log_mse":
             raise SpecError(f"train.rate_worth = {self.rate_worth:g} needs train.reconstruction = \"log_mse\", not "
                             f"{self.reconstruction!r}: dB and bits per pixel trade in log units")
+
+    @property
+    def trainable_kinds(self) -> tuple[str, ...]:
+        """The kinds ``trainable`` names, in its order; empty when every kind trains."""
+        return tuple(kind.strip() for kind in self.trainable.split(",") if kind.strip())
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -271,6 +284,17 @@ def initialise_from(model: Tokenizer, source: str | Path) -> dict[str, str]:
         raise SpecError(f"train.init: no component with weights of {source} ({_names(donor.spec)}) is named as "
                         f"in this recipe ({_names(model.spec)})")
     return started
+
+
+def freeze_all_but(model: Tokenizer, kinds: tuple[str, ...]) -> None:
+    """Stop the gradient to every component not named in ``kinds``: those keep their weights exactly (a
+    frozen encoder and quantizer keep every code, and the coding prior fitted on them). Naming only kinds
+    without weights trains nothing: an error naming them."""
+    if not any(p.numel() for kind in kinds for p in getattr(model, kind).parameters()):
+        raise SpecError(f"train.trainable = {','.join(kinds)!r}: nothing to train — "
+                        + ", ".join(f"{getattr(model, kind).label} has no weights" for kind in kinds))
+    for kind in PIPELINE_KINDS:
+        getattr(model, kind).requires_grad_(kind in kinds)
 
 
 def with_rate_prior(model: Tokenizer, folder: str, device: torch.device) -> Tokenizer:
@@ -509,6 +533,8 @@ def train(
                   file=sys.stderr, flush=True)
     if config.rate_worth > 0:
         model = with_rate_prior(model, config.rate_prior, world.device)
+    if config.trainable_kinds:
+        freeze_all_but(model, config.trainable_kinds)
     ema = ExponentialAverage(model, config.ema_decay) if config.ema_decay > 0 else None
     listings = run_dir / "listings"
     if world.is_main:  # rank 0 lists a folder and caches the listing; the others read that listing
@@ -536,7 +562,7 @@ def train(
     )
     if perceptual is not None:
         perceptual = perceptual.to(world.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     discriminator = d_optimizer = None
     if config.adversarial_weight > 0:
