@@ -360,14 +360,17 @@ def test_a_run_with_init_trains_on_from_the_saved_weights(tmp_path: Path) -> Non
 
 def test_trainable_trains_only_the_named_kinds_and_keeps_every_other_weight_exactly(tmp_path: Path) -> None:
     torch.manual_seed(2)
-    donor = Tokenizer(small_spec(decoder="packed"))
+    spec = small_spec(decoder="packed", quantizer="vq").updated({}, {"quantizer.ema": True})
+    donor = Tokenizer(spec)
     donor.save_pretrained(tmp_path / "donor")
-    config = TrainConfig(steps=3, batch_size=2, crop=16, warmup=0, lr=3e-3, eval_data="", threads=1,
-                         init=str(tmp_path / "donor"), trainable="decoder")
-    train(small_spec(decoder="packed"), config, "builtin:photos", tmp_path / "run", progress=False)
+    config = TrainConfig(steps=3, batch_size=2, crop=16, warmup=0, lr=3e-3, eval_data="builtin:photos:heldout",
+                         eval_every=2, eval_crops=2, threads=1, init=str(tmp_path / "donor"), trainable="decoder")
+    train(spec, config, "builtin:photos", tmp_path / "run", progress=False)
     after, theirs = weights(tmp_path / "run"), donor.state_dict()
     moved = {key.split(".")[0] for key, value in after.items() if not torch.equal(value, theirs[key])}
-    assert moved == {"decoder"}  # the encoder, globals and quantizer (so every code) are untouched
+    # the encoder, globals and quantizer — its EMA codebook and usage too, after an evaluation switched the
+    # model back to training mode — are untouched, so every code is
+    assert moved == {"decoder"}
 
 
 def test_trainable_refuses_an_unknown_kind_with_the_closest_and_a_kind_without_weights(tmp_path: Path) -> None:

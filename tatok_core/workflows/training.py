@@ -287,14 +287,26 @@ def initialise_from(model: Tokenizer, source: str | Path) -> dict[str, str]:
 
 
 def freeze_all_but(model: Tokenizer, kinds: tuple[str, ...]) -> None:
-    """Stop the gradient to every component not named in ``kinds``: those keep their weights exactly (a
-    frozen encoder and quantizer keep every code, and the coding prior fitted on them). Naming only kinds
-    without weights trains nothing: an error naming them."""
+    """Train only the components named in ``kinds``. Every other component with state (weights or
+    buffers) gets no gradient and runs every forward in eval mode, so it keeps its state exactly (no EMA
+    codebook update, no dead-code restart) and hands the trained ones what it hands them at inference
+    (the encoder's windows unshifted): a frozen encoder and quantizer keep every code, and a coding prior
+    fitted on them. Components without state (a filter, the chain estimator) still run as in training.
+    Naming only kinds without weights trains nothing: an error naming them."""
     if not any(p.numel() for kind in kinds for p in getattr(model, kind).parameters()):
         raise SpecError(f"train.trainable = {','.join(kinds)!r}: nothing to train — "
                         + ", ".join(f"{getattr(model, kind).label} has no weights" for kind in kinds))
     for kind in PIPELINE_KINDS:
-        getattr(model, kind).requires_grad_(kind in kinds)
+        component = getattr(model, kind)
+        component.requires_grad_(kind in kinds)
+        if kind not in kinds and component.state_dict():
+            component.register_forward_pre_hook(_run_in_eval_mode)
+
+
+def _run_in_eval_mode(module: torch.nn.Module, _: Any) -> None:
+    """A frozen component's forward pre-hook: whatever ``train()`` set (evaluations restore it), eval mode."""
+    if module.training:
+        module.eval()
 
 
 def with_rate_prior(model: Tokenizer, folder: str, device: torch.device) -> Tokenizer:
