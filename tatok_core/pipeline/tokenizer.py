@@ -344,8 +344,10 @@ class Tokenizer(nn.Module):
                     sweeps: int | None = None) -> Tensor:
         """(B, N) the sets ``keep`` (B, N) with their members chosen again by ``sweeps`` (default: the
         spec's ``search_sweeps``) exchange sweeps judged by this decoder
-        (:func:`~tatok_core.pipeline.set_search.exchange_search`); every image keeps its count.
-        ``global_vectors`` (B, M, D) and ``patch_vectors`` (B, N, D) are the analysed tokens."""
+        (:func:`~tatok_core.pipeline.set_search.exchange_search`); every image keeps its count. The
+        images are searched together, ``search_batch`` masks of any of them per decode, each getting the
+        set it would get alone. ``global_vectors`` (B, M, D) and ``patch_vectors`` (B, N, D) are the
+        analysed tokens."""
         sweeps = self.search_sweeps if sweeps is None else sweeps
         if sweeps <= 0:
             return keep
