@@ -53,11 +53,14 @@ class Analysed:
         check_sweeps(search_sweeps)
         with torch.no_grad():
             analysis = model.analyse(images)
-        sources = analysis.sources.to("cpu")
+        per_set_tokens = model.tokens_depend_on_keep(refine_steps)
+        per_set_search = (model.search_sweeps if search_sweeps is None else search_sweeps) > 0
+        # the image and its features wait on the host only where a chosen set still needs them
+        sources = analysis.sources.to("cpu") if per_set_tokens or per_set_search else None
         kept_codes = kept_search = None
-        if model.tokens_depend_on_keep(refine_steps):
+        if per_set_tokens:
             kept_codes = partial(_kept_codes, model, sources, refine_steps)
-        if (model.search_sweeps if search_sweeps is None else search_sweeps) > 0:
+        if per_set_search:
             kept_search = partial(_searched_keep, model, sources, analysis.globals_.vectors.cpu(),
                                   analysis.patches.vectors.cpu(), search_sweeps)
         return cls(analysis.globals_.codes.cpu(), analysis.patches.codes.cpu(), analysis.entropy.bits.float().cpu(),
