@@ -4,15 +4,19 @@
         --settings 0,5:0.005,10:0.005,20:0.005,10:0.01,20:0.05,10::60 --out runs/refinement
 
 For each whole photo (longest side ``--side``) the model analyses once; then for each setting
-``STEPS[:LR[:BPP_WORTH]]`` (``0``: the encoder's tokens; LR empty: the spec's) and each rule — the model's
-own filter and a per-photo top-k at ``--topk-fraction`` of the tokens — the kept set's tokens are made as
-``Tokenizer.encode`` makes them, decoded and scored: PSNR, and the bits the model's shipped context prior
-codes them in (what a compressed file holds, to within the coder's few bits). Refinement for pixels
+``STEPS[:LR[:BPP_WORTH]]`` (``0``: the encoder's tokens; LR empty: the spec's) and each rule — every
+token, the model's own filter and a per-photo top-k at ``--topk-fraction`` of the tokens — the kept set's
+tokens are made as ``Tokenizer.encode`` makes them, decoded and scored: PSNR, its distance to every token
+at the same setting (what a budget loses), and the bits the model's shipped context prior codes them in
+(what a compressed file holds, to within the coder's few bits). The sets are the filters' own
+(``--search-sweeps 0``, the default: refinement alone) or, with ``--search-sweeps S``, chosen again by S
+sweeps of the set search first, as the default encodes. Long settings (``0,10,40,160``) bound what
+fitting the tokens of a set can add for this decoder. Refinement for pixels
 makes each set's tokens fit the image better but moves codes away from what the prior expects: the
 trade is PSNR against bits. A BPP_WORTH in dB per bpp makes it rate-aware (``refine_bpp_worth``: −PSNR +
 worth · bpp under that prior, as ``tatok compress`` refines); without one a setting refines for pixels only,
 whatever the spec says. ``--timing-repeats`` whole encodes per setting (median seconds per photo, in one
-run; ``--device cuda`` on a GPU) give its cost. Pick settings on training photos; report on held-out
+run; ``--device cuda`` on a GPU; 0: not timed) give its cost. Pick settings on training photos; report on held-out
 ones.
 """
 
@@ -78,7 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="STEPS[:LR[:BPP_WORTH]] list (0: the encoder's; a bpp's worth in dB makes refinement rate-aware)")
     parser.add_argument("--topk-fraction", type=float, default=0.25,
                         help="the top-k rule's kept fraction (default 0.25)")
-    parser.add_argument("--timing-repeats", type=int, default=3, help="timed whole encodes per setting (median)")
+    parser.add_argument("--search-sweeps", type=int, default=0,
+                        help="set-search sweeps choosing each rule's set first (default 0: the filters' sets)")
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="timed whole encodes per setting (median; 0: not timed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where the tokenizer and its prior run")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -90,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = Tokenizer.from_pretrained(args.model, map_location=device).with_coding_prior(prior)
     photos = load_photos(args.data, args.side, args.limit)
     settings = parse_settings(args.settings)
-    rules = {"own": lambda bits: model.token_filter().select(bits),
+    rules = {"all": lambda bits: model.baseline_filter("keep-all").select(bits),
+             "own": lambda bits: model.token_filter().select(bits),
              f"topk@{args.topk_fraction:g}": lambda bits: model.token_filter(
                  "topk", k=round(args.topk_fraction * bits.shape[1])).select(bits)}
     rows: dict[str, dict[str, list[dict[str, float]]]] = {s.label: {rule: [] for rule in rules} for s in settings}
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 lr = {} if setting.lr is None else {"refine_lr": setting.lr, "refine_coded_lr": setting.lr}
                 refining = model.with_pipeline_options(refine_steps=setting.steps, refine_coded_steps=setting.steps,
                                                        refine_bpp_worth=setting.bpp_worth, **lr)
-                analysed = Analysed.of(refining, image, search_sweeps=0)  # the filter's sets: refinement alone
+                analysed = Analysed.of(refining, image, search_sweeps=args.search_sweeps)
                 for rule, select in rules.items():
                     tokens = analysed.tokens(select(analysed.bits))
                     rows[setting.label][rule].append({
@@ -112,16 +120,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 times = []
                 for _ in range(args.timing_repeats):
                     start = time.perf_counter()
-                    refining.encode(image)
+                    refining.encode(image, search_sweeps=args.search_sweeps)
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)
                     times.append(time.perf_counter() - start)
-                seconds[setting.label].append(statistics.median(times))
+                if times:
+                    seconds[setting.label].append(statistics.median(times))
                 bar.advance(task)
     base = settings[0].label
     summary: dict[str, dict[str, Any]] = {}
     for name, by_rule in rows.items():
-        summary[name] = {"encode_s": float(np.mean(seconds[name]))}
+        summary[name] = {"encode_s": float(np.mean(seconds[name])) if seconds[name] else None}
         for rule, points in by_rule.items():
             reference = rows[base][rule]
             summary[name][rule] = {
@@ -130,14 +139,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "bits": float(np.mean([p["bits"] for p in points])),
                 "psnr_gain": float(np.mean([p["psnr"] - r["psnr"] for p, r in zip(points, reference)])),
                 "bits_added": float(np.mean([p["bits"] - r["bits"] for p, r in zip(points, reference)])),
+                "psnr_below_all": float(np.mean([p["psnr"] - a["psnr"] for p, a in zip(points, by_rule["all"])])),
             }
-    header = ["setting", "encode s"] + [f"{rule}: {what}" for rule in rules
-                                        for what in ("PSNR", "+dB", "bits", "+bits")]
-    body = [[name, f"{s['encode_s']:.2f}"] + [v for rule in rules for v in (
-        f"{s[rule]['psnr']:.2f}", f"{s[rule]['psnr_gain']:+.2f}", f"{s[rule]['bits']:.0f}",
-        f"{s[rule]['bits_added']:+.0f}")] for name, s in summary.items()]
-    title = f"{args.model}: refinement on {len(photos)} photos of {args.data}, {args.side} px"
-    Console().print(table(title, header, body))
+    searched = f", sets searched ({args.search_sweeps} sweeps)" if args.search_sweeps else ""
+    console = Console()
+    for rule in rules:  # one table per rule: settings down, what they buy and cost across
+        body = [[name, s["encode_s"], f"{s[rule]['kept']:.0f}", s[rule]["psnr"], f"{s[rule]['psnr_gain']:+.2f}",
+                 f"{s[rule]['psnr_below_all']:+.2f}", f"{s[rule]['bits']:.0f}", f"{s[rule]['bits_added']:+.0f}"]
+                for name, s in summary.items()]
+        console.print(table(f"{args.model}, {rule}: refinement on {len(photos)} photos of {args.data}, "
+                            f"{args.side} px{searched}",
+                            ["setting", "encode s", "kept", "PSNR", "+dB", "− all", "bits", "+bits"], body))
     record = {**photo_run(__file__, argv, args, [p.name for p in photos]), "summary": summary, "rows": rows}
     return save_record(args.out / "refinement.json", record)
 

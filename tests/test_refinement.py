@@ -156,7 +156,27 @@ def test_the_refinement_benchmark_reports_gain_and_bits_against_the_encoder(tmp_
     assert encoder["own"]["psnr_gain"] == 0 and encoder["own"]["bits_added"] == 0
     for rule in ("own", "topk@0.25"):
         assert refined[rule]["kept"] == encoder[rule]["kept"] and refined[rule]["psnr_gain"] > 0
+    for setting in (encoder, refined):  # what a budget loses is read against every token at the same setting
+        assert setting["all"]["kept"] == 4 * setting["topk@0.25"]["kept"] == 48  # a 64 × 48 photo: 8 × 6 patches
+        assert setting["all"]["psnr_below_all"] == 0
+        for rule in ("own", "topk@0.25"):
+            assert setting[rule]["psnr_below_all"] == pytest.approx(setting[rule]["psnr"] - setting["all"]["psnr"])
     assert (tmp_path / "refinement.json").is_file()
+
+
+def test_the_refinement_benchmark_searches_the_sets_when_asked(tmp_path) -> None:
+    from benchmarks.refinement import main
+
+    def run(sweeps: int) -> dict:
+        return main(["--data", "builtin:photos:heldout", "--limit", "2", "--side", "64", "--settings", "0",
+                     "--search-sweeps", str(sweeps), "--timing-repeats", "0", "--no-progress",
+                     "--out", str(tmp_path / str(sweeps))])
+
+    plain, searched = run(0)["rows"]["encoder"]["topk@0.25"], run(3)["rows"]["encoder"]["topk@0.25"]
+    # the search keeps each count and accepts only exchanges that lower the encoder's tokens' error
+    assert [row["kept"] for row in searched] == [row["kept"] for row in plain]
+    assert all(s["psnr"] >= p["psnr"] - 1e-4 for s, p in zip(searched, plain))
+    assert any(s["psnr"] > p["psnr"] + 0.01 for s, p in zip(searched, plain))
 
 
 # -- rate-aware refinement: what a bit under the coding prior is worth --------------------------------
