@@ -10,14 +10,13 @@ tokens are made as ``Tokenizer.encode`` makes them, decoded and scored: PSNR, it
 at the same setting (what a budget loses), and the bits the model's shipped context prior codes them in
 (what a compressed file holds, to within the coder's few bits). The sets are the filters' own
 (``--search-sweeps 0``, the default: refinement alone) or, with ``--search-sweeps S``, chosen again by S
-sweeps of the set search first, as the default encodes. Long settings (``0,10,40,160``) bound what
-fitting the tokens of a set can add for this decoder. Refinement for pixels
-makes each set's tokens fit the image better but moves codes away from what the prior expects: the
-trade is PSNR against bits. A BPP_WORTH in dB per bpp makes it rate-aware (``refine_bpp_worth``: −PSNR +
-worth · bpp under that prior, as ``tatok compress`` refines); without one a setting refines for pixels only,
-whatever the spec says. ``--timing-repeats`` whole encodes per setting (median seconds per photo, in one
-run; ``--device cuda`` on a GPU; 0: not timed) give its cost. Pick settings on training photos; report on held-out
-ones.
+sweeps of the set search first, as the default encodes. Long settings (``0,10,40,160``) estimate the
+most that fitting a set's tokens can add for this decoder. Refinement for pixels makes each set's tokens
+fit the image better but moves codes away from what the prior expects: the trade is PSNR against bits.
+A BPP_WORTH in dB per bpp makes it rate-aware (``refine_bpp_worth``: −PSNR + worth · bpp under that
+prior, as ``tatok compress`` refines); without one a setting refines for pixels only, whatever the spec
+says. ``--timing-repeats`` whole encodes per setting (median seconds per photo, in one run; ``--device
+cuda`` on a GPU; 0: not timed) give its cost. Pick settings on training photos; report on held-out ones.
 """
 
 from __future__ import annotations
