@@ -94,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     record = {"model": args.model, "device": str(device), "machine": platform.processor() or platform.machine(),
               "threads": args.threads, "images": len(images), "side": args.side, "kept": k,
               "sweeps": model.search_sweeps, "one_at_a_time_s": alone_s, "rows": rows}
-    print(f"{len(images)} images of {args.side}² one at a time: {alone_s:.2f} s ({model.search_sweeps} sweeps, k = {k})")
+    print(f"{len(images)} images of {args.side}² one at a time: {alone_s:.2f} s "
+          f"({model.search_sweeps} sweeps, k = {k})")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2))

@@ -130,7 +130,8 @@ def exchange_search(errors: PatchErrors, keep: Tensor, grid: Grid, *, sweeps: in
             candidate_totals = candidate_errors.sum(1)  # (T,)
             better = candidate_totals < total_now[tried]  # (T,)
             won = tried[better]
-            kept[won], errors_now[won], total_now[won] = candidate[better], candidate_errors[better], candidate_totals[better]
+            kept[won], errors_now[won] = candidate[better], candidate_errors[better]
+            total_now[won] = candidate_totals[better]
             improved[won] = True
             count[tried[~better]] //= 2
             trying = ~improved & (count >= 1)

@@ -574,7 +574,8 @@ def train(
     )
     if perceptual is not None:
         perceptual = perceptual.to(world.device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    trained = [p for p in model.parameters() if p.requires_grad]  # all but the components train.trainable leaves out
+    optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
     discriminator = d_optimizer = None
     if config.adversarial_weight > 0:
