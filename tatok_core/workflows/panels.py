@@ -31,6 +31,8 @@ class Shown:
     keep: np.ndarray  # (rows, cols) bool
     patch_size: int
     rate: str  # e.g. "tau 0.9"
+    theta: float | None = None  # the θ rule's threshold in bits, marked on the map's scale; None for other rules
+    searched: bool = False  # members chosen again by the set search: kept tokens may then hold fewer bits than θ
 
     @property
     def kept(self) -> int:
@@ -56,7 +58,8 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
     with evaluating(model) as device:
         analysed = Analysed.of(model, image[None].to(device))
         selection = token_filter.select(analysed.bits, tau)
-        if searches(token_filter):
+        searched = searches(token_filter) and analysed.kept_search is not None
+        if searched:
             selection = analysed.searched(selection)
         reconstruction = model.decode(analysed.tokens(selection, search=False).to(device))[0].cpu()
     rows, cols = analysed.grid
@@ -70,7 +73,17 @@ def tokenize_for_display(model: Tokenizer, image: Tensor, tau: float | None, nam
         keep=selection.keep[0].reshape(rows, cols).numpy(),
         patch_size=model.patch_size,
         rate=f"{rule} {threshold:g}" if threshold is not None else token_filter.label,
+        theta=threshold if rule == "theta" else None,
+        searched=searched,
     )
+
+
+def bits_scale(bits: np.ndarray, theta: float | None) -> tuple[float, float]:
+    """(low, high) of the map's colour scale: every patch's bits (dropped ones too) and θ, so the scale
+    says where θ cuts even when a photo keeps no token (a scale of the kept bits alone would be empty)."""
+    values = [float(bits.min()), float(bits.max())] + ([theta] if theta is not None else [])
+    low, high = min(values), max(values)
+    return (low, high) if high > low else (low - 0.5, high + 0.5)
 
 
 def draw_panels(shown: Sequence[Shown], path: str | os.PathLike[str], *, error_map: bool = True) -> Path:
@@ -91,12 +104,18 @@ def draw_panels(shown: Sequence[Shown], path: str | os.PathLike[str], *, error_m
         row[0].imshow(item.image.permute(1, 2, 0).numpy(), interpolation="nearest")
         row[0].set_title(f"{label}original {height}×{width}")
         heat = np.ma.masked_array(item.bits, mask=~item.keep)
-        mapped = row[1].imshow(heat, cmap=matplotlib.colormaps["magma"].with_extremes(bad="0.8"),
-                               interpolation="nearest", extent=(0, cols * p, rows * p, 0))
+        low, high = bits_scale(item.bits, item.theta)
+        mapped = row[1].imshow(heat, cmap=matplotlib.colormaps["magma"].with_extremes(bad="0.8"), vmin=low,
+                               vmax=high, interpolation="nearest", extent=(0, cols * p, rows * p, 0))
         row[1].set_xlim(0, width)
         row[1].set_ylim(height, 0)
-        figure.colorbar(mapped, ax=row[1], label="bits (kept patches)", shrink=0.8)
-        row[1].set_title(f"kept {item.kept}/{item.num_patches} patch tokens ({item.rate})")
+        scale = figure.colorbar(mapped, ax=row[1], label="bits (kept patches; dropped grey)", shrink=0.8)
+        if item.theta is not None:
+            scale.ax.axhline(item.theta, color="tab:cyan", linewidth=2)
+            scale.ax.text(-0.3, item.theta, "θ", color="tab:cyan", ha="right", va="center",
+                          transform=scale.ax.get_yaxis_transform())
+        how = f"{item.rate}, searched" if item.searched else item.rate
+        row[1].set_title(f"kept {item.kept}/{item.num_patches} patch tokens ({how})")
         row[2].imshow(item.reconstruction.clamp(0, 1).permute(1, 2, 0).numpy(), interpolation="nearest")
         row[2].set_title(f"reconstruction {item.psnr:.2f} dB")
         if error_map:
