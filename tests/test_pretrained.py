@@ -70,7 +70,7 @@ def test_demo_runs_and_writes_the_panel(tmp_path: Path) -> None:
 
 def test_demo_map_scale_shows_where_theta_cuts_when_nothing_is_kept(tmp_path: Path) -> None:
     """Gravel keeps no token under the default's θ: the map's scale still spans its bits and reaches θ
-    (a scale of the kept bits alone would be empty), and a τ panel marks no θ."""
+    (a scale of the kept bits alone would be empty); a τ panel marks no θ; only a searching model says "searched"."""
     from tatok_core.workflows.demo import run_demo
     from tatok_core.workflows.panels import bits_scale
 
@@ -81,8 +81,8 @@ def test_demo_map_scale_shows_where_theta_cuts_when_nothing_is_kept(tmp_path: Pa
     assert low <= gravel.bits.min() and gravel.bits.max() < gravel.theta == high
     (by_tau,) = run_demo(model, ["gravel"], max_side=64, tau=0.5, out=tmp_path / "tau.png").shown
     assert by_tau.theta is None and by_tau.kept > 0
+    assert bits_scale(by_tau.bits, None) == (float(by_tau.bits.min()), float(by_tau.bits.max()))
     unsearched = Tokenizer(model.spec.updated({}, {"pipeline": {"search_sweeps": 0}})).eval()
     unsearched.load_state_dict(model.state_dict())
     (plain,) = run_demo(unsearched, ["gravel"], max_side=64, tau=0.5, out=tmp_path / "plain.png").shown
     assert not plain.searched
-    assert bits_scale(by_tau.bits, None) == (float(by_tau.bits.min()), float(by_tau.bits.max()))
